@@ -1,0 +1,125 @@
+"""Image datasets held in memory as tensors and batched by index.
+
+A dataset is built from its config node (`_target_` + keyword arguments), so torchvision's
+`MNIST` and `FashionMNIST` and the file-free `SyntheticImages` below are interchangeable: each
+takes `(root, train, download)` and exposes `.data` (N, H, W) uint8 and `.targets` (N,).
+
+Pixels become observations by the likelihood's rule:
+  bernoulli: dynamic binarization, x ~ Bernoulli(intensity), a fresh draw every epoch;
+  gaussian:  uniform dequantization, x = (level + u) / 256, u ~ U[0, 1).
+The test set is observed once with a fixed seed, so test numbers are comparable across runs.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from torch import Tensor
+
+PROJECT_DIR = Path(__file__).resolve().parent
+TEST_SET_SEED = 0  # fixes the test set's binarization / dequantization noise
+
+
+class DataNotFoundError(RuntimeError):
+    """The dataset's files are absent and could not be downloaded."""
+
+
+def data_root(root: str | Path) -> Path:
+    """`data.root` as an absolute path; a relative one is taken under the project."""
+    root = Path(root).expanduser()
+    return root if root.is_absolute() else PROJECT_DIR / root
+
+
+def load_split(data_cfg: DictConfig, train: bool) -> tuple[Tensor, Tensor]:
+    """One split as (images (N, C, H, W) float in [0, 1], labels (N,) int64)."""
+    root = data_root(data_cfg.root)
+    try:
+        dataset = instantiate(data_cfg.dataset, root=str(root), train=train)
+    except InstantiationException as wrapped:
+        error = wrapped.__cause__
+        if not isinstance(error, (RuntimeError, OSError)):  # torchvision: not found, or download failed
+            raise
+        name = data_cfg.dataset._target_.rsplit(".", 1)[-1]
+        raise DataNotFoundError(
+            f"{name} is not under {root} and could not be downloaded ({error}). Put the files "
+            f"in {root / name / 'raw'} (torchvision's layout), or set VAE_DATA_ROOT (or data.root=...) "
+            f"to the folder that holds {name}/raw"
+        ) from wrapped
+    images = torch.as_tensor(dataset.data)
+    if images.dim() == 3:  # (N, H, W) grayscale
+        images = images.unsqueeze(1)
+    else:  # (N, H, W, C) colour
+        images = images.permute(0, 3, 1, 2)
+    labels = torch.as_tensor(dataset.targets, dtype=torch.long)
+    if train and data_cfg.subset is not None:
+        images, labels = images[: data_cfg.subset], labels[: data_cfg.subset]
+    return images.float().div_(255), labels
+
+
+def observe(images: Tensor, likelihood: str, generator: torch.Generator | None = None) -> Tensor:
+    """Turn intensities in [0, 1] into observations the likelihood can score."""
+    if likelihood == "bernoulli":
+        return torch.bernoulli(images, generator=generator)  # dynamic binarization
+    noise = torch.rand(images.shape, generator=generator, device=images.device)
+    return (images * 255 + noise) / 256  # uniform dequantization to [0, 1)
+
+
+def observe_test_set(images: Tensor, likelihood: str) -> Tensor:
+    """The test observations, drawn once with a fixed seed."""
+    return observe(images, likelihood, torch.Generator().manual_seed(TEST_SET_SEED))
+
+
+def epoch_batches(num_data: int, batch_size: int, drop_last: bool) -> list[Tensor]:
+    """A fresh random order of the dataset, split into minibatches of indices."""
+    order = torch.randperm(num_data)
+    batches = list(order.split(batch_size))
+    if drop_last and len(batches) > 1 and len(batches[-1]) < batch_size:
+        batches.pop()
+    return batches
+
+
+def bits_per_dim(nats_per_image: float, image_shape: tuple[int, ...]) -> float:
+    """-log2 p per dimension of 8-bit data, from a log-density in nats of dequantized x in [0, 1).
+
+    x = level / 256 + noise, so the density of the 0..255 levels is p(x) / 256^D.
+    """
+    num_dims = math.prod(image_shape)
+    return -(nats_per_image - num_dims * math.log(256)) / (num_dims * math.log(2))
+
+
+class SyntheticImages:
+    """A small procedurally generated image set that needs no files (tests, offline runs).
+
+    Each image is one bright disk whose centre and radius vary continuously; the label is the
+    sector of the image the centre falls in. Images with structure a VAE learns in seconds.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        train: bool = True,
+        download: bool = False,
+        size: int = 16,
+        num_classes: int = 10,
+        num_train: int = 2048,
+        num_test: int = 512,
+        seed: int = 0,
+    ) -> None:
+        del root, download  # the same signature as torchvision's datasets; no files involved
+        generator = torch.Generator().manual_seed(seed + (0 if train else 1))
+        num_images = num_train if train else num_test
+        margin = size / 4
+        centre = margin + (size - 2 * margin) * torch.rand(num_images, 2, generator=generator)  # (N, 2)
+        radius = size / 8 + size / 8 * torch.rand(num_images, generator=generator)  # (N,)
+        grid = torch.arange(size, dtype=torch.float32) + 0.5
+        dist2 = (grid[None, :, None] - centre[:, 0, None, None]) ** 2 + (
+            grid[None, None, :] - centre[:, 1, None, None]
+        ) ** 2  # (N, H, W)
+        intensity = torch.sigmoid(4 * (radius[:, None, None] - dist2.sqrt()))  # soft-edged disk
+        self.data = (intensity * 255).round().to(torch.uint8)  # (N, H, W)
+        angle = torch.atan2(centre[:, 0] - size / 2, centre[:, 1] - size / 2)  # (N,)
+        self.targets = ((angle + math.pi) / (2 * math.pi) * num_classes).long().clamp(max=num_classes - 1)

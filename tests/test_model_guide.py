@@ -1,0 +1,143 @@
+"""Model and guide traces: sites, shapes, log-densities by hand, and the plate's N/B scaling."""
+from __future__ import annotations
+
+import math
+
+import pyro.poutine as poutine
+import pytest
+import torch
+from torch.nn import functional as F
+
+from guide import Encoder, ScoreFunctionNormal, guide
+from model import Decoder, model
+
+IMAGE_SHAPE = (1, 8, 8)
+LATENT_DIM = 3
+
+
+def networks(likelihood="bernoulli"):
+    encoder = Encoder(IMAGE_SHAPE, LATENT_DIM, channels=[4], hidden_dim=16)
+    decoder = Decoder(IMAGE_SHAPE, LATENT_DIM, channels=[4], hidden_dim=16, likelihood=likelihood, min_scale=1e-3)
+    return encoder, decoder
+
+
+def images(likelihood, batch=5):
+    x = torch.rand(batch, *IMAGE_SHAPE)
+    return torch.bernoulli(x) if likelihood == "bernoulli" else x
+
+
+def normal_log_density(value, loc, scale):
+    """log N(value | loc, scale^2), elementwise, written out."""
+    return -0.5 * ((value - loc) / scale) ** 2 - torch.log(scale) - 0.5 * math.log(2 * math.pi)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_model_trace_sites_shapes_and_log_probs(likelihood):
+    _, decoder = networks(likelihood)
+    x = images(likelihood)
+    index = torch.arange(len(x))
+    trace = poutine.trace(model).get_trace(x, index, decoder, len(x))
+    trace.compute_log_prob()
+    sample_sites = [name for name, site in trace.nodes.items() if site["type"] == "sample"]
+    assert sample_sites == ["data", "t", "x"]
+    t = trace.nodes["t"]["value"]
+    assert t.shape == (5, LATENT_DIM)
+    assert trace.nodes["x"]["is_observed"] and torch.equal(trace.nodes["x"]["value"], x)
+
+    # log p(t) = sum_d log N(t_d | 0, 1)
+    expected_log_p_t = normal_log_density(t, torch.zeros_like(t), torch.ones_like(t)).sum(-1)
+    torch.testing.assert_close(trace.nodes["t"]["log_prob"], expected_log_p_t)
+
+    # log p(x|t), summed over every pixel of each image
+    if likelihood == "bernoulli":
+        logits = decoder(t)
+        expected_log_p_x = (x * logits - F.softplus(logits)).sum((1, 2, 3))
+    else:
+        x_loc, x_scale = decoder(t)
+        expected_log_p_x = normal_log_density(x, x_loc, x_scale).sum((1, 2, 3))
+    torch.testing.assert_close(trace.nodes["x"]["log_prob"], expected_log_p_x)
+    assert trace.nodes["x"]["log_prob"].shape == (5,)
+
+
+@pytest.mark.parametrize("reparameterized", [True, False], ids=["reparam", "score"])
+def test_guide_trace_matches_hand_computation(reparameterized):
+    encoder, _ = networks()
+    x = images("bernoulli")
+    trace = poutine.trace(guide).get_trace(x, torch.arange(5), encoder, 5, reparameterized)
+    trace.compute_log_prob()
+    site = trace.nodes["t"]
+    t_loc, t_scale = encoder(x)
+    assert t_loc.shape == t_scale.shape == (5, LATENT_DIM)
+    assert (t_scale > 0).all()
+    # log q(t|x) = sum_d log N(t_d | t_loc_d, t_scale_d^2)
+    expected = normal_log_density(site["value"], t_loc, t_scale).sum(-1)
+    torch.testing.assert_close(site["log_prob"], expected)
+    assert site["fn"].has_rsample is reparameterized
+    assert site["value"].requires_grad is reparameterized  # score: no gradient path through t
+
+
+def test_score_function_normal_survives_plate_and_to_event():
+    """The pyro-ppl 1.9.2 trap: an instance flag is lost when the plate re-expands the
+    distribution. The class attribute survives expand() and to_event()."""
+    q = ScoreFunctionNormal(torch.zeros(4, 2), torch.ones(4, 2))
+    assert not q.expand((4, 2)).has_rsample
+    assert not q.to_event(1).has_rsample
+    assert isinstance(q.expand((3, 4, 2)), ScoreFunctionNormal)
+    assert not q.sample().requires_grad
+
+
+@pytest.mark.parametrize("reparameterized", [True, False], ids=["reparam", "score"])
+def test_plate_scales_minibatch_by_num_data_over_batch(reparameterized):
+    """Each image's log-density is multiplied by N/B: the minibatch ELBO is unbiased for the full one."""
+    encoder, decoder = networks()
+    num_data, x = 60, images("bernoulli", batch=4)
+    index = torch.tensor([3, 17, 42, 59])
+    guide_trace = poutine.trace(guide).get_trace(x, index, encoder, num_data, reparameterized)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, index, decoder, num_data)
+    for trace in (guide_trace, model_trace):
+        trace.compute_log_prob()
+        assert torch.equal(trace.nodes["data"]["value"], index)
+    assert model_trace.nodes["t"]["scale"] == model_trace.nodes["x"]["scale"] == guide_trace.nodes["t"]["scale"] == 15.0
+    for site in ("t", "x"):
+        node = model_trace.nodes[site]
+        torch.testing.assert_close(node["log_prob"], 15.0 * node["unscaled_log_prob"])
+    unscaled = sum(model_trace.nodes[s]["unscaled_log_prob"].sum() for s in ("t", "x"))
+    torch.testing.assert_close(model_trace.log_prob_sum(), 15.0 * unscaled)
+
+
+def test_minibatch_elbo_averages_to_full_data_elbo():
+    """Averaged over a partition of the dataset into minibatches, N/B * (batch sum) equals the full sum."""
+    encoder, decoder = networks()
+    x = images("bernoulli", batch=12)
+    per_image = []
+    fixed_t = torch.randn(12, LATENT_DIM)
+    for batch in torch.arange(12).split(4):
+        cond = poutine.condition(model, data={"t": fixed_t[batch]})
+        trace = poutine.trace(cond).get_trace(x[batch], batch, decoder, 12)
+        per_image.append(trace.log_prob_sum())
+    full = poutine.trace(poutine.condition(model, data={"t": fixed_t})).get_trace(x, torch.arange(12), decoder, 12)
+    torch.testing.assert_close(torch.stack(per_image).mean(), full.log_prob_sum())
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 16, 16), (2, 12, 20)])
+def test_networks_take_any_image_shape(shape):
+    encoder = Encoder(shape, LATENT_DIM, channels=[4, 8], hidden_dim=16)
+    decoder = Decoder(shape, LATENT_DIM, channels=[4, 8], hidden_dim=16, likelihood="gaussian")
+    t_loc, t_scale = encoder(torch.rand(2, *shape))
+    x_loc, x_scale = decoder(t_loc)
+    assert x_loc.shape == x_scale.shape == (2, *shape)
+
+
+def test_network_rejects_image_shape_it_cannot_take():
+    with pytest.raises(ValueError, match=r"\(1, 30, 30\).*divisible by 4"):
+        Encoder((1, 30, 30), LATENT_DIM, channels=[4, 8], hidden_dim=16)
+
+
+def test_gaussian_scale_stays_above_floor():
+    _, decoder = networks("gaussian")
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.fill_(-50.0)  # drive the raw scale far negative
+    x_loc, x_scale = decoder(torch.ones(2, LATENT_DIM))
+    assert (x_scale >= 1e-3).all() and torch.isfinite(x_scale).all()
+    assert ((x_loc >= 0) & (x_loc <= 1)).all()

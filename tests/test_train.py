@@ -1,0 +1,166 @@
+"""Short real training runs, exact resume, and the bad-input cases, all in-process."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pyro
+import pytest
+import torch
+
+import train as train_module
+from checkpoint import CheckpointError
+from conftest import mnist_root
+from data import DataNotFoundError
+from train import ConfigError, TrainingDiverged, train
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def param_snapshot():
+    return {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+
+
+@pytest.mark.parametrize("estimator,min_gain", [("reparam", 30), ("score", 10)])
+def test_short_training_improves_the_elbo(fast_config, tmp_path, estimator, min_gain):
+    result = train(fast_config(f"estimator={estimator}", "trainer.epochs=3"), tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert [m["epoch"] for m in metrics] == [0, 1, 2, 3]
+    initial, final = metrics[0], metrics[-1]
+    assert result["test_elbo"] == final["test_elbo"]
+    assert final["test_elbo"] > initial["test_elbo"] + min_gain, (initial["test_elbo"], final["test_elbo"])
+    for m in metrics[1:]:
+        assert m["train_elbo"] < 0 and m["test_elbo"] < 0 and m["seconds"] > 0
+        assert m["test_elbo"] == pytest.approx(m["test_recon"] - m["test_kl"], rel=1e-5)
+        assert m["test_kl"] >= 0
+    assert (tmp_path / "checkpoint.pt").is_file()
+    assert (tmp_path / "images" / "reconstructions_003.png").is_file()
+    assert (tmp_path / "images" / "samples_003.png").is_file()
+    assert any((tmp_path / "tensorboard").iterdir())
+
+
+def test_gaussian_likelihood_trains_and_reports_bits_per_dim(fast_config, tmp_path):
+    train(fast_config("model.likelihood=gaussian", "trainer.epochs=2"), tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert metrics[-1]["test_elbo"] > metrics[0]["test_elbo"]
+    assert 0 < metrics[-1]["test_bits_per_dim"] < metrics[0]["test_bits_per_dim"]
+
+
+@pytest.mark.skipif(mnist_root() is None, reason="MNIST not found under VAE_DATA_ROOT (see ../shared/data/README.md)")
+def test_short_mnist_run(config, tmp_path):
+    cfg = config("data.subset=2048", "trainer.epochs=1", "device=cpu", f"data.root={mnist_root()}")
+    result = train(cfg, tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert metrics[0]["test_elbo"] < -500  # untrained: about 784 * log 2 nats
+    assert result["test_elbo"] > metrics[0]["test_elbo"] + 150  # 16 steps already learn the strokes
+
+
+def test_resume_gives_identical_parameters_and_metrics(fast_config, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    train(fast_config("trainer.epochs=2"), straight)
+    straight_params = param_snapshot()
+
+    pyro.clear_param_store()
+    train(fast_config("trainer.epochs=1"), split)
+    pyro.clear_param_store()
+    train(fast_config("trainer.epochs=2", f"resume={split}"), tmp_path / "ignored")
+    for name, value in param_snapshot().items():
+        assert torch.equal(value, straight_params[name]), name
+    timing = {"seconds", "test_seconds", "wall_time"}
+    strip = lambda ms: [{k: v for k, v in m.items() if k not in timing} for m in ms]
+    assert strip(read_metrics(split)) == strip(read_metrics(straight))
+
+
+def test_interrupt_mid_epoch_saves_and_resumes_exactly(fast_config, tmp_path, monkeypatch, caplog):
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    train(fast_config(), straight)
+    straight_params = param_snapshot()
+
+    pyro.clear_param_store()
+    calls = {"n": 0}
+    observe = train_module.observe
+
+    def observe_then_sigterm(*args, **kwargs):  # SIGTERM arrives during the 5th step of epoch 1
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return observe(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "observe", observe_then_sigterm)
+    result = train(fast_config(), interrupted)
+    assert result["interrupted"]
+    assert "Continue with" in caplog.text and f"resume={interrupted}" in caplog.text
+    saved = torch.load(interrupted / "checkpoint.pt", weights_only=False)
+    assert (saved["epoch"], saved["next_batch"]) == (1, 5)
+
+    monkeypatch.setattr(train_module, "observe", observe)
+    pyro.clear_param_store()
+    train(fast_config(), interrupted)  # the run directory's own checkpoint is picked up
+    for name, value in param_snapshot().items():
+        assert torch.equal(value, straight_params[name]), name
+    assert [m["epoch"] for m in read_metrics(interrupted)] == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.latent_dim=0", "model.latent_dim=0"),
+        ("data.batch_size=-4", "data.batch_size=-4"),
+        ("optim.optim_args.lr=0", "optim.optim_args.lr=0"),
+        ("optim.optim_args.lr=-1e-3", "optim.optim_args.lr=-0.001"),
+        ("model.likelihood=poisson", "model.likelihood='poisson'"),
+        ("model.channels=[8,8,8,8,8]", "model.channels=[8, 8, 8, 8, 8]"),  # 16x16 cannot halve 5 times
+        ("device=tpu", "device='tpu'"),
+        ("estimator.elbo.num_particles=0", "estimator.elbo.num_particles=0"),
+    ],
+)
+def test_invalid_values_stop_before_training(fast_config, tmp_path, override, message):
+    with pytest.raises(ConfigError) as error:
+        train(fast_config(override), tmp_path)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_missing_data_says_where_to_put_it(config, tmp_path):
+    cfg = config(f"data.root={tmp_path}", "data.dataset.download=false", "device=cpu")
+    with pytest.raises(DataNotFoundError, match=r"MNIST is not under .*VAE_DATA_ROOT"):
+        train(cfg, tmp_path / "run")
+
+
+def test_corrupt_checkpoint_is_reported_and_kept(fast_config, tmp_path):
+    corrupt = tmp_path / "checkpoint.pt"
+    corrupt.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        train(fast_config(), tmp_path)
+    assert corrupt.read_bytes() == b"not a checkpoint at all"
+
+
+def test_checkpoint_of_another_model_is_refused_and_kept(fast_config, tmp_path):
+    train(fast_config("trainer.epochs=1"), tmp_path)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    pyro.clear_param_store()
+    with pytest.raises(CheckpointError, match=r"model.latent_dim: 4 -> 5"):
+        train(fast_config("trainer.epochs=2", "model.latent_dim=5", f"resume={tmp_path}"), tmp_path / "new")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_nan_loss_stops_with_a_hint_and_keeps_the_last_checkpoint(fast_config, tmp_path, monkeypatch):
+    train(fast_config("trainer.epochs=1"), tmp_path)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    pyro.clear_param_store()
+
+    class DivergingSVI(train_module.SVI):  # the third step of the resumed run returns NaN
+        steps = 0
+
+        def step(self, *args, **kwargs):
+            loss = super().step(*args, **kwargs)
+            DivergingSVI.steps += 1
+            return float("nan") if DivergingSVI.steps == 3 else loss
+
+    monkeypatch.setattr(train_module, "SVI", DivergingSVI)
+    with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 2, step 3 of \d+; the last good checkpoint .* is kept.*clipped_adam"):
+        train(fast_config("trainer.epochs=2"), tmp_path)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before

@@ -1,0 +1,300 @@
+"""Train the VAE by stochastic variational inference: `python train.py estimator=reparam`.
+
+Every step draws a minibatch x of B images out of N, and `pyro.infer.SVI` takes one optimizer
+step on the loss -ELBO that the configured ELBO (Trace_ELBO by default) estimates from one
+sample t ~ q(t|x) per image:
+
+    ELBO = sum_i E_q[log p(x_i|t) + log p(t) - log q(t|x_i)]     (whole dataset, i = 1..N)
+         ~ N/B * sum_{i in batch} [log p(x_i|t_i) + log p(t_i) - log q(t_i|x_i)]
+
+The N/B comes from the plate in `model` and `guide`. The encoder's gradient is reparameterized
+or score-function according to `estimator` (see guide.py). Everything is logged per image.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from contextlib import contextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, Iterator
+
+import hydra
+import pyro
+import torch
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pyro.infer import SVI
+from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+import checkpoint
+from data import DataNotFoundError, bits_per_dim, epoch_batches, load_split, observe, observe_test_set
+from elbo import dataset_elbo
+from guide import guide
+from model import LIKELIHOODS, check_image_shape, mean_image, model
+
+log = logging.getLogger(__name__)
+PRIOR_GRID_SEED = 0  # the same prior samples t are decoded every epoch
+
+
+class ConfigError(ValueError):
+    """A config value that training cannot use."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Stop before any work, naming the key and the value, when a setting cannot work."""
+    positive_ints = ["model.latent_dim", "model.hidden_dim", "data.batch_size", "trainer.epochs",
+                     "trainer.test_every", "estimator.elbo.num_particles"]
+    for key in positive_ints:
+        value = OmegaConf.select(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{key}={value!r}: must be a positive integer")
+    channels = cfg.model.channels
+    if not channels or any(not isinstance(c, int) or c <= 0 for c in channels):
+        raise ConfigError(f"model.channels={list(channels)!r}: must be a non-empty list of positive integers")
+    if cfg.model.likelihood not in LIKELIHOODS:
+        raise ConfigError(f"model.likelihood={cfg.model.likelihood!r}: must be one of {LIKELIHOODS}")
+    if not cfg.model.min_scale > 0:
+        raise ConfigError(f"model.min_scale={cfg.model.min_scale!r}: must be > 0")
+    subset = cfg.data.subset
+    if subset is not None and (not isinstance(subset, int) or subset <= 0):
+        raise ConfigError(f"data.subset={subset!r}: must be null or a positive integer")
+    lr = OmegaConf.select(cfg, "optim.optim_args.lr")
+    if not isinstance(lr, (int, float)) or not lr > 0:
+        raise ConfigError(f"optim.optim_args.lr={lr!r}: the learning rate must be > 0")
+    device = str(cfg.device)
+    if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
+        raise ConfigError(f"device={device!r}: must be auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r}: CUDA is not available on this machine; use device=cpu or auto")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class StopRequest:
+    """Set by Ctrl-C or SIGTERM; the loop checks it after each step, saves and stops."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    request = StopRequest()
+    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield request
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues the run in `run_dir`, with the run's own overrides."""
+    overrides_file = run_dir / ".hydra" / "overrides.yaml"
+    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    kept = [o for o in overrides if not o.startswith("resume=")]
+    return " ".join(["python train.py", *kept, f"resume={run_dir}"])
+
+
+def checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> Path | None:
+    """`resume=...` when given; else this run directory's own checkpoint, left by a
+    preempted or requeued job; else none (a fresh start)."""
+    if cfg.resume is not None:
+        return checkpoint.checkpoint_path(cfg.resume)
+    own = out_dir / checkpoint.CHECKPOINT_NAME
+    return own if own.is_file() else None
+
+
+def restore_params(param_store_state: dict, device: torch.device, *networks: tuple[str, torch.nn.Module]) -> None:
+    """Load saved weights into the param store (on `device`) and into the networks."""
+    params = {name: torch.nn.Parameter(value.detach().to(device)) for name, value in param_store_state["params"].items()}
+    pyro.get_param_store().set_state({"params": params, "constraints": param_store_state["constraints"]})
+    for name, network in networks:
+        pyro.module(name, network, update_module_params=True)
+
+
+@torch.no_grad()
+def save_image_grids(out_dir: Path, epoch: int, encoder, decoder, x_shown: torch.Tensor, t_prior: torch.Tensor) -> None:
+    """Reconstructions of fixed test images (originals above, E[x|t], t ~ q(t|x), below) and
+    images decoded from fixed prior samples t ~ p(t)."""
+    images_dir = out_dir / "images"
+    images_dir.mkdir(exist_ok=True)
+    t_loc, t_scale = encoder(x_shown)
+    t = t_loc + t_scale * torch.randn_like(t_scale)
+    nrow = max(1, len(x_shown) // 2)
+    save_image(torch.cat([x_shown, mean_image(decoder, t)]), images_dir / f"reconstructions_{epoch:03d}.png", nrow=nrow)
+    save_image(mean_image(decoder, t_prior), images_dir / f"samples_{epoch:03d}.png", nrow=8)
+
+
+def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Train as configured, writing metrics, images and checkpoints to `out_dir`.
+
+    Returns the last epoch's metrics (ELBOs in nats per image)."""
+    check_config(cfg)
+    out_dir = Path(out_dir)
+    device = resolve_device(cfg.device)
+    resume_from = checkpoint_to_resume(cfg, out_dir)
+    saved = checkpoint.load(resume_from, cfg) if resume_from else None
+    if resume_from:
+        out_dir = resume_from.parent  # keep writing into the run being continued
+        log.info(f"resuming {resume_from} at epoch {saved['epoch']}, batch {saved['next_batch']}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_file = out_dir / checkpoint.CHECKPOINT_NAME
+
+    # Data: the whole dataset in memory on the device, batched by index.
+    pyro.set_rng_seed(cfg.seed)
+    likelihood = cfg.model.likelihood
+    train_images, _ = load_split(cfg.data, train=True)  # (N, C, H, W) in [0, 1]
+    test_images, _ = load_split(cfg.data, train=False)
+    image_shape = tuple(train_images.shape[1:])
+    try:
+        check_image_shape(image_shape, cfg.model.channels)
+    except ValueError as error:
+        raise ConfigError(f"model.channels={list(cfg.model.channels)}: {error}") from error
+    train_images = train_images.to(device)
+    x_test = observe_test_set(test_images, likelihood).to(device)
+    num_data = len(train_images)
+
+    # Model, guide and the SVI objective.
+    encoder = instantiate(cfg.model.encoder, image_shape=image_shape).to(device)
+    decoder = instantiate(cfg.model.decoder, image_shape=image_shape).to(device)
+    optimizer = instantiate(cfg.optim)
+    svi = SVI(
+        partial(model, decoder=decoder, num_data=num_data),
+        partial(guide, encoder=encoder, num_data=num_data, reparameterized=cfg.estimator.reparameterized),
+        optimizer,
+        loss=instantiate(cfg.estimator.elbo),
+    )
+    pyro.clear_param_store()
+    x_shown = x_test[: cfg.trainer.num_grid_images]
+    t_prior = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(PRIOR_GRID_SEED)).to(device)
+
+    progress = {"epoch": 1, "batches": None, "next_batch": 0, "loss_sum": 0.0, "epoch_seconds": 0.0, "wall_time": 0.0}
+    if saved:
+        restore_params(saved["param_store"], device, ("encoder", encoder), ("decoder", decoder))
+        optimizer.set_state(saved["optimizer"])
+        progress = {key: saved[key] for key in progress}
+        checkpoint.set_rng_state(saved["rng"])
+
+    def save_checkpoint() -> None:
+        checkpoint.save(checkpoint_file, {
+            "param_store": pyro.get_param_store().get_state(),
+            "optimizer": optimizer.get_state(),
+            "rng": checkpoint.rng_state(),
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            **progress,
+        })
+
+    def evaluate(epoch: int) -> dict[str, float]:
+        """The test ELBO and its parts (t sampled from q(t|x)), and this epoch's image grids."""
+        started = time.perf_counter()
+        test = dataset_elbo(x_test, encoder, decoder)
+        result = {"test_elbo": test["elbo"], "test_recon": test["recon"], "test_kl": test["kl"]}
+        if likelihood == "gaussian":
+            result["test_bits_per_dim"] = bits_per_dim(test["elbo"], image_shape)
+        save_image_grids(out_dir, epoch, encoder, decoder, x_shown, t_prior)
+        result["test_seconds"] = time.perf_counter() - started
+        return result
+
+    def record(metrics: dict[str, Any]) -> None:
+        with open(out_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for key, value in metrics.items():
+            if key != "epoch" and value is not None:
+                writer.add_scalar(key, value, metrics["epoch"])
+        log.info(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+
+    writer = SummaryWriter(out_dir / "tensorboard", purge_step=progress["epoch"])
+    metrics = last_metrics(out_dir) if saved else {}
+    with stop_on_signals() as stop, writer:
+        if not saved:  # the untrained model, as the first point of every curve
+            record({"epoch": 0, "train_elbo": None, **evaluate(0), "wall_time": 0.0})
+            save_checkpoint()
+        while progress["epoch"] <= cfg.trainer.epochs:
+            epoch = progress["epoch"]
+            if progress["batches"] is None:  # a new epoch: a fresh order of the images
+                progress.update(batches=epoch_batches(num_data, cfg.data.batch_size, cfg.data.drop_last),
+                                next_batch=0, loss_sum=0.0, epoch_seconds=0.0)
+            batches = progress["batches"]
+            started = time.perf_counter()
+            bar = tqdm(total=len(batches), initial=progress["next_batch"], desc=f"epoch {epoch}", unit="batch",
+                       disable=None, leave=False)
+            while progress["next_batch"] < len(batches):
+                index = batches[progress["next_batch"]].to(device)  # (B,)
+                x = observe(train_images[index], likelihood)  # (B, C, H, W), binarized afresh
+                loss = svi.step(x, index)  # -ELBO of the whole dataset, estimated on this batch
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss} at epoch {epoch}, step {progress['next_batch'] + 1} of {len(batches)}; "
+                        f"the last good checkpoint {checkpoint_file} is kept. Try a lower learning rate "
+                        f"(optim.optim_args.lr={cfg.optim.optim_args.lr} now) or optim=clipped_adam"
+                    )
+                progress["loss_sum"] += loss
+                progress["next_batch"] += 1
+                bar.update()
+                bar.set_postfix(loss_per_image=f"{loss / num_data:.2f}", refresh=False)
+                if stop.signal_name:
+                    progress["epoch_seconds"] += time.perf_counter() - started
+                    save_checkpoint()
+                    bar.close()
+                    log.warning(f"{stop.signal_name}: saved {checkpoint_file} at epoch {epoch}, "
+                                f"batch {progress['next_batch']}. Continue with:\n  {resume_command(out_dir)}")
+                    return {**metrics, "interrupted": True, "run_dir": str(out_dir)}
+            bar.close()
+            seconds = progress["epoch_seconds"] + time.perf_counter() - started
+            metrics = {"epoch": epoch, "train_elbo": -progress["loss_sum"] / (len(batches) * num_data),
+                       "seconds": seconds}
+            if epoch % cfg.trainer.test_every == 0 or epoch == cfg.trainer.epochs:
+                metrics.update(evaluate(epoch))
+            else:
+                metrics.update(test_elbo=None, test_recon=None, test_kl=None)
+            progress["wall_time"] += time.perf_counter() - started + progress["epoch_seconds"]
+            metrics["wall_time"] = progress["wall_time"]
+            record(metrics)
+            progress.update(epoch=epoch + 1, batches=None)
+            save_checkpoint()
+    return {**metrics, "run_dir": str(out_dir)}
+
+
+def last_metrics(run_dir: Path) -> dict[str, Any]:
+    """The last line of a run's metrics.jsonl (what a finished run returns when resumed)."""
+    metrics_file = run_dir / "metrics.jsonl"
+    lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
+    return json.loads(lines[-1]) if lines else {}
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    """Train, and return the final test ELBO (nats per image) for sweepers to optimize."""
+    try:
+        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+    except (ConfigError, DataNotFoundError, checkpoint.CheckpointError, TrainingDiverged) as error:
+        sys.exit(f"error: {error}")
+    if metrics.get("interrupted"):
+        sys.exit(130)
+    return metrics.get("test_elbo")
+
+
+if __name__ == "__main__":
+    main()
