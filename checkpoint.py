@@ -17,7 +17,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 CHECKPOINT_NAME = "checkpoint.pt"
-REQUIRED_KEYS = ("param_store", "optimizer", "rng", "epoch", "config")
+REQUIRED_KEYS = ("param_store", "optimizer", "rng", "config",
+                 "epoch", "batches", "next_batch", "loss_sum", "epoch_seconds", "wall_time")
 # Config keys that must match to continue a run; anything else may change on resume.
 # data.root and data.dataset.download say where the files are, not what they are.
 MUST_MATCH = ("model", "data")
