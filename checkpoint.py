@@ -23,6 +23,8 @@ REQUIRED_KEYS = ("param_store", "optimizer", "rng", "config",
 # data.root and data.dataset.download say where the files are, not what they are.
 MUST_MATCH = ("model", "data")
 MAY_DIFFER = ("data.root", "data.dataset.download")
+# Keys added after checkpoints were first written, with the value an older checkpoint implies.
+ADDED_KEYS = {"data.exclude_classes": []}
 
 
 class CheckpointError(RuntimeError):
@@ -33,6 +35,16 @@ def checkpoint_path(run_or_checkpoint: str | Path) -> Path:
     """Accept a run directory or a checkpoint file."""
     path = Path(run_or_checkpoint).expanduser()
     return path / CHECKPOINT_NAME if path.is_dir() else path
+
+
+def epoch_checkpoint_path(run_dir: Path, epoch: int) -> Path:
+    """The copy kept after `epoch` with trainer.keep_checkpoints=true (epoch 0: untrained)."""
+    return Path(run_dir) / f"checkpoint_epoch_{epoch:03d}.pt"
+
+
+def epoch_checkpoints(run_dir: Path) -> list[Path]:
+    """Every per-epoch copy in `run_dir`, in epoch order."""
+    return sorted(Path(run_dir).glob("checkpoint_epoch_[0-9][0-9][0-9].pt"))
 
 
 def rng_state() -> dict[str, Any]:
@@ -80,6 +92,7 @@ def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
     """'key: saved -> current' for every model/data key that differs."""
     saved_flat = _flatten({key: OmegaConf.to_container(saved[key], resolve=True) for key in MUST_MATCH if key in saved})
     current_flat = _flatten({key: OmegaConf.to_container(current[key], resolve=True) for key in MUST_MATCH})
+    saved_flat = {**ADDED_KEYS, **saved_flat}
     keys = sorted(set(saved_flat) | set(current_flat))
     return [
         f"{key}: {saved_flat.get(key)!r} -> {current_flat.get(key)!r}"

@@ -35,7 +35,11 @@ def data_root(root: str | Path) -> Path:
 
 
 def load_split(data_cfg: DictConfig, train: bool) -> tuple[Tensor, Tensor]:
-    """One split as (images (N, C, H, W) float in [0, 1], labels (N,) int64)."""
+    """One split as (images (N, C, H, W) float in [0, 1], labels (N,) int64).
+
+    The training split leaves out the labels in `data_cfg.exclude_classes` (before `subset`
+    takes its first N), so a model can be trained without a class that the test split keeps.
+    """
     root = data_root(data_cfg.root)
     try:
         dataset = instantiate(data_cfg.dataset, root=str(root), train=train)
@@ -55,6 +59,9 @@ def load_split(data_cfg: DictConfig, train: bool) -> tuple[Tensor, Tensor]:
     else:  # (N, H, W, C) colour
         images = images.permute(0, 3, 1, 2)
     labels = torch.as_tensor(dataset.targets, dtype=torch.long)
+    if train and data_cfg.get("exclude_classes"):  # held-out classes: the test split keeps them
+        kept = ~torch.isin(labels, torch.as_tensor(list(data_cfg.exclude_classes), dtype=torch.long))
+        images, labels = images[kept], labels[kept]
     if train and data_cfg.subset is not None:
         images, labels = images[: data_cfg.subset], labels[: data_cfg.subset]
     return images.float().div_(255), labels

@@ -13,8 +13,15 @@ scales to any dataset size and infers t for a new image in one forward pass.
   score function:  the sample is a constant; the log-derivative trick gives
                    grad ELBO = E_q[(log p(x, t) - log q(t|x)) * grad log q(t|x)]
                    (unbiased, but high variance: log p(x|t) is hundreds of nats early on)
+
+With `TraceGraph_ELBO`, `baseline` and `baseline_net` subtract a baseline b(x) from the
+learning signal, which keeps the estimate unbiased (E_q[grad log q(t|x)] = 0) and cuts its
+variance:  grad ELBO = E_q[(log p(x, t) - log q(t|x) - b(x)) * grad log q(t|x)]
 """
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -42,6 +49,7 @@ class Encoder(nn.Module):
     """x (B, C, H, W) -> (t_loc, t_scale), each (B, latent_dim), the parameters of q(t|x).
 
     Each stride-2 convolution halves height and width; a dense layer then reads the features.
+    ELU activations, as in the decoder.
     """
 
     def __init__(
@@ -58,10 +66,10 @@ class Encoder(nn.Module):
         widths = [image_channels] + list(channels)
         layers: list[nn.Module] = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ReLU()]
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ELU()]
         feature_dim = channels[-1] * (height // downsample) * (width // downsample)
         self.features = nn.Sequential(
-            *layers, nn.Flatten(), nn.Linear(feature_dim, hidden_dim), nn.ReLU()
+            *layers, nn.Flatten(), nn.Linear(feature_dim, hidden_dim), nn.ELU()
         )
         self.t_loc = nn.Linear(hidden_dim, latent_dim)
         self.t_scale = nn.Linear(hidden_dim, latent_dim)
@@ -73,18 +81,53 @@ class Encoder(nn.Module):
         return t_loc, t_scale
 
 
+class BaselineNet(nn.Module):
+    """x (B, C, H, W) -> b(x) (B,): an input-dependent baseline for the score function (NVIL).
+
+    Trained jointly with the guide (TraceGraph_ELBO adds the loss (signal - baseline)^2) to
+    predict each image's learning signal log p(x, t) - log q(t|x), in nats per image, left over
+    after the decaying average when both are used. It never sees t, so it keeps the gradient
+    unbiased. A small dense network: the baseline only has to be roughly right.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], hidden_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(math.prod(image_shape), hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).squeeze(-1)  # b(x) (B,)
+
+
 def guide(
-    x: Tensor, index: Tensor, encoder: Encoder, num_data: int, reparameterized: bool = True
+    x: Tensor,
+    index: Tensor,
+    encoder: Encoder,
+    num_data: int,
+    reparameterized: bool = True,
+    baseline: dict[str, Any] | None = None,
+    baseline_net: BaselineNet | None = None,
 ) -> None:
     """q(t|x) for the minibatch `x` (B, C, H, W) at positions `index` (B,) of `num_data` images.
 
     Same plate ("data") and latent site ("t") as `model`, so Pyro pairs them in the ELBO.
+    Score function only, read by TraceGraph_ELBO: `baseline` holds Pyro's baseline options for
+    site "t" (e.g. `use_decaying_avg_baseline`, `baseline_beta`), and `baseline_net` adds the
+    learned b(x). The learning signal of image i is then
+        N/B * (log p(x_i, t_i) - log q(t_i|x_i)) - avg - N/B * b(x_i)
+    (TraceGraph_ELBO's costs carry the plate's scale N/B, so b(x) is scaled alike).
     """
     pyro.module("encoder", encoder)
+    options = dict(baseline or {})
+    if baseline_net is not None:  # restored weights in the param store win over fresh ones
+        pyro.module("baseline", baseline_net, update_module_params=True)
     with pyro.plate("data", size=num_data, subsample=index):
         t_loc, t_scale = encoder(x)  # (B, latent_dim) each
         if reparameterized:
             q_t = dist.Normal(t_loc, t_scale)  # t = t_loc + t_scale * eps
         else:
             q_t = ScoreFunctionNormal(t_loc, t_scale)  # E_q[(log p - log q) * grad log q]
-        pyro.sample("t", q_t.to_event(1))  # log q(t|x)
+        if baseline_net is not None:
+            options["baseline_value"] = num_data / x.shape[0] * baseline_net(x)  # N/B * b(x) (B,)
+        pyro.sample("t", q_t.to_event(1), infer={"baseline": options} if options else {})  # log q(t|x)

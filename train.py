@@ -25,12 +25,13 @@ from typing import Any, Iterator
 
 import hydra
 import pyro
+import pyro.poutine as poutine
 import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from pyro.infer import SVI
+from pyro.infer import SVI, TraceGraph_ELBO, TraceMeanField_ELBO
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
 from tqdm import tqdm
@@ -74,11 +75,34 @@ def check_config(cfg: DictConfig) -> None:
     lr = OmegaConf.select(cfg, "optim.optim_args.lr")
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ConfigError(f"optim.optim_args.lr={lr!r}: the learning rate must be > 0")
+    check_estimator(cfg)
     device = str(cfg.device)
     if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
         raise ConfigError(f"device={device!r}: must be auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r}: CUDA is not available on this machine; use device=cpu or auto")
+
+
+def check_estimator(cfg: DictConfig) -> None:
+    """The ELBO, the estimator and the baselines must fit together (else Pyro fails deep inside,
+    or silently ignores the baseline)."""
+    target = cfg.estimator.elbo._target_
+    try:
+        elbo_class = get_class(target)
+    except Exception as error:
+        raise ConfigError(f"estimator.elbo._target_={target}: cannot be imported ({error})") from error
+    score = not cfg.estimator.reparameterized
+    if score and issubclass(elbo_class, TraceMeanField_ELBO):
+        raise ConfigError(f"estimator.elbo._target_={target} with estimator.reparameterized=false: an "
+                          "analytic-KL ELBO needs a reparameterized guide; use estimator=reparam or a Trace ELBO")
+    baseline_keys = [f"estimator.{key}" for key in ("baseline", "baseline_net") if cfg.estimator.get(key)]
+    if baseline_keys and not (score and issubclass(elbo_class, TraceGraph_ELBO)):
+        raise ConfigError(f"{' and '.join(baseline_keys)} with estimator.elbo._target_={target}, estimator."
+                          f"reparameterized={cfg.estimator.reparameterized}: baselines need TraceGraph_ELBO and "
+                          "a score-function guide (reparameterized=false)")
+    if OmegaConf.select(cfg, "estimator.baseline.use_decaying_avg_baseline") and not cfg.data.drop_last:
+        raise ConfigError("estimator.baseline.use_decaying_avg_baseline=true with data.drop_last=false: the "
+                          "average has the batch's shape, so every batch must be full (data.drop_last=true)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -126,6 +150,25 @@ def checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> Path | None:
     return own if own.is_file() else None
 
 
+def build_svi(cfg: DictConfig, encoder: torch.nn.Module, decoder: torch.nn.Module, num_data: int) -> SVI:
+    """SVI on the configured ELBO and optimizer, for `model` and `guide` over `num_data` images.
+
+    A score-function estimator may add `estimator.baseline` (Pyro's baseline options for site
+    "t") and `estimator.baseline_net` (a network b(x), built here and trained with the guide)."""
+    baseline_net = None
+    if cfg.estimator.get("baseline_net") is not None:
+        baseline_net = instantiate(cfg.estimator.baseline_net, image_shape=decoder.image_shape)
+        baseline_net = baseline_net.to(next(decoder.parameters()).device)
+    baseline = cfg.estimator.get("baseline")
+    return SVI(
+        partial(model, decoder=decoder, num_data=num_data),
+        partial(guide, encoder=encoder, num_data=num_data, reparameterized=cfg.estimator.reparameterized,
+                baseline=OmegaConf.to_container(baseline) if baseline else None, baseline_net=baseline_net),
+        instantiate(cfg.optim),
+        loss=instantiate(cfg.estimator.elbo),
+    )
+
+
 def restore_params(param_store_state: dict, device: torch.device, *networks: tuple[str, torch.nn.Module]) -> None:
     """Load saved weights into the param store (on `device`) and into the networks."""
     params = {name: torch.nn.Parameter(value.detach().to(device)) for name, value in param_store_state["params"].items()}
@@ -140,8 +183,8 @@ def save_image_grids(out_dir: Path, epoch: int, encoder, decoder, x_shown: torch
     images decoded from fixed prior samples t ~ p(t)."""
     images_dir = out_dir / "images"
     images_dir.mkdir(exist_ok=True)
-    t_loc, t_scale = encoder(x_shown)
-    t = t_loc + t_scale * torch.randn_like(t_scale)
+    index = torch.arange(len(x_shown), device=x_shown.device)
+    t = poutine.trace(guide).get_trace(x_shown, index, encoder, len(x_shown)).nodes["t"]["value"]  # t ~ q(t|x)
     nrow = max(1, len(x_shown) // 2)
     save_image(torch.cat([x_shown, mean_image(decoder, t)]), images_dir / f"reconstructions_{epoch:03d}.png", nrow=nrow)
     save_image(mean_image(decoder, t_prior), images_dir / f"samples_{epoch:03d}.png", nrow=8)
@@ -179,14 +222,9 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     # Model, guide and the SVI objective.
     encoder = instantiate(cfg.model.encoder, image_shape=image_shape).to(device)
     decoder = instantiate(cfg.model.decoder, image_shape=image_shape).to(device)
-    optimizer = instantiate(cfg.optim)
-    svi = SVI(
-        partial(model, decoder=decoder, num_data=num_data),
-        partial(guide, encoder=encoder, num_data=num_data, reparameterized=cfg.estimator.reparameterized),
-        optimizer,
-        loss=instantiate(cfg.estimator.elbo),
-    )
     pyro.clear_param_store()
+    svi = build_svi(cfg, encoder, decoder, num_data)
+    optimizer = svi.optim
     x_shown = x_test[: cfg.trainer.num_grid_images]
     t_prior = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(PRIOR_GRID_SEED)).to(device)
 
@@ -198,13 +236,16 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         checkpoint.set_rng_state(saved["rng"])
 
     def save_checkpoint() -> None:
-        checkpoint.save(checkpoint_file, {
+        state = {
             "param_store": pyro.get_param_store().get_state(),
             "optimizer": optimizer.get_state(),
             "rng": checkpoint.rng_state(),
             "config": OmegaConf.to_container(cfg, resolve=True),
             **progress,
-        })
+        }
+        checkpoint.save(checkpoint_file, state)
+        if cfg.trainer.get("keep_checkpoints") and progress["batches"] is None:  # an epoch's end: keep a copy
+            checkpoint.save(checkpoint.epoch_checkpoint_path(out_dir, progress["epoch"] - 1), state)
 
     def evaluate(epoch: int) -> dict[str, float]:
         """The test ELBO and its parts (t sampled from q(t|x)), and this epoch's image grids."""
@@ -243,7 +284,9 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             while progress["next_batch"] < len(batches):
                 index = batches[progress["next_batch"]].to(device)  # (B,)
                 x = observe(train_images[index], likelihood)  # (B, C, H, W), binarized afresh
-                loss = svi.step(x, index)  # -ELBO of the whole dataset, estimated on this batch
+                # Pyro's and torch's argument and support checks: on every step, or on the epoch's first
+                with pyro.validation_enabled(cfg.trainer.check_every_step or progress["next_batch"] == 0):
+                    loss = svi.step(x, index)  # -ELBO of the whole dataset, estimated on this batch
                 if not math.isfinite(loss):
                     raise TrainingDiverged(
                         f"loss is {loss} at epoch {epoch}, step {progress['next_batch'] + 1} of {len(batches)}; "

@@ -13,12 +13,12 @@ PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_DIR / "conf"
 # Small, fast settings shared by the training tests: synthetic data, a tiny network.
 FAST = ["data=synthetic", "data.subset=512", "model.channels=[8,16]", "model.hidden_dim=64",
-        "model.latent_dim=4", "trainer.epochs=2", "device=cpu"]
+        "model.latent_dim=4", "trainer.epochs=2", "trainer.check_every_step=true", "device=cpu"]
 
 
-def compose_config(*overrides: str) -> DictConfig:
+def compose_config(*overrides: str, config_name: str = "config") -> DictConfig:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return compose(config_name=config_name, overrides=list(overrides))
 
 
 @pytest.fixture

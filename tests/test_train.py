@@ -8,9 +8,10 @@ import signal
 import pyro
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import train as train_module
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, config_differences
 from conftest import mnist_root
 from data import DataNotFoundError
 from train import ConfigError, TrainingDiverged, train
@@ -164,3 +165,12 @@ def test_nan_loss_stops_with_a_hint_and_keeps_the_last_checkpoint(fast_config, t
     with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 2, step 3 of \d+; the last good checkpoint .* is kept.*clipped_adam"):
         train(fast_config("trainer.epochs=2"), tmp_path)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_checkpoint_from_before_a_config_key_existed_still_matches(fast_config):
+    cfg = fast_config()
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    del saved["data"]["exclude_classes"]  # written before the key was added: it meant []
+    assert config_differences(OmegaConf.create(saved), cfg) == []
+    saved["data"]["exclude_classes"] = [3]
+    assert config_differences(OmegaConf.create(saved), cfg) == ["data.exclude_classes: [3] -> []"]

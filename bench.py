@@ -1,0 +1,186 @@
+"""Time the project's SVI training step against the same networks in a hand-written PyTorch loss.
+
+    python bench.py                                  # default model, batch 128, device=auto
+    python bench.py data.batch_size=64 bench.rounds=50 device=cuda
+
+Configured like training (conf/bench.yaml = conf/config.yaml + a `bench` node), so `model.*`,
+`data.*`, `optim.*` and `device` apply to every variant. The variants run round by round, one
+block of steps each in turn, so that a slow moment of the machine hits all of them alike:
+
+  (a) raw       the reference: the single-sample reparameterized ELBO written out by hand,
+                -N/B * sum_i [log p(x_i|t_i) + log p(t_i) - log q(t_i|x_i)], t = t_loc + t_scale * eps,
+                and one torch optimizer of the configured class over all parameters
+  (b)...(e)     one SVI step per `bench.variants` entry (estimator and ELBO overrides)
+  (f) data      producing one training batch: index the in-memory images, binarize afresh
+  (g) eval      images per second of the importance-weighted log p(x) with K particles (one
+                chunk of K * B latents), against the decoder's own forward pass over as many latents
+
+Prints a table (median, spread as the interquartile range, ratio to (a)) and writes bench.json.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import statistics
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import hydra
+import pyro
+import torch
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from data import epoch_batches, load_split, observe
+from importance import iw_estimates
+from model import likelihood
+from train import build_svi, check_config, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def raw_step(encoder, decoder, optimizer: torch.optim.Optimizer, x: torch.Tensor, num_data: int) -> float:
+    """(a): one gradient step on the reparameterized minibatch ELBO, written out by hand."""
+    t_loc, t_scale = encoder(x)  # (B, latent_dim) each
+    t = t_loc + t_scale * torch.randn_like(t_scale)  # t ~ q(t|x), reparameterized
+    log_p_x = likelihood(decoder, t).log_prob(x)  # log p(x|t), (B,)
+    log_p_t = torch.distributions.Normal(0.0, 1.0).log_prob(t).sum(-1)  # log p(t), (B,)
+    log_q_t = torch.distributions.Normal(t_loc, t_scale).log_prob(t).sum(-1)  # log q(t|x), (B,)
+    loss = -num_data / len(x) * (log_p_x + log_p_t - log_q_t).sum()  # -ELBO of the dataset
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def networks(cfg: DictConfig, image_shape: tuple[int, ...], device: torch.device, seed: int):
+    """Encoder and decoder with the same initial weights for every variant."""
+    torch.manual_seed(seed)
+    encoder = instantiate(cfg.model.encoder, image_shape=image_shape).to(device)
+    decoder = instantiate(cfg.model.decoder, image_shape=image_shape).to(device)
+    return encoder, decoder
+
+
+def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> float:
+    """Seconds per call of `fn`, over `steps` calls (synchronized on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - started) / steps
+
+
+def summary(seconds: list[float], reference: float | None) -> dict[str, float]:
+    q1, median, q3 = statistics.quantiles(seconds, n=4) if len(seconds) > 1 else seconds * 3
+    return {"median_ms": median * 1e3, "iqr_ms": (q3 - q1) * 1e3,
+            "ratio_to_raw": median / reference if reference else 1.0}
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch": torch.__version__, "pyro": pyro.__version__, "python": platform.python_version()}
+
+
+def bench(cfg: DictConfig, variant_configs: dict[str, DictConfig]) -> dict[str, Any]:
+    """Run every variant round by round; return the timings and the machine they ran on."""
+    check_config(cfg)
+    device = resolve_device(cfg.device)
+    images, _ = load_split(cfg.data, train=True)  # (N, C, H, W) in [0, 1]
+    images = images.to(device)
+    num_data, image_shape = len(images), tuple(images.shape[1:])
+    batch_size, steps = cfg.data.batch_size, cfg.bench.steps_per_round
+    batches = epoch_batches(num_data, batch_size, drop_last=True)
+    x = observe(images[batches[0].to(device)], cfg.model.likelihood)  # one fixed minibatch
+    index = batches[0].to(device)
+
+    # (a) the hand-written reference, with the configured optimizer class over all parameters
+    encoder, decoder = networks(cfg, image_shape, device, cfg.seed)
+    optim = instantiate(cfg.optim)
+    raw_optimizer = optim.pt_optim_constructor([*encoder.parameters(), *decoder.parameters()],
+                                               **optim.pt_optim_args)
+    steps_to_time = {"raw": partial(raw_step, encoder, decoder, raw_optimizer, x, num_data)}
+
+    # (b)-(e) SVI steps, each with its own networks and its own param store scope
+    scopes = {}
+    for name, variant_cfg in variant_configs.items():
+        check_config(variant_cfg)
+        encoder, decoder = networks(variant_cfg, image_shape, device, cfg.seed)
+        with pyro.get_param_store().scope() as scopes[name]:
+            svi = build_svi(variant_cfg, encoder, decoder, num_data)
+        steps_to_time[name] = partial(svi.step, x, index)
+
+    # (f) one training batch: index the in-memory images and binarize them afresh
+    next_batch = iter(batches * (1 + (cfg.bench.rounds + cfg.bench.warmup_rounds) * steps // len(batches)))
+    steps_to_time["data"] = lambda: observe(images[next(next_batch).to(device)], cfg.model.likelihood)
+
+    # (g) the importance-weighted log p(x) with K particles against the bare decoder on K * B latents
+    x_eval, num_particles = x[: cfg.bench.eval_images], cfg.bench.eval_particles
+    t_eval = torch.randn(num_particles * len(x_eval), cfg.model.latent_dim, device=device)
+    steps_to_time["eval_iw"] = partial(iw_estimates, x_eval, encoder, decoder, num_particles, num_particles)
+    steps_to_time["eval_decoder"] = partial(torch.no_grad()(decoder), t_eval)
+
+    # Every variant runs with the checks a training step has after the epoch's first (train.py)
+    seconds: dict[str, list[float]] = {name: [] for name in steps_to_time}
+    for round_number in range(cfg.bench.warmup_rounds + cfg.bench.rounds):
+        for name, step in steps_to_time.items():
+            with pyro.get_param_store().scope(scopes.get(name)), pyro.validation_enabled(cfg.trainer.check_every_step):
+                duration = timed(step, steps, device)
+            if round_number >= cfg.bench.warmup_rounds:
+                seconds[name].append(duration)
+    reference = statistics.median(seconds["raw"])
+    results = {name: summary(values, reference) for name, values in seconds.items()}
+    iw_seconds, decoder_seconds = statistics.median(seconds["eval_iw"]), statistics.median(seconds["eval_decoder"])
+    evaluation = {"images": len(x_eval), "particles": num_particles,
+                  "iw_images_per_second": len(x_eval) / iw_seconds,
+                  "decoder_images_per_second": len(x_eval) / decoder_seconds,  # K latents make one image
+                  "iw_throughput_fraction_of_decoder": decoder_seconds / iw_seconds}
+    return {"machine": machine(device), "batch_size": batch_size, "steps_per_round": steps,
+            "rounds": cfg.bench.rounds, "results": results, "evaluation": evaluation,
+            "data_fraction_of_step": results["data"]["median_ms"] / results["raw"]["median_ms"]}
+
+
+def table(report: dict[str, Any]) -> str:
+    m = report["machine"]
+    lines = [f"{m['cpu']}, {m['threads']} threads, device {m['device']}{' (' + m['gpu'] + ')' if m['gpu'] else ''}, "
+             f"torch {m['torch']}, pyro {m['pyro']}; batch {report['batch_size']}, "
+             f"{report['rounds']} rounds x {report['steps_per_round']} steps",
+             f"{'variant':<24}{'median ms':>10}{'IQR ms':>9}{'/ raw':>8}"]
+    for name, r in report["results"].items():
+        lines.append(f"{name:<24}{r['median_ms']:>10.2f}{r['iqr_ms']:>9.2f}{r['ratio_to_raw']:>8.3f}")
+    e = report["evaluation"]
+    lines += [f"(f) a training batch costs {report['data_fraction_of_step']:.1%} of a raw step",
+              f"(g) IW log p(x), K={e['particles']}: {e['iw_images_per_second']:.2f} images/s, "
+              f"{e['iw_throughput_fraction_of_decoder']:.1%} of the bare decoder's "
+              f"{e['decoder_images_per_second']:.2f} images/s"]
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    overrides = list(HydraConfig.get().overrides.task)
+    variant_configs = {name: compose(config_name="bench", overrides=overrides + list(extra))
+                       for name, extra in cfg.bench.variants.items()}
+    report = bench(cfg, variant_configs)
+    print(table(report))
+    out_file = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
+    out_file.write_text(json.dumps(report, indent=2))
+    log.info(f"wrote {out_file}")
+
+
+if __name__ == "__main__":
+    main()

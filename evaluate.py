@@ -1,0 +1,57 @@
+"""Evaluate a trained run: `python evaluate.py run=<run dir> task=<task>`.
+
+    task=likelihood  test NLL by the importance-weighted bound, with its standard error (importance.py)
+    task=generate    prior samples, reconstructions, interpolations, traversals, 2-d manifold (generate.py)
+    task=represent   latent means per split to .npz, linear-probe accuracy, 2-d scatter (represent.py)
+    task=anomaly     AUROC / AUPRC of likelihood-based scores, held-out class and OOD sets (anomaly.py)
+    task=impute      imputation of masked pixels against baselines (impute.py)
+
+Each task is a function `task(run, out_dir, **options)` named by `_target_` in conf/task/<task>.yaml;
+it returns its numbers, which are written to metrics.json in the evaluation's own Hydra directory
+(outputs/evaluate/<date>/<time>-<task>/) beside its figures and arrays.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pyro
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from data import DataNotFoundError
+from runs import RunError, load_run
+
+log = logging.getLogger(__name__)
+
+
+def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Load the run `cfg.run`, run `cfg.task` on it, write and return its metrics."""
+    if cfg.run is None:
+        raise RunError("no run given: add run=<a training run directory>, e.g. run=outputs/2026-11-21/17-30-00")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run = load_run(cfg.run, cfg.device, cfg.data_root)
+    pyro.set_rng_seed(cfg.seed)
+    task = instantiate(cfg.task)  # the task function with its options bound
+    metrics = {"run": str(run.run_dir), **task(run, out_dir)}
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info(f"wrote {out_dir / 'metrics.json'}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg, HydraConfig.get().runtime.output_dir)
+    except (RunError, DataNotFoundError) as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Missing data: fill in the unobserved pixels x_m of an image from its observed pixels x_o.
+
+A mask (N, C, H, W) is True where a pixel is observed. The model scores only the observed ones,
+log p(x_o|t), through `model(..., mask=mask)`. Every method fills x_m with E[x_m|...]:
+
+    one_pass          E[x_m|t_loc(x~)], x~ = x_o with x_m set to the training mean image
+    importance        sum_k w_k E[x_m|t_k] / sum_k w_k, t_k ~ q(t|x~),
+                      w_k = p(x_o|t_k) p(t_k) / q(t_k|x~)    (self-normalized; -> E[x_m|x_o] as K grows)
+    pseudo_gibbs      alternate t ~ q(t|x_o, x_m) and x_m ~ p(x_m|t) (Rezende et al. 2014)
+    metropolis_gibbs  the same, with t' ~ q(t|x) accepted with probability
+                      min(1, p(x, t') q(t|x) / (p(x, t) q(t'|x))), so that the chain leaves
+                      p(t, x_m|x_o) invariant: exact in the limit (Mattei & Frellsen 2018)
+    (both Gibbs chains average E[x_m|t] over the steps after burn-in)
+
+Baselines: the training mean image, and the nearest training image on the observed pixels.
+Errors are on the missing pixels only: the mean squared error, and the binary cross-entropy
+with predictions clipped to [1e-3, 1 - 1e-3] (a hard 0/1 guess would otherwise cost infinity).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.utils import save_image
+
+from data import load_split
+from importance import log_joint, posterior
+from model import likelihood, mean_image
+from runs import TrainedRun
+
+MASKS = ("random", "top_half", "bottom_half", "centre_square")
+BCE_CLIP = 1e-3
+
+
+def make_mask(kind: str, shape: tuple[int, ...], fraction: float = 0.5,
+              generator: torch.Generator | None = None) -> Tensor:
+    """(N, C, H, W) bool, True = observed. `random` hides each pixel with probability `fraction`;
+    `top_half` / `bottom_half` hide that half; `centre_square` hides the central H/2 x W/2 square."""
+    _, _, h, w = shape
+    if kind == "random":
+        return torch.rand(shape, generator=generator) >= fraction
+    mask = torch.ones(shape, dtype=torch.bool)
+    if kind == "top_half":
+        mask[:, :, : h // 2] = False
+    elif kind == "bottom_half":
+        mask[:, :, h // 2 :] = False
+    elif kind == "centre_square":
+        mask[:, :, h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2] = False
+    else:
+        raise ValueError(f"mask {kind!r}: choose one of {MASKS}")
+    return mask
+
+
+def fill(x: Tensor, mask: Tensor, value: Tensor | float) -> Tensor:
+    """x where observed, `value` (broadcast) where missing."""
+    return torch.where(mask, x, torch.as_tensor(value, dtype=x.dtype, device=x.device))
+
+
+@torch.no_grad()
+def impute_one_pass(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module, fill_value: Tensor) -> Tensor:
+    """E[x|t_loc(x~)] (N, C, H, W): one encoder and decoder pass on the filled-in image x~."""
+    t_loc, _ = encoder(fill(x, mask, fill_value))
+    return mean_image(decoder, t_loc)
+
+
+@torch.no_grad()
+def impute_importance(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module, fill_value: Tensor,
+                      num_particles: int = 100) -> Tensor:
+    """sum_k w_k E[x|t_k] / sum_k w_k with w_k = p(x_o|t_k) p(t_k) / q(t_k|x~), from the masked model."""
+    q_t = posterior(fill(x, mask, fill_value), encoder)  # q(t|x~), batch (N,)
+    t = q_t.sample((num_particles,))  # (K, N, L)
+    flat_t = t.flatten(0, 1)  # (K * N, L)
+    x_zeros = fill(x, mask, 0.0)  # any valid value where missing: the mask drops it
+    repeated = lambda v: v.expand(num_particles, *v.shape).flatten(0, 1)  # (K * N, C, H, W)
+    log_p_x_o, log_p_t = log_joint(repeated(x_zeros), flat_t, decoder, mask=repeated(mask))  # (K * N,) each
+    log_w = (log_p_x_o + log_p_t).unflatten(0, t.shape[:2]) - q_t.log_prob(t)  # (K, N)
+    weights = log_w.softmax(0)  # self-normalized, (K, N)
+    x_mean = mean_image(decoder, flat_t).unflatten(0, t.shape[:2])  # E[x|t_k], (K, N, C, H, W)
+    return (weights[:, :, None, None, None] * x_mean).sum(0)
+
+
+@torch.no_grad()
+def impute_gibbs(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module, fill_value: Tensor,
+                 steps: int = 100, burn_in: int = 20, metropolis: bool = True) -> Tensor:
+    """The average of E[x|t] over steps burn_in..steps of a chain on (t, x_m) given x_o;
+    Metropolis-within-Gibbs when `metropolis`, else pseudo-Gibbs (every proposal accepted)."""
+    x_filled = fill(x, mask, fill_value)
+    t = posterior(x_filled, encoder).sample()  # (N, L)
+    x_filled = fill(x, mask, likelihood(decoder, t).sample())  # x_m ~ p(x_m|t)
+    total = torch.zeros_like(x)
+    for step in range(steps):
+        q_t = posterior(x_filled, encoder)  # q(t|x), x = (x_o, x_m)
+        proposal = q_t.sample()  # t' ~ q(t|x), (N, L)
+        if metropolis:
+            log_p_new = sum(log_joint(x_filled, proposal, decoder))  # log p(x|t') + log p(t'), (N,)
+            log_p_old = sum(log_joint(x_filled, t, decoder))
+            log_ratio = log_p_new - q_t.log_prob(proposal) - log_p_old + q_t.log_prob(t)
+            accept = torch.rand_like(log_ratio).log() < log_ratio  # (N,)
+            t = torch.where(accept[:, None], proposal, t)
+        else:
+            t = proposal
+        x_filled = fill(x, mask, likelihood(decoder, t).sample())  # x_m ~ p(x_m|t)
+        if step >= burn_in:
+            total += mean_image(decoder, t)
+    return total / max(steps - burn_in, 1)
+
+
+def nearest_neighbour(x: Tensor, mask: Tensor, train_images: Tensor, batch_size: int = 250) -> Tensor:
+    """The training image (N, C, H, W) closest to each x on its observed pixels (squared distance)."""
+    train_flat = train_images.flatten(1)  # (M, D)
+    matches = []
+    for x_batch, m_batch in zip(x.split(batch_size), mask.split(batch_size)):
+        x_o, m = (x_batch * m_batch).flatten(1), m_batch.flatten(1).to(x.dtype)  # (B, D)
+        # sum_d m_d (x_d - y_d)^2 = sum m x^2 - 2 (m x) . y + m . y^2, for every training image y
+        distance = (x_o**2).sum(1, keepdim=True) - 2 * x_o @ train_flat.T + m @ (train_flat**2).T  # (B, M)
+        matches.append(train_images[distance.argmin(1)])
+    return torch.cat(matches)
+
+
+def missing_pixel_errors(prediction: Tensor, truth: Tensor, mask: Tensor) -> dict[str, float]:
+    """Mean squared error and clipped binary cross-entropy over the missing pixels only."""
+    missing = ~mask
+    p, y = prediction[missing], truth[missing]
+    return {"mse": F.mse_loss(p, y).item(),
+            "bce": F.binary_cross_entropy(p.clamp(BCE_CLIP, 1 - BCE_CLIP), y.clamp(0, 1)).item()}
+
+
+def impute(
+    run: TrainedRun, out_dir: Path, masks: tuple[str, ...] = MASKS, fraction: float = 0.5, max_images: int = 1000,
+    num_particles: int = 100, steps: int = 100, burn_in: int = 20, num_shown: int = 8, seed: int = 0,
+) -> dict:
+    """For each mask kind: the missing-pixel errors of every method and baseline on the first
+    `max_images` test images, and a figure impute_<mask>.png with one row per method:
+    masked input (missing pixels grey), the methods, the baselines, the truth."""
+    x, _ = run.split(train=False)
+    x = x[:max_images]
+    train_images, _ = load_split(run.cfg.data, train=True)
+    train_images = train_images.to(run.device)
+    mean = train_images.mean(0)  # the mean image (C, H, W), also the fill value
+    encoder, decoder = run.encoder, run.decoder
+    methods: dict[str, Callable[[Tensor], Tensor]] = {
+        "one_pass": lambda m: impute_one_pass(x, m, encoder, decoder, mean),
+        "importance": lambda m: impute_importance(x, m, encoder, decoder, mean, num_particles),
+        "pseudo_gibbs": lambda m: impute_gibbs(x, m, encoder, decoder, mean, steps, burn_in, metropolis=False),
+        "metropolis_gibbs": lambda m: impute_gibbs(x, m, encoder, decoder, mean, steps, burn_in, metropolis=True),
+        "mean_image": lambda m: mean.expand_as(x),
+        "nearest_neighbour": lambda m: nearest_neighbour(x, m, train_images),
+    }
+    generator = torch.Generator().manual_seed(seed)
+    errors = {}
+    for kind in masks:
+        mask = make_mask(kind, tuple(x.shape), fraction, generator).to(run.device)
+        predictions = {name: method(mask) for name, method in methods.items()}
+        errors[kind] = {name: missing_pixel_errors(p, x, mask) for name, p in predictions.items()}
+        shown = [fill(x, mask, 0.5)] + [fill(x, mask, p) for p in predictions.values()] + [x]  # rows
+        save_image(torch.cat([row[:num_shown] for row in shown]), out_dir / f"impute_{kind}.png", nrow=num_shown)
+    return {"num_images": len(x), "fraction": fraction, "rows": ["masked", *methods, "truth"], "errors": errors}

@@ -1,0 +1,120 @@
+"""Aggregate a Hydra multirun over seeds: `python report.py sweep=multirun/<date>/<time>`.
+
+Every job directory under `sweep` holds `metrics.jsonl` (one line per epoch) and
+`.hydra/overrides.yaml`. Jobs whose overrides differ only in `seed` form one configuration.
+Per configuration, over its seeds: the final test ELBO as mean ± standard deviation (nats per
+image), in `report.md` and `report.json`; and `report.png`, the test ELBO against epoch and
+against wall time, one curve per configuration (the mean) with a band of ± one standard
+deviation over seeds. All three are written into `sweep`.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import matplotlib
+import yaml
+from omegaconf import DictConfig
+
+matplotlib.use("Agg")
+from matplotlib import pyplot as plt
+
+IGNORED_OVERRIDES = ("seed=", "resume=", "hydra.")  # what does not make a different configuration
+
+
+def read_jobs(sweep: Path) -> dict[str, list[list[dict[str, Any]]]]:
+    """{configuration label: [metrics of each seed's job (one dict per epoch)]}."""
+    jobs: dict[str, list[list[dict[str, Any]]]] = {}
+    for metrics_file in sorted(sweep.rglob("metrics.jsonl")):
+        overrides_file = metrics_file.parent / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        label = " ".join(sorted(o for o in overrides or [] if not o.startswith(IGNORED_OVERRIDES))) or "default"
+        metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+        if metrics:
+            jobs.setdefault(label, []).append(metrics)
+    return jobs
+
+
+def mean_and_spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def curves(seeds: list[list[dict[str, Any]]]) -> dict[str, list[float]]:
+    """Per tested epoch that every seed reached: epoch, mean wall time, test ELBO mean and spread."""
+    tested = [{m["epoch"]: m for m in metrics if m.get("test_elbo") is not None} for metrics in seeds]
+    epochs = sorted(set.intersection(*(set(t) for t in tested)))
+    out: dict[str, list[float]] = {"epoch": epochs, "wall_time": [], "mean": [], "spread": []}
+    for epoch in epochs:
+        mean, spread = mean_and_spread([t[epoch]["test_elbo"] for t in tested])
+        out["wall_time"].append(statistics.fmean(t[epoch].get("wall_time") or 0.0 for t in tested))
+        out["mean"].append(mean)
+        out["spread"].append(spread)
+    return out
+
+
+def summarize(jobs: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """One row per configuration: seeds, last common tested epoch, test ELBO mean/spread, wall time."""
+    rows = []
+    for label, seeds in jobs.items():
+        curve = curves(seeds)
+        if not curve["epoch"]:
+            continue
+        rows.append({"configuration": label, "seeds": len(seeds), "epoch": curve["epoch"][-1],
+                     "test_elbo_mean": curve["mean"][-1], "test_elbo_spread": curve["spread"][-1],
+                     "wall_time_mean": curve["wall_time"][-1], "curve": curve})
+    return sorted(rows, key=lambda row: -row["test_elbo_mean"])
+
+
+def write_table(rows: list[dict[str, Any]], path: Path) -> None:
+    lines = ["| configuration | seeds | epoch | test ELBO (mean ± sd over seeds) | wall time (s) |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| `{r['configuration']}` | {r['seeds']} | {r['epoch']} | "
+              f"{r['test_elbo_mean']:.2f} ± {r['test_elbo_spread']:.2f} | {r['wall_time_mean']:.0f} |" for r in rows]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for row in rows:
+        curve = row["curve"]
+        low = [m - s for m, s in zip(curve["mean"], curve["spread"])]
+        high = [m + s for m, s in zip(curve["mean"], curve["spread"])]
+        for ax, x in zip(axes, (curve["epoch"], curve["wall_time"])):
+            (line,) = ax.plot(x, curve["mean"], marker=".", label=f"{row['configuration']} ({row['seeds']} seeds)")
+            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
+    axes[0].set(xlabel="epoch", ylabel="test ELBO (nats per image)")
+    axes[1].set(xlabel="wall time (s)")
+    axes[0].legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(sweep: str | Path) -> list[dict[str, Any]]:
+    """Read every job under `sweep`; write report.md, report.json and report.png there."""
+    sweep = Path(sweep)
+    rows = summarize(read_jobs(sweep))
+    if not rows:
+        raise FileNotFoundError(f"no job with a tested epoch under {sweep} (looked for */metrics.jsonl)")
+    write_table(rows, sweep / "report.md")
+    (sweep / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot(rows, sweep / "report.png")
+    return rows
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="report")
+def main(cfg: DictConfig) -> None:
+    try:
+        report(cfg.sweep)
+    except FileNotFoundError as error:
+        sys.exit(f"error: {error}")
+    print(Path(cfg.sweep, "report.md").read_text(), end="")
+
+
+if __name__ == "__main__":
+    main()

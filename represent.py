@@ -1,0 +1,89 @@
+"""The latent code as a representation: t_loc(x), the mean of q(t|x), for every image.
+
+    export        latents_<split>.npz per split: t_loc (N, latent_dim), t_scale (N, latent_dim), labels (N,)
+    linear probe  multinomial logistic regression p(y|t_loc) = softmax(A t_loc + c), fitted on the
+                  training split and scored on the test split: accuracy is the number for how
+                  linearly the labels can be read off the code (no labels were used to train it)
+    scatter       latent_dim = 2 only: the test set's t_loc coloured by label
+
+The probe is written in torch (full-batch L-BFGS on the convex, L2-regularized cross-entropy,
+features standardized with the training split's statistics): a few lines instead of a
+scikit-learn dependency for one convex fit.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from runs import TrainedRun
+
+
+@torch.no_grad()
+def latent_means(encoder: nn.Module, x: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
+    """(t_loc, t_scale) of q(t|x), each (N, latent_dim), for all of x (N, C, H, W)."""
+    parts = [encoder(x_batch) for x_batch in x.split(batch_size)]
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def linear_probe(
+    t_train: Tensor, y_train: Tensor, t_test: Tensor, y_test: Tensor, l2: float = 1e-4, max_iter: int = 200
+) -> float:
+    """Test accuracy of softmax(A t + c) fitted to (t_train, y_train) by minimizing
+    mean cross-entropy + l2 * ||A||^2 (features standardized by the training mean and std)."""
+    t_train, t_test = t_train.double().cpu(), t_test.double().cpu()
+    mean, std = t_train.mean(0), t_train.std(0).clamp_min(1e-8)
+    t_train, t_test = (t_train - mean) / std, (t_test - mean) / std
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    weight = torch.zeros(t_train.shape[1], num_classes, dtype=torch.double, requires_grad=True)  # A^T
+    bias = torch.zeros(num_classes, dtype=torch.double, requires_grad=True)  # c
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def loss() -> Tensor:
+        optimizer.zero_grad()
+        value = F.cross_entropy(t_train @ weight + bias, y_train.cpu()) + l2 * weight.pow(2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    with torch.no_grad():
+        predicted = (t_test @ weight + bias).argmax(1)
+    return (predicted == y_test.cpu()).double().mean().item()
+
+
+def scatter(t_loc: Tensor, labels: Tensor, path: Path) -> None:
+    """The 2-d codes t_loc (N, 2) as points coloured by label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 5))
+    points = axes.scatter(t_loc[:, 0].cpu(), t_loc[:, 1].cpu(), c=labels.cpu(), cmap="tab10", s=2)
+    figure.colorbar(points, ax=axes, label="label")
+    axes.set(xlabel="t_1 (mean of q(t|x))", ylabel="t_2", title="test set in the latent plane")
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
+
+
+def represent(run: TrainedRun, out_dir: Path, splits: tuple[str, ...] = ("train", "test"),
+              l2: float = 1e-4, max_iter: int = 200) -> dict[str, float | str]:
+    """Export the latent means of each split, fit the linear probe train -> test, and scatter the
+    2-d test codes."""
+    codes = {}
+    for split in splits:
+        x, labels = run.split(train=split == "train")
+        t_loc, t_scale = latent_means(run.encoder, x)
+        codes[split] = (t_loc, labels)
+        np.savez(out_dir / f"latents_{split}.npz", t_loc=t_loc.cpu().numpy(), t_scale=t_scale.cpu().numpy(),
+                 labels=labels.numpy())
+    result: dict[str, float | str] = {"latents": str(out_dir)}
+    if "train" in codes and "test" in codes:
+        result["linear_probe_accuracy"] = linear_probe(*codes["train"], *codes["test"], l2=l2, max_iter=max_iter)
+    if run.decoder.latent_dim == 2 and "test" in codes:
+        scatter(*codes["test"], out_dir / "latent_scatter.png")
+        result["scatter"] = str(out_dir / "latent_scatter.png")
+    return result

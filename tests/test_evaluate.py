@@ -1,0 +1,244 @@
+"""evaluate.py and its tasks: the IW bound against the ELBO and against a closed-form log p(x)
+(probabilistic PCA), the masked likelihood, imputation against the exact Gaussian conditional,
+and every task run end to end on a small model trained in this session."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from conftest import CONF_DIR, FAST, PROJECT_DIR, compose_config
+from hydra.utils import instantiate
+from torch import nn
+
+import evaluate as evaluate_module
+from anomaly import auroc, average_precision
+from elbo import dataset_elbo
+from generate import interpolate, normal_quantile_grid, prior_samples, traverse
+from importance import dataset_iw, log_joint
+from impute import impute_gibbs, impute_importance, make_mask
+from model import likelihood, mean_image
+from represent import latent_means, linear_probe
+from runs import RunError, load_run
+from train import train
+
+TASKS = sorted(path.stem for path in (CONF_DIR / "task").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A 2-d latent VAE on synthetic disks, trained for 3 epochs without label 0 (a held-out class)."""
+    out_dir = tmp_path_factory.mktemp("run")
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    train(compose_config(*FAST, "trainer.epochs=3", "model.latent_dim=2", "data.exclude_classes=[0]"), out_dir)
+    return out_dir
+
+
+def evaluate(run_dir, tmp_path, task, *overrides):
+    cfg = compose_config(f"run={run_dir if run_dir else 'null'}", f"task={task}", "device=cpu", *overrides, config_name="evaluate")
+    return evaluate_module.evaluate(cfg, tmp_path)
+
+
+# Probabilistic PCA: p(t) = N(0, I), p(x|t) = N(W t + b, sigma^2 I), so p(x) = N(b, W W^T + sigma^2 I).
+class LinearGaussianDecoder(nn.Module):
+    """t (B, L) -> (x_loc, x_scale) (B, 1, 4, 4), the interface `model.likelihood` expects."""
+
+    likelihood = "gaussian"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, sigma: float) -> None:
+        super().__init__()
+        self.latent_dim = weight.shape[1]
+        self.register_buffer("weight", weight)  # W (D, L)
+        self.register_buffer("bias", bias)  # b (D,)
+        self.sigma = sigma
+
+    def forward(self, t):
+        x_loc = (t @ self.weight.T + self.bias).reshape(-1, 1, 4, 4)
+        return x_loc, torch.full_like(x_loc, self.sigma)
+
+
+class LinearEncoder(nn.Module):
+    """q(t|x) with the exact posterior mean M^-1 W^T (x - b) and the posterior's marginal
+    standard deviations times `inflate` (diagonal, so never the exact, correlated posterior)."""
+
+    def __init__(self, decoder: LinearGaussianDecoder, inflate: float) -> None:
+        super().__init__()
+        w, s2 = decoder.weight, decoder.sigma**2
+        m = w.T @ w + s2 * torch.eye(w.shape[1])  # M = W^T W + sigma^2 I
+        self.register_buffer("gain", torch.linalg.solve(m, w.T))  # M^-1 W^T (L, D)
+        self.register_buffer("bias", decoder.bias)
+        self.register_buffer("scale", inflate * (s2 * torch.linalg.inv(m)).diagonal().sqrt())
+
+    def forward(self, x):
+        t_loc = (x.flatten(1) - self.bias) @ self.gain.T
+        return t_loc, self.scale.expand_as(t_loc)
+
+
+@pytest.fixture
+def ppca():
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(16, 3, generator=generator)
+    decoder = LinearGaussianDecoder(weight, torch.randn(16, generator=generator), sigma=0.5)
+    t = torch.randn(8, 3, generator=generator)
+    x = torch.distributions.Normal(*decoder(t)).sample()  # (8, 1, 4, 4) from the model
+    covariance = weight @ weight.T + 0.25 * torch.eye(16)
+    return decoder, LinearEncoder(decoder, inflate=2.0), x, covariance
+
+
+def test_iw_estimate_converges_to_the_ppca_marginal_likelihood(ppca):
+    decoder, encoder, x, covariance = ppca
+    exact = torch.distributions.MultivariateNormal(decoder.bias, covariance).log_prob(x.flatten(1))  # (8,)
+    gaps = {k: (exact - dataset_iw(x, encoder, decoder, k, particles_per_chunk=500)["log_px"]).mean().item()
+            for k in (1, 10, 5000)}
+    assert gaps[1] > 0.3, gaps  # the one-sample bound (the ELBO) is clearly below log p(x)
+    assert gaps[1] > gaps[10] > gaps[5000], gaps
+    assert abs(gaps[5000]) < 0.05, gaps
+
+
+def test_iw_bound_is_above_the_elbo_and_grows_with_k(run_dir):
+    run = load_run(run_dir, "cpu")
+    x, _ = run.split(train=False)
+    x = x[:128]
+    estimates = {k: dataset_iw(x, run.encoder, run.decoder, k, particles_per_chunk=50) for k in (1, 10, 100)}
+    assert torch.allclose(estimates[1]["log_px"], estimates[1]["elbo"])  # K = 1: the bound is the ELBO
+    assert torch.all(estimates[100]["log_px"] >= estimates[100]["elbo"])  # Jensen, on the same particles
+    means = {k: e["log_px"].mean().item() for k, e in estimates.items()}
+    elbo = dataset_elbo(x, run.encoder, run.decoder)["elbo"]  # independent single-sample ELBO
+    assert elbo < means[10] < means[100], (elbo, means)
+    assert means[100] - means[1] > 1.0, means
+    parts = estimates[100]  # mean_k log w = mean_k log p(x|t_k) - (a 100-sample estimate of the exact KL)
+    assert (parts["elbo"] - (parts["recon"] - parts["kl"])).mean().abs() < 0.1
+
+
+def test_masked_model_scores_only_the_observed_pixels(run_dir):
+    run = load_run(run_dir, "cpu")
+    x, _ = run.split(train=False)
+    x, t = x[:16], torch.randn(16, 2)
+    mask = make_mask("random", tuple(x.shape), 0.5, torch.Generator().manual_seed(0))
+    log_p_x, log_p_t = log_joint(x, t, run.decoder, mask=mask)
+    by_hand = (torch.distributions.Bernoulli(logits=run.decoder(t)).log_prob(x) * mask).sum((1, 2, 3))
+    assert torch.allclose(log_p_x, by_hand, atol=1e-4)
+    assert torch.allclose(log_p_t, torch.distributions.Normal(0.0, 1.0).log_prob(t).sum(1))
+    flipped = torch.where(mask, x, 1 - x)  # other values at the missing pixels change nothing
+    assert torch.equal(log_joint(flipped, t, run.decoder, mask=mask)[0], log_p_x)
+    assert torch.allclose(log_joint(x, t, run.decoder)[0], likelihood(run.decoder, t).log_prob(x))
+
+
+def test_imputation_converges_to_the_exact_gaussian_conditional(ppca):
+    decoder, encoder, x, covariance = ppca
+    mask = make_mask("top_half", tuple(x.shape))
+    observed, missing = mask[0].flatten(), ~mask[0].flatten()
+    # E[x_m|x_o] = b_m + S_mo S_oo^-1 (x_o - b_o)
+    centred = x.flatten(1)[:, observed] - decoder.bias[observed]
+    gain = covariance[missing][:, observed] @ torch.linalg.inv(covariance[observed][:, observed])
+    exact = decoder.bias[missing] + centred @ gain.T  # (8, D_m)
+    fill_value = decoder.bias.reshape(1, 4, 4)
+    by_importance = impute_importance(x, mask, encoder, decoder, fill_value, num_particles=20000)
+    by_chain = impute_gibbs(x, mask, encoder, decoder, fill_value, steps=600, burn_in=100)
+    baseline = (exact - decoder.bias[missing]).pow(2).mean()  # the unconditional mean's error
+    for imputed in (by_importance, by_chain):
+        error = (imputed.flatten(1)[:, missing] - exact).pow(2).mean()
+        assert error < 0.05 * baseline, (error, baseline)
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_config_composes_and_instantiates(task):
+    cfg = compose_config(f"task={task}", "run=somewhere", config_name="evaluate")
+    assert callable(instantiate(cfg.task))
+
+
+def test_likelihood_task(run_dir, tmp_path):
+    metrics = evaluate(run_dir, tmp_path, "likelihood", "task.num_particles=50", "task.max_images=64")
+    assert metrics["num_images"] == 64 and metrics["num_particles"] == 50
+    assert 0 < metrics["nll"] < -metrics["elbo_k_samples"]  # the IW bound is tighter than the ELBO
+    assert 0 < metrics["nll_standard_error"] < 5
+    saved = np.load(tmp_path / "likelihood.npz")
+    assert -saved["log_px"].mean() == pytest.approx(metrics["nll"], rel=1e-5)
+    assert json.loads((tmp_path / "metrics.json").read_text())["nll"] == metrics["nll"]
+
+
+def test_generate_task(run_dir, tmp_path):
+    files = evaluate(run_dir, tmp_path, "generate", "task.manifold_steps=5")
+    for name in ("samples", "reconstructions", "interpolations", "traversals", "manifold"):
+        assert (tmp_path / f"{name}.png").is_file(), name
+    run = load_run(run_dir, "cpu")
+    assert torch.equal(prior_samples(run.decoder, 8, seed=3), prior_samples(run.decoder, 8, seed=3))
+    assert not torch.equal(prior_samples(run.decoder, 8, seed=3), prior_samples(run.decoder, 8, seed=4))
+    x, _ = run.split(train=False)
+    with torch.no_grad():
+        line = interpolate(run.encoder, run.decoder, x[:2], x[2:4], steps=5)  # (2, 5, C, H, W)
+        assert torch.allclose(line[:, 0], mean_image(run.decoder, run.encoder(x[:2])[0]), atol=1e-6)
+        assert torch.allclose(line[:, -1], mean_image(run.decoder, run.encoder(x[2:4])[0]), atol=1e-6)
+        rows = traverse(run.decoder, steps=5, radius=2.0)  # (L, 5, C, H, W); the middle column is t = 0
+        assert torch.allclose(rows[:, 2], mean_image(run.decoder, torch.zeros(1, 2)).expand_as(rows[:, 2]))
+    grid = normal_quantile_grid(5)
+    assert grid.shape == (25, 2) and torch.allclose(grid[12], torch.zeros(2), atol=1e-6)  # centre = prior mean
+    assert files["manifold"].endswith("manifold.png")
+
+
+def test_represent_task(run_dir, tmp_path):
+    metrics = evaluate(run_dir, tmp_path, "represent")
+    run = load_run(run_dir, "cpu")
+    x, labels = run.split(train=False)
+    saved = np.load(tmp_path / "latents_test.npz")
+    assert np.allclose(saved["t_loc"], latent_means(run.encoder, x)[0].numpy(), atol=1e-6)  # round trip
+    assert np.array_equal(saved["labels"], labels.numpy())
+    assert 0 not in np.load(tmp_path / "latents_train.npz")["labels"]  # data.exclude_classes=[0]
+    assert metrics["linear_probe_accuracy"] > 0.2  # 10 sectors: chance is about 0.1
+    assert (tmp_path / "latent_scatter.png").is_file()
+
+
+def test_linear_probe_and_detection_metrics_on_known_cases():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[4.0, 0.0], [-4.0, 0.0], [0.0, 4.0]])
+    y = torch.arange(3).repeat(100)
+    t = centres[y] + torch.randn(300, 2, generator=generator)
+    assert linear_probe(t[:150], y[:150], t[150:], y[150:]) > 0.95
+    normal, anomalous = torch.tensor([0.0, 1, 2, 3]), torch.tensor([2.5, 4, 5])
+    assert auroc(normal, anomalous) == pytest.approx(11 / 12)  # 11 of the 12 pairs ranked right
+    assert auroc(normal, normal) == pytest.approx(0.5)  # ties count one half
+    assert average_precision(normal, anomalous) == pytest.approx((1 + 1 + 3 / 4) / 3)
+
+
+def test_anomaly_task(run_dir, tmp_path):
+    metrics = evaluate(run_dir, tmp_path, "anomaly", "task.num_particles=20", "task.max_images=200")
+    rows = {row["anomalies"]: row for row in metrics["detection"]}
+    assert set(rows) == {"held-out class [0]", "noise", "inverted"}  # no second dataset of 16x16 disks
+    for name in ("noise", "inverted"):
+        assert rows[name]["iw_nll"]["auroc"] > 0.99 and rows[name]["neg_elbo"]["auroc"] > 0.99, rows[name]
+    means = metrics["mean_scores"]
+    assert means["noise"]["iw_nll"] > means["normal"]["iw_nll"] + 50
+    assert 0 <= rows["held-out class [0]"]["kl"]["auroc"] <= 1
+    assert "| noise |" in (tmp_path / "anomaly.md").read_text()
+    assert (tmp_path / "anomaly_scores.png").is_file()
+
+
+def test_impute_task(run_dir, tmp_path):
+    metrics = evaluate(run_dir, tmp_path, "impute", "task.max_images=64", "task.steps=6", "task.burn_in=2",
+                       "task.num_particles=20", "task.masks=[top_half,centre_square]")
+    assert set(metrics["errors"]) == {"top_half", "centre_square"}
+    for kind, errors in metrics["errors"].items():
+        assert set(errors) == {"one_pass", "importance", "pseudo_gibbs", "metropolis_gibbs",
+                               "mean_image", "nearest_neighbour"}
+        assert all(0 < e["mse"] < 1 and 0 < e["bce"] < -math.log(1e-3) for e in errors.values()), errors
+        assert (tmp_path / f"impute_{kind}.png").is_file()
+    shape = (2, 1, 16, 16)
+    assert (~make_mask("top_half", shape)).sum() == 2 * 8 * 16
+    assert (~make_mask("centre_square", shape)).sum() == 2 * 8 * 8
+    hidden = (~make_mask("random", (100, 1, 16, 16), 0.3, torch.Generator().manual_seed(0))).float().mean()
+    assert abs(hidden - 0.3) < 0.01
+
+
+def test_bad_run_is_one_line(tmp_path):
+    with pytest.raises(RunError, match="no run given"):
+        evaluate(None, tmp_path, "likelihood")
+    result = subprocess.run([sys.executable, "evaluate.py", f"run={tmp_path / 'missing'}",
+                             f"hydra.run.dir={tmp_path / 'eval'}"], check=False, cwd=PROJECT_DIR, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: no checkpoint at {tmp_path / 'missing'}")

@@ -1,0 +1,68 @@
+"""Sweeps: report.py over a multirun, the launcher and sweeper presets, and a submitit job that
+continues the checkpoint already in its run directory (what a requeued job finds)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import CONF_DIR, FAST, PROJECT_DIR, compose_config
+from hydra import compose, initialize_config_dir
+
+from report import report
+from train import train
+
+LAUNCHERS = sorted(path.stem for path in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
+SWEEPERS = sorted(path.stem for path in (CONF_DIR / "hydra" / "sweeper").glob("*.yaml"))
+
+
+def fake_job(job_dir, overrides, test_elbos):
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    lines = [{"epoch": e, "test_elbo": v, "wall_time": 10.0 * e} for e, v in enumerate(test_elbos)]
+    (job_dir / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+
+
+def test_report_averages_over_seeds(tmp_path):
+    fake_job(tmp_path / "0", ["estimator=reparam", "seed=0"], [-500, -110, -100])
+    fake_job(tmp_path / "1", ["estimator=reparam", "seed=1"], [-500, -106, -96])
+    fake_job(tmp_path / "2", ["estimator=score", "seed=0"], [-500, -200, -150])
+    rows = {row["configuration"]: row for row in report(tmp_path)}
+    assert rows["estimator=reparam"]["seeds"] == 2 and rows["estimator=score"]["seeds"] == 1
+    assert rows["estimator=reparam"]["test_elbo_mean"] == pytest.approx(-98)
+    assert rows["estimator=reparam"]["test_elbo_spread"] == pytest.approx(2 * 2**0.5)  # sample sd of -100, -96
+    assert rows["estimator=reparam"]["curve"]["wall_time"] == [0, 10, 20]
+    table = (tmp_path / "report.md").read_text()
+    assert "| `estimator=reparam` | 2 | 2 | -98.00 ± 2.83 | 20 |" in table
+    assert (tmp_path / "report.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("group,option", [("launcher", o) for o in LAUNCHERS] + [("sweeper", o) for o in SWEEPERS])
+def test_hydra_presets_compose(group, option):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"hydra/{group}={option}"], return_hydra_config=True)
+    node = cfg.hydra[group]
+    assert node._target_.startswith("hydra_plugins.")
+    if option == "slurm":
+        assert node.partition and node.gpus_per_node == 1 and node.timeout_min > 0 and node.array_parallelism > 0
+    if option == "lr_latent":
+        assert node.direction == "maximize" and set(node.params) == {"optim.optim_args.lr", "model.latent_dim"}
+
+
+def test_report_and_variance_configs_compose():
+    assert compose_config(config_name="variance").samples >= 2
+    assert compose_config("sweep=somewhere", config_name="report").sweep == "somewhere"
+
+
+def test_submitit_job_continues_the_checkpoint_in_its_run_directory(tmp_path):
+    """A requeued job reruns in the same directory: it must continue, not restart."""
+    overrides = [*FAST, "data.subset=64", "estimator=score_avg_baseline"]
+    train(compose_config(*overrides, "trainer.epochs=1"), tmp_path / "0")  # the job's first life
+    result = subprocess.run(
+        [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", *overrides, "trainer.epochs=2",
+         f"hydra.sweep.dir={tmp_path}"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "0" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
