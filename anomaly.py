@@ -65,14 +65,14 @@ def other_dataset_config(data_cfg: DictConfig, target: str) -> DictConfig:
     return other
 
 
-def outlier_sets(run: TrainedRun, x_normal: Tensor, images_normal: Tensor, other_datasets: dict[str, str],
+def outlier_sets(run: TrainedRun, x_normal: Tensor, other_datasets: dict[str, str],
                  max_images: int, seed: int) -> dict[str, Tensor]:
     """Out-of-distribution observations (N, C, H, W), observed by the run's likelihood rule:
     uniform-noise intensities, the inverted test observations 1 - x, and each other dataset that loads
     and has the run's image shape."""
     generator = torch.Generator().manual_seed(seed)
     likelihood = run.cfg.model.likelihood
-    noise = observe(torch.rand(images_normal.shape, generator=generator), likelihood, generator)
+    noise = observe(torch.rand(x_normal.shape, generator=generator), likelihood, generator)
     sets = {"noise": noise, "inverted": 1 - x_normal.cpu()}  # 1 - x is a valid observation under both likelihoods
     for name, target in other_datasets.items():
         if target == run.cfg.data.dataset._target_:
@@ -126,15 +126,14 @@ def detect_anomalies(
 ) -> dict:
     """Scores of the normal test images, the held-out classes (protocol 1) and the outlier sets
     (protocol 2); AUROC and AUPRC of each score per anomalous set; anomaly.md and a histogram."""
-    images, labels = load_split(run.cfg.data, train=False)
-    x_test = observe_test_set(images, run.cfg.model.likelihood).to(run.device)
+    x_test, labels = run.split(train=False)
     excluded = torch.as_tensor(list(run.cfg.data.get("exclude_classes") or []), dtype=torch.long)
     held_out = torch.isin(labels, excluded)
-    x_normal, images_normal = x_test[~held_out][:max_images], images[~held_out][:max_images]
+    x_normal = x_test[~held_out][:max_images]
     sets = {"normal": x_normal}
     if held_out.any():
         sets[f"held-out class {excluded.tolist()}"] = x_test[held_out][:max_images]
-    sets.update(outlier_sets(run, x_normal, images_normal, dict(other_datasets or {}), max_images, seed))
+    sets.update(outlier_sets(run, x_normal, dict(other_datasets or {}), max_images, seed))
     score_sets = {name: scores(x, run.encoder, run.decoder, num_particles, batch_size, particles_per_chunk)
                   for name, x in sets.items()}
     rows = []

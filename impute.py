@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from torchvision.utils import save_image
 
 from data import load_split
-from importance import log_joint, posterior
+from importance import log_joint, posterior, repeat
 from model import likelihood, mean_image
 from runs import TrainedRun
 
@@ -74,8 +74,8 @@ def impute_importance(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.M
     t = q_t.sample((num_particles,))  # (K, N, L)
     flat_t = t.flatten(0, 1)  # (K * N, L)
     x_zeros = fill(x, mask, 0.0)  # any valid value where missing: the mask drops it
-    repeated = lambda v: v.expand(num_particles, *v.shape).flatten(0, 1)  # (K * N, C, H, W)
-    log_p_x_o, log_p_t = log_joint(repeated(x_zeros), flat_t, decoder, mask=repeated(mask))  # (K * N,) each
+    log_p_x_o, log_p_t = log_joint(repeat(x_zeros, num_particles), flat_t, decoder,
+                                   mask=repeat(mask, num_particles))  # (K * N,) each
     log_w = (log_p_x_o + log_p_t).unflatten(0, t.shape[:2]) - q_t.log_prob(t)  # (K, N)
     weights = log_w.softmax(0)  # self-normalized, (K, N)
     x_mean = mean_image(decoder, flat_t).unflatten(0, t.shape[:2])  # E[x|t_k], (K, N, C, H, W)

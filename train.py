@@ -268,6 +268,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 
     writer = SummaryWriter(out_dir / "tensorboard", purge_step=progress["epoch"])
     metrics = last_metrics(out_dir) if saved else {}
+    check_every_step = cfg.trainer.check_every_step  # read once, outside the hot loop
     with stop_on_signals() as stop, writer:
         if not saved:  # the untrained model, as the first point of every curve
             record({"epoch": 0, "train_elbo": None, **evaluate(0), "wall_time": 0.0})
@@ -285,7 +286,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 index = batches[progress["next_batch"]].to(device)  # (B,)
                 x = observe(train_images[index], likelihood)  # (B, C, H, W), binarized afresh
                 # Pyro's and torch's argument and support checks: on every step, or on the epoch's first
-                with pyro.validation_enabled(cfg.trainer.check_every_step or progress["next_batch"] == 0):
+                with pyro.validation_enabled(check_every_step or progress["next_batch"] == 0):
                     loss = svi.step(x, index)  # -ELBO of the whole dataset, estimated on this batch
                 if not math.isfinite(loss):
                     raise TrainingDiverged(
