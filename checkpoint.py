@@ -88,11 +88,20 @@ def load(path: Path, cfg: DictConfig) -> dict[str, Any]:
     return state
 
 
+def with_added_keys(cfg: DictConfig) -> DictConfig:
+    """`cfg` with every key of ADDED_KEYS that it lacks set to the value an older run implies."""
+    for key, value in ADDED_KEYS.items():
+        if OmegaConf.select(cfg, key) is None:
+            OmegaConf.update(cfg, key, value, force_add=True)
+    return cfg
+
+
 def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
-    """'key: saved -> current' for every model/data key that differs."""
+    """'key: saved -> current' for every model/data key that differs (a key of ADDED_KEYS
+    missing on either side counts as its old value)."""
     saved_flat = _flatten({key: OmegaConf.to_container(saved[key], resolve=True) for key in MUST_MATCH if key in saved})
     current_flat = _flatten({key: OmegaConf.to_container(current[key], resolve=True) for key in MUST_MATCH})
-    saved_flat = {**ADDED_KEYS, **saved_flat}
+    saved_flat, current_flat = {**ADDED_KEYS, **saved_flat}, {**ADDED_KEYS, **current_flat}
     keys = sorted(set(saved_flat) | set(current_flat))
     return [
         f"{key}: {saved_flat.get(key)!r} -> {current_flat.get(key)!r}"

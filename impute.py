@@ -6,6 +6,9 @@ log p(x_o|t), through `model(..., mask=mask)`. Every method fills x_m with E[x_m
     one_pass          E[x_m|t_loc(x~)], x~ = x_o with x_m set to the training mean image
     importance        sum_k w_k E[x_m|t_k] / sum_k w_k, t_k ~ q(t|x~),
                       w_k = p(x_o|t_k) p(t_k) / q(t_k|x~)    (self-normalized; -> E[x_m|x_o] as K grows)
+    fitted_importance the same with t_k ~ r_i(t), a Gaussian per image fit to p(t|x_o) by SVI on the
+                      masked model, started at q(t|x~) (semi-amortized inference: the encoder never
+                      saw a half-blank image, and its q(t|x~) is a poor proposal for one)
     pseudo_gibbs      alternate t ~ q(t|x_o, x_m) and x_m ~ p(x_m|t) (Rezende et al. 2014)
     metropolis_gibbs  the same, with t' ~ q(t|x) accepted with probability
                       min(1, p(x, t') q(t|x) / (p(x, t) q(t'|x))), so that the chain leaves
@@ -19,16 +22,22 @@ with predictions clipped to [1e-3, 1 - 1e-3] (a hard 0/1 guess would otherwise c
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
+from pyro.distributions import constraints
+from pyro.infer import SVI, Trace_ELBO
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.utils import save_image
 
 from data import load_split
 from importance import log_joint, posterior, repeat
-from model import likelihood, mean_image
+from model import likelihood, mean_image, model
 from runs import TrainedRun
 
 MASKS = ("random", "top_half", "bottom_half", "centre_square")
@@ -67,19 +76,62 @@ def impute_one_pass(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Mod
 
 
 @torch.no_grad()
-def impute_importance(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module, fill_value: Tensor,
-                      num_particles: int = 100) -> Tensor:
-    """sum_k w_k E[x|t_k] / sum_k w_k with w_k = p(x_o|t_k) p(t_k) / q(t_k|x~), from the masked model."""
-    q_t = posterior(fill(x, mask, fill_value), encoder)  # q(t|x~), batch (N,)
-    t = q_t.sample((num_particles,))  # (K, N, L)
+def importance_mean(x: Tensor, mask: Tensor, decoder: nn.Module, proposal: dist.Distribution,
+                    num_particles: int) -> tuple[Tensor, Tensor]:
+    """(sum_k w_k E[x|t_k] / sum_k w_k (N, C, H, W), the effective sample size 1 / sum_k w_k^2 (N,))
+    with t_k ~ proposal (batch (N,)) and w_k = p(x_o|t_k) p(t_k) / proposal(t_k), self-normalized."""
+    t = proposal.sample((num_particles,))  # (K, N, L)
     flat_t = t.flatten(0, 1)  # (K * N, L)
     x_zeros = fill(x, mask, 0.0)  # any valid value where missing: the mask drops it
     log_p_x_o, log_p_t = log_joint(repeat(x_zeros, num_particles), flat_t, decoder,
                                    mask=repeat(mask, num_particles))  # (K * N,) each
-    log_w = (log_p_x_o + log_p_t).unflatten(0, t.shape[:2]) - q_t.log_prob(t)  # (K, N)
+    log_w = (log_p_x_o + log_p_t).unflatten(0, t.shape[:2]) - proposal.log_prob(t)  # (K, N)
     weights = log_w.softmax(0)  # self-normalized, (K, N)
     x_mean = mean_image(decoder, flat_t).unflatten(0, t.shape[:2])  # E[x|t_k], (K, N, C, H, W)
-    return (weights[:, :, None, None, None] * x_mean).sum(0)
+    return (weights[:, :, None, None, None] * x_mean).sum(0), 1 / weights.pow(2).sum(0)
+
+
+def impute_importance(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module, fill_value: Tensor,
+                      num_particles: int = 100) -> tuple[Tensor, Tensor]:
+    """`importance_mean` with the encoder's q(t|x~) as the proposal."""
+    return importance_mean(x, mask, decoder, posterior(fill(x, mask, fill_value), encoder), num_particles)
+
+
+def fit_posterior(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module, fill_value: Tensor,
+                  steps: int = 200, lr: float = 0.05) -> dist.Distribution:
+    """r_i(t) = N(loc_i, diag scale_i^2) for each image, fit to p(t|x_o) by SVI: maximize the masked
+    ELBO E_r[log p(x_o|t) + log p(t) - log r_i(t)] over (loc_i, scale_i) only, from q(t|x~)."""
+    start = posterior(fill(x, mask, fill_value), encoder).base_dist  # q(t|x~)
+    num_images = x.shape[0]
+    index = torch.arange(num_images, device=x.device)
+
+    def per_image_guide(x: Tensor, index: Tensor) -> None:
+        t_loc = pyro.param("t_loc", start.loc.detach())  # (N, L)
+        t_scale = pyro.param("t_scale", start.scale.detach(), constraint=constraints.positive)  # (N, L)
+        with pyro.plate("data", size=num_images, subsample=index):
+            pyro.sample("t", dist.Normal(t_loc, t_scale).to_event(1))  # r_i(t)
+
+    # log p(x_o|t) p(t); the decoder's weights stay fixed (hidden from SVI, no gradients kept)
+    masked_model = poutine.block(partial(model, decoder=decoder, num_data=num_images, mask=mask), hide_types=["param"])
+    requires_grad = [p.requires_grad for p in decoder.parameters()]
+    decoder.requires_grad_(False)
+    try:
+        with pyro.get_param_store().scope(), torch.enable_grad():  # a scratch param store
+            svi = SVI(masked_model, per_image_guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
+            for _ in range(steps):
+                svi.step(fill(x, mask, 0.0), index)
+            loc, scale = pyro.param("t_loc").detach(), pyro.param("t_scale").detach()
+    finally:
+        for parameter, flag in zip(decoder.parameters(), requires_grad):
+            parameter.requires_grad_(flag)
+    return dist.Normal(loc, scale).to_event(1)
+
+
+def impute_fitted_importance(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module, fill_value: Tensor,
+                             num_particles: int = 500, steps: int = 200, lr: float = 0.05) -> tuple[Tensor, Tensor]:
+    """`importance_mean` with the fitted r_i(t) of `fit_posterior` as the proposal."""
+    proposal = fit_posterior(x, mask, encoder, decoder, fill_value, steps, lr)
+    return importance_mean(x, mask, decoder, proposal, num_particles)
 
 
 @torch.no_grad()
@@ -128,22 +180,35 @@ def missing_pixel_errors(prediction: Tensor, truth: Tensor, mask: Tensor) -> dic
             "bce": F.binary_cross_entropy(p.clamp(BCE_CLIP, 1 - BCE_CLIP), y.clamp(0, 1)).item()}
 
 
+def in_batches(method: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Tensor, mask: Tensor,
+               batch_size: int) -> tuple[Tensor, Tensor]:
+    """`method(x_batch, mask_batch) -> (prediction, ess)` on `batch_size` images at a time, joined."""
+    outputs = [method(x_batch, m_batch) for x_batch, m_batch in zip(x.split(batch_size), mask.split(batch_size))]
+    return torch.cat([prediction for prediction, _ in outputs]), torch.cat([ess for _, ess in outputs])
+
+
 def impute(
     run: TrainedRun, out_dir: Path, masks: tuple[str, ...] = MASKS, fraction: float = 0.5, max_images: int = 1000,
-    num_particles: int = 100, steps: int = 100, burn_in: int = 20, num_shown: int = 8, seed: int = 0,
+    num_particles: int = 500, fit_steps: int = 200, fit_lr: float = 0.05, steps: int = 100, burn_in: int = 20,
+    batch_size: int = 100, num_shown: int = 8, seed: int = 0,
 ) -> dict:
     """For each mask kind: the missing-pixel errors of every method and baseline on the first
-    `max_images` test images, and a figure impute_<mask>.png with one row per method:
-    masked input (missing pixels grey), the methods, the baselines, the truth."""
+    `max_images` test images (and the importance samplers' mean effective sample size), and a
+    figure impute_<mask>.png with one row per method: masked input (missing pixels grey), the
+    methods, the baselines, the truth."""
     x, _ = run.split(train=False)
     x = x[:max_images]
     train_images, _ = load_split(run.cfg.data, train=True)
     train_images = train_images.to(run.device)
     mean = train_images.mean(0)  # the mean image (C, H, W), also the fill value
     encoder, decoder = run.encoder, run.decoder
-    methods: dict[str, Callable[[Tensor], Tensor]] = {
+    methods: dict[str, Callable[[Tensor], Tensor | tuple[Tensor, Tensor]]] = {
         "one_pass": lambda m: impute_one_pass(x, m, encoder, decoder, mean),
-        "importance": lambda m: impute_importance(x, m, encoder, decoder, mean, num_particles),
+        "importance": lambda m: in_batches(
+            lambda xb, mb: impute_importance(xb, mb, encoder, decoder, mean, num_particles), x, m, batch_size),
+        "fitted_importance": lambda m: in_batches(
+            lambda xb, mb: impute_fitted_importance(xb, mb, encoder, decoder, mean, num_particles, fit_steps, fit_lr),
+            x, m, batch_size),
         "pseudo_gibbs": lambda m: impute_gibbs(x, m, encoder, decoder, mean, steps, burn_in, metropolis=False),
         "metropolis_gibbs": lambda m: impute_gibbs(x, m, encoder, decoder, mean, steps, burn_in, metropolis=True),
         "mean_image": lambda m: mean.expand_as(x),
@@ -153,8 +218,13 @@ def impute(
     errors = {}
     for kind in masks:
         mask = make_mask(kind, tuple(x.shape), fraction, generator).to(run.device)
-        predictions = {name: method(mask) for name, method in methods.items()}
-        errors[kind] = {name: missing_pixel_errors(p, x, mask) for name, p in predictions.items()}
+        predictions, errors[kind] = {}, {}
+        for name, method in methods.items():
+            output = method(mask)
+            predictions[name], ess = output if isinstance(output, tuple) else (output, None)
+            errors[kind][name] = missing_pixel_errors(predictions[name], x, mask)
+            if ess is not None:
+                errors[kind][name]["effective_sample_size"] = ess.mean().item()
         shown = [fill(x, mask, 0.5)] + [fill(x, mask, p) for p in predictions.values()] + [x]  # rows
         save_image(torch.cat([row[:num_shown] for row in shown]), out_dir / f"impute_{kind}.png", nrow=num_shown)
     return {"num_images": len(x), "fraction": fraction, "rows": ["masked", *methods, "truth"], "errors": errors}

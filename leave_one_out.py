@@ -1,6 +1,6 @@
 """The score-function ELBO gradient with K particles per image and a leave-one-out baseline.
 
-For image x_i, K samples t_1..t_K ~ q(t|x_i) (K passes of `model` and `guide`, one per particle):
+For image x_i, K samples t_1..t_K ~ q(t|x_i) (one vectorized pass of `model` and `guide`):
 
     f_k   = log p(x_i, t_k) - log q(t_k|x_i)              the learning signal of particle k
     b_k   = 1/(K-1) * sum_{j != k} f_j                    leave-one-out baseline, independent of t_k
@@ -27,29 +27,29 @@ class LeaveOneOut_ELBO(Trace_ELBO):
     """Trace_ELBO with `num_particles` >= 2 particles, each score term centred by the mean
     learning signal of the other particles of the same image.
 
-    The particles are K separate traces (not `vectorize_particles`), so the networks only ever
-    see their usual (B, ...) batches."""
+    The K particles are vectorized (`vectorize_particles`): Pyro wraps model and guide in a
+    plate of K at dim -2, so the decoder sees t of shape (K, B, latent_dim) in one batch."""
 
     def __init__(self, num_particles: int = 8, **kwargs) -> None:
         if num_particles < 2:
             raise ValueError(f"num_particles={num_particles}: a leave-one-out baseline needs at least 2")
-        super().__init__(num_particles=num_particles, **kwargs)
+        kwargs.setdefault("max_plate_nesting", 1)  # the "data" plate; the particles go left of it
+        super().__init__(num_particles=num_particles, vectorize_particles=True, **kwargs)
 
     def elbo_and_surrogate(self, model: Callable, guide: Callable, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """(the ELBO estimate, the surrogate ELBO whose gradient is the estimator above)."""
-        log_p, log_q, score, entropy = [], [], [], []
-        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):  # K particles
-            model_sites = [s for s in model_trace.nodes.values() if s["type"] == "sample"]
-            guide_sites = [s for s in guide_trace.nodes.values() if s["type"] == "sample"]
-            log_p.append(sum(s["log_prob"] for s in model_sites))  # log p(x, t_k), (B,), scaled by N/B
-            log_q.append(sum(s["log_prob"] for s in guide_sites))  # log q(t_k|x), (B,)
-            score.append(sum(s["score_parts"].score_function for s in guide_sites))  # log q; 0 if reparam
-            entropy.append(sum(s["score_parts"].entropy_term for s in guide_sites))  # log q if reparam; else 0
-        f = (torch.stack(log_p) - torch.stack(log_q)).detach()  # learning signal f_k, (K, B)
+        ((model_trace, guide_trace),) = self._get_traces(model, guide, args, kwargs)  # K particles at once
+        model_sites = [s for s in model_trace.nodes.values() if s["type"] == "sample"]
+        guide_sites = [s for s in guide_trace.nodes.values() if s["type"] == "sample"]
+        log_p = sum(s["log_prob"] for s in model_sites)  # log p(x, t_k), (K, B), scaled by N/B
+        log_q = sum(s["log_prob"] for s in guide_sites)  # log q(t_k|x), (K, B)
+        score = sum(torch.as_tensor(s["score_parts"].score_function) for s in guide_sites)  # log q; 0 if reparam
+        entropy = sum(torch.as_tensor(s["score_parts"].entropy_term) for s in guide_sites)  # log q if reparam
+        f = (log_p - log_q).detach()  # learning signal f_k, (K, B)
         k = self.num_particles
         b = (f.sum(0, keepdim=True) - f) / (k - 1)  # leave-one-out baseline b_k, (K, B)
-        direct = sum(lp.sum() for lp in log_p) - sum(torch.as_tensor(e).sum() for e in entropy)
-        score_terms = sum(torch.as_tensor((f[j] - b[j]) * score[j]).sum() for j in range(k))
+        direct = log_p.sum() - entropy.sum()
+        score_terms = ((f - b) * score).sum()
         return f.sum() / k, (direct + score_terms) / k  # (ELBO, surrogate ELBO)
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:

@@ -31,7 +31,7 @@ def check_image_shape(image_shape: tuple[int, int, int], channels: list[int]) ->
 
 
 class Decoder(nn.Module):
-    """t (B, latent_dim) -> parameters of p(x|t) over images of `image_shape` (C, H, W).
+    """t (..., latent_dim) -> parameters of p(x|t) over images of `image_shape` (C, H, W).
 
     A dense layer lifts t to a small feature map; each transposed convolution doubles its
     height and width, mirroring the encoder. Returns `x_logits` for the Bernoulli likelihood,
@@ -76,12 +76,15 @@ class Decoder(nn.Module):
         self.upsample = nn.Sequential(*layers[:-1])  # no activation on the output
 
     def forward(self, t: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-        out = self.upsample(self.lift(t))  # (B, C * params_per_pixel, H, W)
+        """t (..., latent_dim) -> the parameters (..., C, H, W): any leading batch dims (particles)."""
+        batch_shape = t.shape[:-1]
+        out = self.upsample(self.lift(t.reshape(-1, self.latent_dim)))  # (B, C * params_per_pixel, H, W)
+        out = out.reshape(*batch_shape, *out.shape[1:])
         if self.likelihood == "bernoulli":
-            return out  # x_logits (B, C, H, W)
-        loc, raw_scale = out.chunk(2, dim=1)
-        x_loc = torch.sigmoid(loc)  # (B, C, H, W), in (0, 1) like the data
-        x_scale = self.min_scale + F.softplus(raw_scale)  # (B, C, H, W), > min_scale
+            return out  # x_logits (..., C, H, W)
+        loc, raw_scale = out.chunk(2, dim=-3)  # along the channels
+        x_loc = torch.sigmoid(loc)  # (..., C, H, W), in (0, 1) like the data
+        x_scale = self.min_scale + F.softplus(raw_scale)  # (..., C, H, W), > min_scale
         return x_loc, x_scale
 
 

@@ -5,11 +5,13 @@ Every job directory under `sweep` holds `metrics.jsonl` (one line per epoch) and
 Per configuration, over its seeds: the final test ELBO as mean ± standard deviation (nats per
 image), in `report.md` and `report.json`; and `report.png`, the test ELBO against epoch and
 against wall time, one curve per configuration (the mean) with a band of ± one standard
-deviation over seeds. All three are written into `sweep`.
+deviation over seeds (-ELBO on a log axis when every ELBO is negative, so that a diverging
+estimator and a converging one fit in one picture). All three are written into `sweep`.
 """
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -78,21 +80,30 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
+def plot(rows: list[dict[str, Any]]) -> plt.Figure:
+    """Test ELBO against epoch and wall time. When every ELBO is negative (discrete data), the axis
+    shows -ELBO on a log scale, so that a diverging run (-1e9) does not flatten the others."""
+    log_axis = all(mean < 0 for row in rows for mean in row["curve"]["mean"])
+    sign = -1.0 if log_axis else 1.0
+    floor = min(-mean for row in rows for mean in row["curve"]["mean"]) / 2 if log_axis else -math.inf
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for row in rows:
         curve = row["curve"]
-        low = [m - s for m, s in zip(curve["mean"], curve["spread"])]
-        high = [m + s for m, s in zip(curve["mean"], curve["spread"])]
+        middle = [sign * m for m in curve["mean"]]
+        edges = [sorted((max(sign * (m - s), floor), max(sign * (m + s), floor)))
+                 for m, s in zip(curve["mean"], curve["spread"])]  # the band of +- one sd, kept above 0 on a log axis
         for ax, x in zip(axes, (curve["epoch"], curve["wall_time"])):
-            (line,) = ax.plot(x, curve["mean"], marker=".", label=f"{row['configuration']} ({row['seeds']} seeds)")
-            ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2)
-    axes[0].set(xlabel="epoch", ylabel="test ELBO (nats per image)")
+            (line,) = ax.plot(x, middle, marker=".", label=f"{row['configuration']} ({row['seeds']} seeds)")
+            ax.fill_between(x, [low for low, _ in edges], [high for _, high in edges], color=line.get_color(), alpha=0.2)
+    if log_axis:
+        axes[0].set(yscale="log", ylabel="-test ELBO (nats per image, log scale; lower is better)")
+    else:
+        axes[0].set(ylabel="test ELBO (nats per image)")
+    axes[0].set(xlabel="epoch")
     axes[1].set(xlabel="wall time (s)")
     axes[0].legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def report(sweep: str | Path) -> list[dict[str, Any]]:
@@ -103,7 +114,9 @@ def report(sweep: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"no job with a tested epoch under {sweep} (looked for */metrics.jsonl)")
     write_table(rows, sweep / "report.md")
     (sweep / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot(rows, sweep / "report.png")
+    figure = plot(rows)
+    figure.savefig(sweep / "report.png", dpi=120)
+    plt.close(figure)
     return rows
 
 

@@ -44,12 +44,12 @@ class TrainedRun:
 
 
 def run_config(path: Path) -> DictConfig:
-    """The config a checkpoint was trained with."""
+    """The config a checkpoint was trained with (keys added to the project since then filled in)."""
     hydra_config = path.parent / ".hydra" / "config.yaml"
     if hydra_config.is_file():
-        return OmegaConf.load(hydra_config)
+        return checkpoint.with_added_keys(OmegaConf.load(hydra_config))
     try:  # a run made by train.train(cfg, out_dir) without Hydra keeps only the checkpoint's copy
-        return OmegaConf.create(torch.load(path, map_location="cpu", weights_only=False)["config"])
+        return checkpoint.with_added_keys(OmegaConf.create(torch.load(path, map_location="cpu", weights_only=False)["config"]))
     except Exception as error:
         raise RunError(f"{path} is corrupt or not a checkpoint of this project ({error})") from error
 

@@ -112,24 +112,39 @@ def resolve_device(name: str) -> torch.device:
 
 
 class StopRequest:
-    """Set by Ctrl-C or SIGTERM; the loop checks it after each step, saves and stops."""
+    """Set by Ctrl-C, SIGTERM or SIGUSR2; the loop checks it after each step, saves and stops.
+
+    SIGUSR2 is how submitit (the SLURM launcher) announces preemption or the time limit; its own
+    handler requeues the job and exits at once, wherever the step is. Ours waits for the step to
+    end and the checkpoint to be written, then hands the signal on (`hand_on`), so the requeued
+    job continues from this step, not from the last epoch."""
+
+    HANDED_ON = tuple(getattr(signal, name) for name in ("SIGUSR2",) if hasattr(signal, name))  # not on Windows
 
     def __init__(self) -> None:
         self.signal_name: str | None = None
+        self.signum: int | None = None
+        self.previous: dict[int, Any] = {}
 
     def __call__(self, signum: int, frame: Any) -> None:
-        self.signal_name = signal.Signals(signum).name
+        self.signum, self.signal_name = signum, signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+
+    def hand_on(self) -> None:
+        """After the checkpoint: call the handler that was there before ours (submitit's requeue)."""
+        handler = self.previous.get(self.signum)
+        if self.signum in self.HANDED_ON and callable(handler):
+            handler(self.signum, None)
 
 
 @contextmanager
 def stop_on_signals() -> Iterator[StopRequest]:
     request = StopRequest()
-    previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM)}
+    request.previous = {sig: signal.signal(sig, request) for sig in (signal.SIGINT, signal.SIGTERM, *request.HANDED_ON)}
     try:
         yield request
     finally:
-        for sig, handler in previous.items():
+        for sig, handler in request.previous.items():
             signal.signal(sig, handler)
 
 
@@ -304,6 +319,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                     bar.close()
                     log.warning(f"{stop.signal_name}: saved {checkpoint_file} at epoch {epoch}, "
                                 f"batch {progress['next_batch']}. Continue with:\n  {resume_command(out_dir)}")
+                    stop.hand_on()  # submitit: requeue into this run directory, and exit
                     return {**metrics, "interrupted": True, "run_dir": str(out_dir)}
             bar.close()
             seconds = progress["epoch_seconds"] + time.perf_counter() - started

@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import CONF_DIR, FAST, PROJECT_DIR, compose_config
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
 import evaluate as evaluate_module
@@ -21,7 +22,7 @@ from anomaly import auroc, average_precision
 from elbo import dataset_elbo
 from generate import interpolate, normal_quantile_grid, prior_samples, traverse
 from importance import dataset_iw, log_joint
-from impute import impute_gibbs, impute_importance, make_mask
+from impute import fit_posterior, impute_fitted_importance, impute_gibbs, impute_importance, make_mask
 from model import likelihood, mean_image
 from represent import latent_means, linear_probe
 from runs import RunError, load_run
@@ -139,12 +140,33 @@ def test_imputation_converges_to_the_exact_gaussian_conditional(ppca):
     gain = covariance[missing][:, observed] @ torch.linalg.inv(covariance[observed][:, observed])
     exact = decoder.bias[missing] + centred @ gain.T  # (8, D_m)
     fill_value = decoder.bias.reshape(1, 4, 4)
-    by_importance = impute_importance(x, mask, encoder, decoder, fill_value, num_particles=20000)
+    by_importance, _ = impute_importance(x, mask, encoder, decoder, fill_value, num_particles=20000)
+    by_fitted_importance, ess = impute_fitted_importance(x, mask, encoder, decoder, fill_value, num_particles=20000)
     by_chain = impute_gibbs(x, mask, encoder, decoder, fill_value, steps=600, burn_in=100)
     baseline = (exact - decoder.bias[missing]).pow(2).mean()  # the unconditional mean's error
-    for imputed in (by_importance, by_chain):
+    assert ((1 <= ess) & (ess <= 20000)).all()
+    for imputed in (by_importance, by_fitted_importance, by_chain):
         error = (imputed.flatten(1)[:, missing] - exact).pow(2).mean()
         assert error < 0.05 * baseline, (error, baseline)
+
+
+def test_fitted_posterior_matches_the_exact_masked_ppca_posterior(ppca):
+    """p(t|x_o) of PPCA is N(S W_o^T (x_o - b_o) / sigma^2, S), S = (I + W_o^T W_o / sigma^2)^-1; the
+    best diagonal Gaussian (reverse KL) has the exact mean and scales 1 / sqrt(diag S^-1)."""
+    decoder, encoder, x, _ = ppca
+    mask = make_mask("top_half", tuple(x.shape))
+    observed = mask[0].flatten()
+    w_o, s2 = decoder.weight[observed], decoder.sigma**2
+    precision = torch.eye(3) + w_o.T @ w_o / s2  # S^-1
+    exact_loc = torch.linalg.solve(precision, w_o.T @ (x.flatten(1)[:, observed] - decoder.bias[observed]).T / s2).T
+    pyro.set_rng_seed(0)
+    fitted = fit_posterior(x, mask, encoder, decoder, decoder.bias.reshape(1, 4, 4), steps=1500, lr=0.02).base_dist
+    start = encoder(torch.where(mask, x, decoder.bias.reshape(1, 4, 4)))  # q(t|x~): where the fit began
+    assert (start[0] - exact_loc).abs().max() > 0.3  # far from the answer at first
+    assert torch.allclose(fitted.loc, exact_loc, atol=0.08), (fitted.loc - exact_loc).abs().max()
+    # every image has the same exact scales (same mask); averaging the 8 fits tames the SGD noise
+    assert torch.allclose(fitted.scale.mean(0), precision.diagonal().rsqrt(), rtol=0.08), fitted.scale.mean(0)
+    assert all(p.grad is None for p in encoder.parameters())  # nothing else was trained
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -221,11 +243,13 @@ def test_anomaly_task(run_dir, tmp_path):
 
 def test_impute_task(run_dir, tmp_path):
     metrics = evaluate(run_dir, tmp_path, "impute", "task.max_images=64", "task.steps=6", "task.burn_in=2",
-                       "task.num_particles=20", "task.masks=[top_half,centre_square]")
+                       "task.num_particles=20", "task.fit_steps=20", "task.batch_size=40",
+                       "task.masks=[top_half,centre_square]")
     assert set(metrics["errors"]) == {"top_half", "centre_square"}
     for kind, errors in metrics["errors"].items():
-        assert set(errors) == {"one_pass", "importance", "pseudo_gibbs", "metropolis_gibbs",
+        assert set(errors) == {"one_pass", "importance", "fitted_importance", "pseudo_gibbs", "metropolis_gibbs",
                                "mean_image", "nearest_neighbour"}
+        assert all(1 <= errors[name]["effective_sample_size"] <= 20 for name in ("importance", "fitted_importance"))
         assert all(0 < e["mse"] < 1 and 0 < e["bce"] < -math.log(1e-3) for e in errors.values()), errors
         assert (tmp_path / f"impute_{kind}.png").is_file()
     shape = (2, 1, 16, 16)
@@ -233,6 +257,19 @@ def test_impute_task(run_dir, tmp_path):
     assert (~make_mask("centre_square", shape)).sum() == 2 * 8 * 8
     hidden = (~make_mask("random", (100, 1, 16, 16), 0.3, torch.Generator().manual_seed(0))).float().mean()
     assert abs(hidden - 0.3) < 0.01
+
+
+def test_run_from_before_a_config_key_existed_loads(run_dir, tmp_path):
+    """A run whose .hydra/config.yaml and checkpoint predate data.exclude_classes loads as []."""
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    del state["config"]["data"]["exclude_classes"]
+    torch.save(state, tmp_path / "checkpoint.pt")
+    (tmp_path / ".hydra").mkdir()
+    OmegaConf.save(OmegaConf.create(state["config"]), tmp_path / ".hydra" / "config.yaml")
+    old_run, run = load_run(tmp_path, "cpu"), load_run(run_dir, "cpu")
+    assert list(old_run.cfg.data.exclude_classes) == []
+    for old, new in zip(old_run.decoder.state_dict().values(), run.decoder.state_dict().values(), strict=True):
+        assert torch.equal(old, new)
 
 
 def test_bad_run_is_one_line(tmp_path):

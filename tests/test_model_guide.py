@@ -141,3 +141,14 @@ def test_gaussian_scale_stays_above_floor():
     x_loc, x_scale = decoder(torch.ones(2, LATENT_DIM))
     assert (x_scale >= 1e-3).all() and torch.isfinite(x_scale).all()
     assert ((x_loc >= 0) & (x_loc <= 1)).all()
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_decoder_takes_leading_particle_dims(likelihood):
+    """t (K, B, latent_dim), as vectorized particles give it, decodes like the flat (K * B) batch."""
+    decoder = Decoder(IMAGE_SHAPE, LATENT_DIM, channels=[4], hidden_dim=16, likelihood=likelihood)
+    t = torch.randn(5, 3, LATENT_DIM)
+    stacked, flat = decoder(t), decoder(t.reshape(15, LATENT_DIM))
+    for a, b in zip(*(p if isinstance(p, tuple) else (p,) for p in (stacked, flat)), strict=True):
+        assert a.shape == (5, 3, *IMAGE_SHAPE)
+        assert torch.allclose(a, b.reshape(5, 3, *IMAGE_SHAPE), atol=1e-6)

@@ -11,7 +11,7 @@ import yaml
 from conftest import CONF_DIR, FAST, PROJECT_DIR, compose_config
 from hydra import compose, initialize_config_dir
 
-from report import report
+from report import plot, report, summarize, read_jobs
 from train import train
 
 LAUNCHERS = sorted(path.stem for path in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
@@ -37,6 +37,19 @@ def test_report_averages_over_seeds(tmp_path):
     table = (tmp_path / "report.md").read_text()
     assert "| `estimator=reparam` | 2 | 2 | -98.00 ± 2.83 | 20 |" in table
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_report_plots_a_diverging_run_on_a_log_axis(tmp_path):
+    fake_job(tmp_path / "0", ["estimator=reparam", "seed=0"], [-500, -110, -100])
+    fake_job(tmp_path / "1", ["estimator=score", "seed=0"], [-500, -2e4, -3e9])
+    rows = summarize(read_jobs(tmp_path))
+    axis = plot(rows).axes[0]
+    assert axis.get_yscale() == "log"
+    plotted = {line.get_label(): list(line.get_ydata()) for line in axis.get_lines()}
+    assert plotted["estimator=reparam (1 seeds)"] == [500, 110, 100]  # -ELBO
+    assert plotted["estimator=score (1 seeds)"] == [500, 2e4, 3e9]
+    fake_job(tmp_path / "2", ["estimator=reparam", "data=synthetic", "seed=0"], [-50, 20, 40])  # a density above 1
+    assert plot(summarize(read_jobs(tmp_path))).axes[0].get_yscale() == "linear"
 
 
 @pytest.mark.parametrize("group,option", [("launcher", o) for o in LAUNCHERS] + [("sweeper", o) for o in SWEEPERS])

@@ -105,6 +105,46 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(fast_config, tmp_path, mo
     assert [m["epoch"] for m in read_metrics(interrupted)] == [0, 1, 2]
 
 
+def test_preemption_signal_saves_then_hands_on_to_submitit(fast_config, tmp_path, monkeypatch):
+    """submitit's SIGUSR2 handler requeues and exits; train.py first finishes the step and saves."""
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    train(fast_config(), straight)
+    straight_params = param_snapshot()
+
+    pyro.clear_param_store()
+    handed_on = []
+
+    def submitit_requeue(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
+        saved = torch.load(preempted / "checkpoint.pt", weights_only=False)
+        handed_on.append((signum, saved["epoch"], saved["next_batch"]))
+        raise SystemExit(-1)
+
+    calls = {"n": 0}
+    observe = train_module.observe
+
+    def observe_then_preempt(*args, **kwargs):  # SIGUSR2 arrives during the 5th step of epoch 1
+        calls["n"] += 1
+        if calls["n"] == 5:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return observe(*args, **kwargs)
+
+    previous = signal.signal(signal.SIGUSR2, submitit_requeue)
+    try:
+        monkeypatch.setattr(train_module, "observe", observe_then_preempt)
+        with pytest.raises(SystemExit):
+            train(fast_config(), preempted)
+        assert handed_on == [(signal.SIGUSR2, 1, 5)]  # called once, after the checkpoint of step 5
+        assert signal.getsignal(signal.SIGUSR2) is submitit_requeue  # train.py put it back
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+
+    monkeypatch.setattr(train_module, "observe", observe)
+    pyro.clear_param_store()
+    train(fast_config(), preempted)  # the requeued job: continues from step 5
+    for name, value in param_snapshot().items():
+        assert torch.equal(value, straight_params[name]), name
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
