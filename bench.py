@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 from data import epoch_batches, load_split, observe
 from importance import iw_estimates
 from model import likelihood
-from train import build_svi, check_config, resolve_device
+from train import build_networks, build_svi, check_config, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -59,11 +59,9 @@ def raw_step(encoder, decoder, optimizer: torch.optim.Optimizer, x: torch.Tensor
 
 
 def networks(cfg: DictConfig, image_shape: tuple[int, ...], device: torch.device, seed: int):
-    """Encoder and decoder with the same initial weights for every variant."""
+    """Encoder and decoder with the same initial weights for every variant (and its speed options)."""
     torch.manual_seed(seed)
-    encoder = instantiate(cfg.model.encoder, image_shape=image_shape).to(device)
-    decoder = instantiate(cfg.model.decoder, image_shape=image_shape).to(device)
-    return encoder, decoder
+    return build_networks(cfg, image_shape, device)
 
 
 def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> float:

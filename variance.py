@@ -31,14 +31,13 @@ import matplotlib
 import pyro
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 
 import checkpoint
 from data import DataNotFoundError, load_split, observe_test_set
 from runs import RunError, load_run
-from train import ConfigError, build_svi, check_config, resolve_device
+from train import ConfigError, build_networks, build_svi, check_config, resolve_device
 
 matplotlib.use("Agg")
 from matplotlib import pyplot as plt
@@ -172,8 +171,7 @@ def variance(cfg: DictConfig, estimators: dict[str, DictConfig], out_dir: Path) 
         device = resolve_device(cfg.device)
         images, _ = load_split(cfg.data, train=True)
         x_train = observe_test_set(images, cfg.model.likelihood).to(device)  # observed once, fixed seed
-        encoder = instantiate(cfg.model.encoder, image_shape=tuple(images.shape[1:])).to(device)
-        decoder = instantiate(cfg.model.decoder, image_shape=tuple(images.shape[1:])).to(device)
+        encoder, decoder = build_networks(cfg, tuple(images.shape[1:]), device)
         points.append({"epoch": 0, "checkpoint": None,
                        "estimators": measure(cfg, encoder, decoder, x_train, estimators)})
     for path in checkpoints_of(cfg.run, cfg.all_epochs) if cfg.run is not None else []:

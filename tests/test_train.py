@@ -145,6 +145,28 @@ def test_preemption_signal_saves_then_hands_on_to_submitit(fast_config, tmp_path
         assert torch.equal(value, straight_params[name]), name
 
 
+@pytest.mark.parametrize("option", ["trainer.channels_last=true", "trainer.compile=true"])
+def test_speed_options_compute_the_same_networks(fast_config, tmp_path, option):
+    """The memory layout and torch.compile change how the networks run, not what they compute;
+    a run made with the option trains and resumes without it."""
+    x = torch.rand(8, 1, 16, 16)
+    t = torch.randn(8, 4)
+    outputs = {}
+    for name, cfg in (("plain", fast_config()), ("fast", fast_config(option))):
+        torch.manual_seed(0)
+        encoder, decoder = train_module.build_networks(cfg, (1, 16, 16), torch.device("cpu"))
+        outputs[name] = (*encoder(x), decoder(t), [n for n, _ in [*encoder.named_parameters(), *decoder.named_parameters()]])
+    *plain_values, plain_names = outputs["plain"]
+    *fast_values, fast_names = outputs["fast"]
+    assert fast_names == plain_names  # the same parameter names: checkpoints are interchangeable
+    for fast, plain in zip(fast_values, plain_values, strict=True):
+        assert torch.allclose(fast, plain, atol=1e-5)
+    train(fast_config("trainer.epochs=1", option), tmp_path)
+    pyro.clear_param_store()
+    train(fast_config("trainer.epochs=2"), tmp_path)  # resumed without the option
+    assert [m["epoch"] for m in read_metrics(tmp_path)] == [0, 1, 2]
+
+
 @pytest.mark.parametrize(
     "override,message",
     [
