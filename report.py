@@ -96,7 +96,7 @@ def plot(rows: list[dict[str, Any]]) -> plt.Figure:
             (line,) = ax.plot(x, middle, marker=".", label=f"{row['configuration']} ({row['seeds']} seeds)")
             ax.fill_between(x, [low for low, _ in edges], [high for _, high in edges], color=line.get_color(), alpha=0.2)
     if log_axis:
-        axes[0].set(yscale="log", ylabel="-test ELBO (nats per image, log scale; lower is better)")
+        axes[0].set(yscale="log", ylabel="-test ELBO (nats per image; lower is better)")
     else:
         axes[0].set(ylabel="test ELBO (nats per image)")
     axes[0].set(xlabel="epoch")
