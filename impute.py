@@ -118,8 +118,9 @@ def fit_posterior(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Modul
     try:
         with pyro.get_param_store().scope(), torch.enable_grad():  # a scratch param store
             svi = SVI(masked_model, per_image_guide, pyro.optim.Adam({"lr": lr}), Trace_ELBO())
+            x_zeros = fill(x, mask, 0.0)  # any valid value where missing: the mask drops it
             for _ in range(steps):
-                svi.step(fill(x, mask, 0.0), index)
+                svi.step(x_zeros, index)
             loc, scale = pyro.param("t_loc").detach(), pyro.param("t_scale").detach()
     finally:
         for parameter, flag in zip(decoder.parameters(), requires_grad):

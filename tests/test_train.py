@@ -75,22 +75,27 @@ def test_resume_gives_identical_parameters_and_metrics(fast_config, tmp_path):
     assert strip(read_metrics(split)) == strip(read_metrics(straight))
 
 
+def observe_then_signal(observe, signum, step=5):
+    """`observe` that sends this process `signum` during the `step`-th training step (of epoch 1)."""
+    calls = {"n": 0}
+
+    def observe_and_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return observe(*args, **kwargs)
+
+    return observe_and_signal
+
+
 def test_interrupt_mid_epoch_saves_and_resumes_exactly(fast_config, tmp_path, monkeypatch, caplog):
     straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
     train(fast_config(), straight)
     straight_params = param_snapshot()
 
     pyro.clear_param_store()
-    calls = {"n": 0}
     observe = train_module.observe
-
-    def observe_then_sigterm(*args, **kwargs):  # SIGTERM arrives during the 5th step of epoch 1
-        calls["n"] += 1
-        if calls["n"] == 5:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return observe(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "observe", observe_then_sigterm)
+    monkeypatch.setattr(train_module, "observe", observe_then_signal(observe, signal.SIGTERM))
     result = train(fast_config(), interrupted)
     assert result["interrupted"]
     assert "Continue with" in caplog.text and f"resume={interrupted}" in caplog.text
@@ -119,18 +124,10 @@ def test_preemption_signal_saves_then_hands_on_to_submitit(fast_config, tmp_path
         handed_on.append((signum, saved["epoch"], saved["next_batch"]))
         raise SystemExit(-1)
 
-    calls = {"n": 0}
     observe = train_module.observe
-
-    def observe_then_preempt(*args, **kwargs):  # SIGUSR2 arrives during the 5th step of epoch 1
-        calls["n"] += 1
-        if calls["n"] == 5:
-            os.kill(os.getpid(), signal.SIGUSR2)
-        return observe(*args, **kwargs)
-
     previous = signal.signal(signal.SIGUSR2, submitit_requeue)
     try:
-        monkeypatch.setattr(train_module, "observe", observe_then_preempt)
+        monkeypatch.setattr(train_module, "observe", observe_then_signal(observe, signal.SIGUSR2))
         with pytest.raises(SystemExit):
             train(fast_config(), preempted)
         assert handed_on == [(signal.SIGUSR2, 1, 5)]  # called once, after the checkpoint of step 5
