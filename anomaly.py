@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
@@ -91,12 +92,8 @@ def outlier_sets(run: TrainedRun, x_normal: Tensor, other_datasets: dict[str, st
 
 def histograms(score_sets: dict[str, dict[str, Tensor]], path: Path) -> None:
     """One panel per score: the normal test images against each anomalous set."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, panels = plt.subplots(1, len(SCORES), figsize=(4.5 * len(SCORES), 3.6))
+    figure = Figure(figsize=(4.5 * len(SCORES), 3.6))
+    panels = figure.subplots(1, len(SCORES))
     for panel, score in zip(panels, SCORES):
         values = {name: s[score].cpu().numpy() for name, s in score_sets.items()}
         bins = np.histogram_bin_edges(np.concatenate(list(values.values())), bins=60)
@@ -107,7 +104,6 @@ def histograms(score_sets: dict[str, dict[str, Tensor]], path: Path) -> None:
     panels[-1].legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 def table(rows: list[dict]) -> str:

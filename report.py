@@ -18,12 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import matplotlib
 import yaml
+from matplotlib.figure import Figure
 from omegaconf import DictConfig
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt
 
 IGNORED_OVERRIDES = ("seed=", "resume=", "hydra.")  # what does not make a different configuration
 
@@ -80,13 +77,14 @@ def write_table(rows: list[dict[str, Any]], path: Path) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def plot(rows: list[dict[str, Any]]) -> plt.Figure:
+def plot(rows: list[dict[str, Any]]) -> Figure:
     """Test ELBO against epoch and wall time. When every ELBO is negative (discrete data), the axis
     shows -ELBO on a log scale, so that a diverging run (-1e9) does not flatten the others."""
     log_axis = all(mean < 0 for row in rows for mean in row["curve"]["mean"])
     sign = -1.0 if log_axis else 1.0
     floor = min(-mean for row in rows for mean in row["curve"]["mean"]) / 2 if log_axis else -math.inf
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2, sharey=True)
     for row in rows:
         curve = row["curve"]
         middle = [sign * m for m in curve["mean"]]
@@ -114,9 +112,7 @@ def report(sweep: str | Path) -> list[dict[str, Any]]:
         raise FileNotFoundError(f"no job with a tested epoch under {sweep} (looked for */metrics.jsonl)")
     write_table(rows, sweep / "report.md")
     (sweep / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
-    figure = plot(rows)
-    figure.savefig(sweep / "report.png", dpi=120)
-    plt.close(figure)
+    plot(rows).savefig(sweep / "report.png", dpi=120)
     return rows
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -56,17 +57,12 @@ def linear_probe(
 
 def scatter(t_loc: Tensor, labels: Tensor, path: Path) -> None:
     """The 2-d codes t_loc (N, 2) as points coloured by label."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(figsize=(6, 5))
+    figure = Figure(figsize=(6, 5))
+    axes = figure.subplots()
     points = axes.scatter(t_loc[:, 0].cpu(), t_loc[:, 1].cpu(), c=labels.cpu(), cmap="tab10", s=2)
     figure.colorbar(points, ax=axes, label="label")
     axes.set(xlabel="t_1 (mean of q(t|x))", ylabel="t_2", title="test set in the latent plane")
     figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
 
 
 def represent(run: TrainedRun, out_dir: Path, splits: tuple[str, ...] = ("train", "test"),

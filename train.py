@@ -73,6 +73,10 @@ def check_config(cfg: DictConfig) -> None:
     subset = cfg.data.subset
     if subset is not None and (not isinstance(subset, int) or subset <= 0):
         raise ConfigError(f"data.subset={subset!r}: must be null or a positive integer")
+    max_minutes = cfg.trainer.get("max_minutes")
+    if max_minutes is not None and (isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float))
+                                    or not max_minutes > 0):
+        raise ConfigError(f"trainer.max_minutes={max_minutes!r}: must be null (no time budget) or > 0")
     lr = OmegaConf.select(cfg, "optim.optim_args.lr")
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ConfigError(f"optim.optim_args.lr={lr!r}: the learning rate must be > 0")
@@ -299,11 +303,14 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     writer = SummaryWriter(out_dir / "tensorboard", purge_step=progress["epoch"])
     metrics = last_metrics(out_dir) if saved else {}
     check_every_step = cfg.trainer.check_every_step  # read once, outside the hot loop
+    max_minutes = cfg.trainer.get("max_minutes")
+    budget_seconds = 60.0 * max_minutes if max_minutes is not None else math.inf
+    out_of_time = progress["wall_time"] >= budget_seconds  # a resumed run whose budget is spent
     with stop_on_signals() as stop, writer:
         if not saved:  # the untrained model, as the first point of every curve
             record({"epoch": 0, "train_elbo": None, **evaluate(0), "wall_time": 0.0})
             save_checkpoint()
-        while progress["epoch"] <= cfg.trainer.epochs:
+        while progress["epoch"] <= cfg.trainer.epochs and not out_of_time:
             epoch = progress["epoch"]
             if progress["batches"] is None:  # a new epoch: a fresh order of the images
                 progress.update(batches=epoch_batches(num_data, cfg.data.batch_size, cfg.data.drop_last),
@@ -340,7 +347,10 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             seconds = progress["epoch_seconds"] + time.perf_counter() - started
             metrics = {"epoch": epoch, "train_elbo": -progress["loss_sum"] / (len(batches) * num_data),
                        "seconds": seconds}
-            if epoch % cfg.trainer.test_every == 0 or epoch == cfg.trainer.epochs:
+            out_of_time = progress["wall_time"] + seconds >= budget_seconds
+            if out_of_time:
+                log.info(f"trainer.max_minutes={max_minutes}: the time budget is spent; epoch {epoch} is the last")
+            if epoch % cfg.trainer.test_every == 0 or epoch == cfg.trainer.epochs or out_of_time:
                 metrics.update(evaluate(epoch))
             else:
                 metrics.update(test_elbo=None, test_recon=None, test_kl=None)

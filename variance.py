@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import matplotlib
 import pyro
 import torch
 from hydra.core.hydra_config import HydraConfig
+from matplotlib.figure import Figure
 from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 
@@ -38,9 +38,6 @@ import checkpoint
 from data import DataNotFoundError, load_split, observe_test_set
 from runs import RunError, load_run
 from train import ConfigError, build_networks, build_svi, check_config, resolve_device
-
-matplotlib.use("Agg")
-from matplotlib import pyplot as plt
 
 log = logging.getLogger(__name__)
 NETWORKS = ("encoder", "decoder")
@@ -146,7 +143,8 @@ def completed_epochs(path: Path) -> float:
 
 def plot(points: list[dict[str, Any]], path: Path) -> None:
     """Variance against epoch on a log scale, one line per estimator, encoder and decoder apart."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    fig = Figure(figsize=(10, 4))
+    axes = fig.subplots(1, 2, sharex=True)
     for ax, net in zip(axes, NETWORKS):
         for name in points[0]["estimators"]:
             ax.plot([p["epoch"] for p in points], [p["estimators"][name][net]["variance"] for p in points],
@@ -155,7 +153,6 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     axes[0].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def variance(cfg: DictConfig, estimators: dict[str, DictConfig], out_dir: Path) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ import evaluate as evaluate_module
 from anomaly import auroc, average_precision
 from elbo import dataset_elbo
 from generate import interpolate, normal_quantile_grid, prior_samples, traverse
-from importance import dataset_iw, log_joint
+from importance import dataset_iw, images_to_evaluate, log_joint
 from impute import fit_posterior, impute_fitted_importance, impute_gibbs, impute_importance, make_mask
 from model import likelihood, mean_image
 from represent import latent_means, linear_probe
@@ -182,7 +182,33 @@ def test_likelihood_task(run_dir, tmp_path):
     assert 0 < metrics["nll_standard_error"] < 5
     saved = np.load(tmp_path / "likelihood.npz")
     assert -saved["log_px"].mean() == pytest.approx(metrics["nll"], rel=1e-5)
+    assert saved["index"].tolist() == list(range(64))  # the first 64 test images
     assert json.loads((tmp_path / "metrics.json").read_text())["nll"] == metrics["nll"]
+
+
+def test_whole_split_nll_from_a_sample_agrees_with_every_image(run_dir, tmp_path):
+    sampled = evaluate(run_dir, tmp_path / "sample", "likelihood", "task.num_particles=50", "task.max_images=128",
+                       "task.sample_seed=0", "task.whole_split_particles=50")
+    every = evaluate(run_dir, tmp_path / "all", "likelihood", "task.num_particles=50")  # all 512 images
+    assert sampled["num_images"] == 128 and sampled["whole_split_images"] == every["num_images"] == 512
+    assert sampled["gap_iw_minus_elbo"] > 0  # the IW bound is above the ELBO
+    # the gap varies much less than log p(x) over images, hence the smaller standard error ...
+    assert sampled["whole_split_nll_standard_error"] < sampled["nll_standard_error"] / 3
+    # ... and the estimate agrees with the NLL of every image (same K; Monte Carlo and sampling error)
+    assert abs(sampled["whole_split_nll"] - every["nll"]) < 4 * sampled["whole_split_nll_standard_error"] + 0.05
+    assert sampled["whole_split_elbo"] == pytest.approx(every["elbo_k_samples"], abs=0.1)
+
+
+def test_random_images_are_a_seeded_uniform_sample_of_the_split():
+    assert images_to_evaluate(10, None, 3).tolist() == list(range(10))
+    assert images_to_evaluate(10, 4, None).tolist() == [0, 1, 2, 3]
+    sample = images_to_evaluate(10_000, 2_000, 0)
+    assert torch.equal(sample, images_to_evaluate(10_000, 2_000, 0))  # the same images every time
+    assert len(sample.unique()) == 2_000 and 0 <= sample.min() and sample.max() < 10_000
+    assert not torch.equal(sample, images_to_evaluate(10_000, 2_000, 1))
+    # uniform: each tenth of the split holds about a tenth of the sample (binomial sd ~13)
+    per_tenth = torch.bincount(sample // 1_000, minlength=10)
+    assert (per_tenth - 200).abs().max() < 60, per_tenth
 
 
 def test_generate_task(run_dir, tmp_path):

@@ -75,6 +75,17 @@ def test_resume_gives_identical_parameters_and_metrics(fast_config, tmp_path):
     assert strip(read_metrics(split)) == strip(read_metrics(straight))
 
 
+def test_time_budget_ends_training_with_the_epoch_that_spends_it(fast_config, tmp_path):
+    budget = ("trainer.epochs=5", "trainer.test_every=5", "trainer.max_minutes=1e-6")  # spent within epoch 1
+    result = train(fast_config(*budget), tmp_path)
+    assert [m["epoch"] for m in read_metrics(tmp_path)] == [0, 1]
+    assert result["epoch"] == 1 and result["test_elbo"] is not None  # the last epoch is tested, test_every or not
+    resumed = train(fast_config(*budget), tmp_path)  # the budget is spent: nothing more to do
+    assert resumed["epoch"] == 1 and len(read_metrics(tmp_path)) == 2
+    train(fast_config("trainer.epochs=2", "trainer.test_every=5"), tmp_path)  # without a budget it goes on
+    assert [m["epoch"] for m in read_metrics(tmp_path)] == [0, 1, 2]
+
+
 def observe_then_signal(observe, signum, step=5):
     """`observe` that sends this process `signum` during the `step`-th training step (of epoch 1)."""
     calls = {"n": 0}
@@ -175,6 +186,7 @@ def test_speed_options_compute_the_same_networks(fast_config, tmp_path, option):
         ("model.channels=[8,8,8,8,8]", "model.channels=[8, 8, 8, 8, 8]"),  # 16x16 cannot halve 5 times
         ("device=tpu", "device='tpu'"),
         ("estimator.elbo.num_particles=0", "estimator.elbo.num_particles=0"),
+        ("trainer.max_minutes=0", "trainer.max_minutes=0"),
     ],
 )
 def test_invalid_values_stop_before_training(fast_config, tmp_path, override, message):
