@@ -31,7 +31,8 @@ import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from pyro.infer import SVI, TraceGraph_ELBO, TraceMeanField_ELBO
+from pyro.infer import (SVI, JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO,
+                        TraceGraph_ELBO, TraceMeanField_ELBO)
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import save_image
@@ -105,6 +106,10 @@ def check_estimator(cfg: DictConfig) -> None:
         raise ConfigError(f"{' and '.join(baseline_keys)} with estimator.elbo._target_={target}, estimator."
                           f"reparameterized={cfg.estimator.reparameterized}: baselines need TraceGraph_ELBO and "
                           "a score-function guide (reparameterized=false)")
+    jit_elbos = (JitTrace_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO, JitTraceEnum_ELBO)
+    if cfg.trainer.get("channels_last") and issubclass(elbo_class, jit_elbos):
+        raise ConfigError(f"trainer.channels_last=true with estimator.elbo._target_={target}: Pyro's JIT trace "
+                          "fails on channels-last weights (it takes them for constants); use one or the other")
     if OmegaConf.select(cfg, "estimator.baseline.use_decaying_avg_baseline") and not cfg.data.drop_last:
         raise ConfigError("estimator.baseline.use_decaying_avg_baseline=true with data.drop_last=false: the "
                           "average has the batch's shape, so every batch must be full (data.drop_last=true)")

@@ -132,7 +132,10 @@ def test_nn_baseline_run_resumes_exactly(tmp_path):
      ["estimator.baseline_net", "estimator.reparameterized=True"]),
     (["estimator=score_avg_baseline", "data.drop_last=false"],
      ["estimator.baseline.use_decaying_avg_baseline=true", "data.drop_last=false"]),
-], ids=["analytic-kl-with-score", "baseline-without-tracegraph", "baseline-with-reparam", "avg-baseline-partial-batch"])
+    (["trainer.channels_last=true", "estimator.elbo._target_=pyro.infer.JitTrace_ELBO"],
+     ["trainer.channels_last=true", "estimator.elbo._target_=pyro.infer.JitTrace_ELBO"]),
+], ids=["analytic-kl-with-score", "baseline-without-tracegraph", "baseline-with-reparam", "avg-baseline-partial-batch",
+        "jit-with-channels-last"])
 def test_inconsistent_estimator_fails_early_naming_the_keys(overrides, keys):
     with pytest.raises(ConfigError) as error:
         check_config(compose_config(*overrides))
