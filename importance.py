@@ -141,7 +141,9 @@ def evaluate_likelihood(
     estimator: its mean log p_K(x) = mean ELBO + mean gap, with gap_i = log p_K(x_i) - ELBO(x_i).
     The ELBO is cheap, so it is averaged over every image (`whole_split_particles` each); the gap
     varies far less from image to image than log p(x) does, so the sample pins its mean down with
-    a small standard error. Unbiased for what K particles on every image would give."""
+    a small standard error. Unbiased for what K particles on every image would give. The standard
+    error is the sample's; the whole-split ELBO's own Monte Carlo error, about
+    sd(log w) / sqrt(N K'), is far smaller and left out."""
     all_x, _ = run.split(train=split == "train")
     index = images_to_evaluate(len(all_x), max_images, sample_seed)
     x = all_x[index.to(all_x.device)]
