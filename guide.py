@@ -25,6 +25,7 @@ from typing import Any
 
 import pyro
 import pyro.distributions as dist
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -49,7 +50,8 @@ class Encoder(nn.Module):
     """x (B, C, H, W) -> (t_loc, t_scale), each (B, latent_dim), the parameters of q(t|x).
 
     Each stride-2 convolution halves height and width; a dense layer then reads the features.
-    ELU activations, as in the decoder.
+    ELU activations, as in the decoder. With `bf16` set (`trainer.bf16`), the layers run under
+    torch.autocast(bfloat16) and t_loc, t_scale are computed in float32 from their outputs.
     """
 
     def __init__(
@@ -73,11 +75,14 @@ class Encoder(nn.Module):
         )
         self.t_loc = nn.Linear(hidden_dim, latent_dim)
         self.t_scale = nn.Linear(hidden_dim, latent_dim)
+        self.bf16 = False  # True (trainer.bf16): the layers run in bfloat16; the outputs are float32
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.features(x)  # (B, hidden_dim)
-        t_loc = self.t_loc(h)  # (B, latent_dim)
-        t_scale = MIN_T_SCALE + F.softplus(self.t_scale(h))  # (B, latent_dim), > 0
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            h = self.features(x)  # (B, hidden_dim)
+            t_loc, raw_scale = self.t_loc(h), self.t_scale(h)  # (B, latent_dim) each
+        t_loc = t_loc.float()  # float32 from here: q(t|x) and log q(t|x)
+        t_scale = MIN_T_SCALE + F.softplus(raw_scale.float())  # (B, latent_dim), > 0
         return t_loc, t_scale
 
 

@@ -38,6 +38,8 @@ class Decoder(nn.Module):
     `(x_loc, x_scale)` for the Gaussian one, where the network outputs the per-pixel scale too
     (the diagonal covariance of the original derivation), kept above `min_scale`. Hidden layers
     use ELU, which trained to a better test ELBO than ReLU within the README's 10-epoch budget.
+    With `bf16` set (`trainer.bf16`), the layers run under torch.autocast(bfloat16) and their
+    output is cast back to float32, so the likelihood's parameters and log p(x|t) stay float32.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class Decoder(nn.Module):
         self.latent_dim = latent_dim
         self.likelihood = likelihood
         self.min_scale = min_scale
+        self.bf16 = False  # True (trainer.bf16): the layers run in bfloat16; the outputs are float32
 
         self.lift = nn.Sequential(
             nn.Linear(latent_dim, hidden_dim),
@@ -78,8 +81,9 @@ class Decoder(nn.Module):
     def forward(self, t: Tensor) -> Tensor | tuple[Tensor, Tensor]:
         """t (..., latent_dim) -> the parameters (..., C, H, W): any leading batch dims (particles)."""
         batch_shape = t.shape[:-1]
-        out = self.upsample(self.lift(t.reshape(-1, self.latent_dim)))  # (B, C * params_per_pixel, H, W)
-        out = out.reshape(*batch_shape, *out.shape[1:])
+        with torch.autocast(t.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.upsample(self.lift(t.reshape(-1, self.latent_dim)))  # (B, C * params_per_pixel, H, W)
+        out = out.float().reshape(*batch_shape, *out.shape[1:])  # float32 from here: p(x|t) and log p(x|t)
         if self.likelihood == "bernoulli":
             return out  # x_logits (..., C, H, W)
         loc, raw_scale = out.chunk(2, dim=-3)  # along the channels

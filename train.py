@@ -175,14 +175,25 @@ def checkpoint_to_resume(cfg: DictConfig, out_dir: Path) -> Path | None:
     return own if own.is_file() else None
 
 
+def resume_position(saved: dict[str, Any], epochs: int) -> str:
+    """Where a checkpoint continues, for the log: inside an epoch, at an epoch's start, or done."""
+    if saved["batches"] is not None:
+        return f"at epoch {saved['epoch']}, batch {saved['next_batch'] + 1} of {len(saved['batches'])}"
+    if saved["epoch"] > epochs:
+        return f"after epoch {saved['epoch'] - 1}: trainer.epochs={epochs} are done, nothing to train"
+    return f"at the start of epoch {saved['epoch']}"
+
+
 def build_networks(cfg: DictConfig, image_shape: tuple[int, ...], device: torch.device) -> tuple[nn.Module, nn.Module]:
     """The encoder and decoder of `cfg.model` on `device`, with the trainer's speed options:
-    `trainer.channels_last` stores conv weights as NHWC, `trainer.compile` compiles each network's
-    forward in place with torch.compile. Neither changes the parameters or their names, so a
-    checkpoint made with one setting resumes with the other."""
+    `trainer.channels_last` stores conv weights as NHWC, `trainer.bf16` runs their layers under
+    bfloat16 autocast (outputs, log-densities and the ELBO stay float32), `trainer.compile`
+    compiles each network's forward in place with torch.compile. None changes the parameters or
+    their names, so a checkpoint made with one setting resumes with the other."""
     encoder = instantiate(cfg.model.encoder, image_shape=image_shape).to(device)
     decoder = instantiate(cfg.model.decoder, image_shape=image_shape).to(device)
     for network in (encoder, decoder):
+        network.bf16 = bool(cfg.trainer.get("bf16"))
         if cfg.trainer.get("channels_last"):
             network.to(memory_format=torch.channels_last)
         if cfg.trainer.get("compile"):
@@ -241,7 +252,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     saved = checkpoint.load(resume_from, cfg) if resume_from else None
     if resume_from:
         out_dir = resume_from.parent  # keep writing into the run being continued
-        log.info(f"resuming {resume_from} at epoch {saved['epoch']}, batch {saved['next_batch']}")
+        log.info(f"resuming {resume_from} {resume_position(saved, cfg.trainer.epochs)}")
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_file = out_dir / checkpoint.CHECKPOINT_NAME
 

@@ -27,3 +27,9 @@ def test_cuda_training_keeps_everything_on_the_gpu_and_resumes(fast_config, tmp_
     for name, value in pyro.get_param_store().items():
         torch.testing.assert_close(value, straight_params[name], msg=name)
     assert result["test_elbo"] < 0
+
+
+def test_cuda_bf16_trains_with_float32_parameters(fast_config, tmp_path):
+    result = train(fast_config("device=cuda", "trainer.bf16=true", "trainer.epochs=1"), tmp_path)
+    assert all(value.is_cuda and value.dtype == torch.float32 for value in pyro.get_param_store().values())
+    assert -1e4 < result["test_elbo"] < 0

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 
@@ -14,6 +15,7 @@ import train as train_module
 from checkpoint import CheckpointError, config_differences
 from conftest import mnist_root
 from data import DataNotFoundError
+from elbo import elbo_parts
 from train import ConfigError, TrainingDiverged, train
 
 
@@ -173,6 +175,39 @@ def test_speed_options_compute_the_same_networks(fast_config, tmp_path, option):
     pyro.clear_param_store()
     train(fast_config("trainer.epochs=2"), tmp_path)  # resumed without the option
     assert [m["epoch"] for m in read_metrics(tmp_path)] == [0, 1, 2]
+
+
+def test_the_log_says_where_a_resumed_run_continues():
+    batches = [torch.arange(4)] * 10
+    assert train_module.resume_position({"epoch": 3, "batches": batches, "next_batch": 4}, 20) == \
+        "at epoch 3, batch 5 of 10"
+    assert train_module.resume_position({"epoch": 4, "batches": None, "next_batch": 10}, 20) == \
+        "at the start of epoch 4"
+    assert "nothing to train" in train_module.resume_position({"epoch": 21, "batches": None, "next_batch": 10}, 20)
+
+
+def test_bf16_runs_the_layers_in_bfloat16_and_keeps_log_densities_float32(fast_config, tmp_path):
+    """trainer.bf16: the same parameters (float32), outputs that differ from float32 by bfloat16
+    rounding only, float32 log-densities; a run made with it resumes without it."""
+    x = torch.rand(8, 1, 16, 16).round()
+    t = torch.randn(8, 4)
+    outputs = {}
+    for name, cfg in (("float32", fast_config()), ("bf16", fast_config("trainer.bf16=true"))):
+        torch.manual_seed(0)
+        encoder, decoder = train_module.build_networks(cfg, (1, 16, 16), torch.device("cpu"))
+        assert all(p.dtype == torch.float32 for p in [*encoder.parameters(), *decoder.parameters()])
+        parts = elbo_parts(x, encoder, decoder)
+        outputs[name] = [*encoder(x), decoder(t), parts["recon"], parts["kl"]]
+        assert all(value.dtype == torch.float32 for value in outputs[name]), name
+    for bf16, float32 in zip(outputs["bf16"], outputs["float32"], strict=True):
+        assert not torch.equal(bf16, float32)  # the layers did run in bfloat16
+        torch.testing.assert_close(bf16, float32, rtol=0.05, atol=0.05)  # bfloat16 keeps ~3 digits
+    train(fast_config("trainer.epochs=1", "trainer.bf16=true"), tmp_path)
+    assert all(value.dtype == torch.float32 for value in pyro.get_param_store().values())
+    pyro.clear_param_store()
+    train(fast_config("trainer.epochs=2"), tmp_path)  # resumed without the option
+    assert [m["epoch"] for m in read_metrics(tmp_path)] == [0, 1, 2]
+    assert all(math.isfinite(m["test_elbo"]) for m in read_metrics(tmp_path))
 
 
 @pytest.mark.parametrize(
