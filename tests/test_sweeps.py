@@ -35,8 +35,21 @@ def test_report_averages_over_seeds(tmp_path):
     assert rows["estimator=reparam"]["test_elbo_spread"] == pytest.approx(2 * 2**0.5)  # sample sd of -100, -96
     assert rows["estimator=reparam"]["curve"]["wall_time"] == [0, 10, 20]
     table = (tmp_path / "report.md").read_text()
-    assert "| `estimator=reparam` | 2 | 2 | -98.00 ± 2.83 | 20 |" in table
+    assert "| `estimator=reparam` | 2 | 2 | -98.00 ± 2.83 | -98.00 | -100.00 / -96.00 | 20 |" in table
     assert (tmp_path / "report.png").stat().st_size > 0
+
+
+def test_report_median_and_range_show_the_seeds_that_learn_beside_one_that_diverges(tmp_path):
+    fake_job(tmp_path / "10", ["estimator=score_nn_baseline", "seed=2"], [-500, -130, -122])
+    fake_job(tmp_path / "9", ["estimator=score_nn_baseline", "seed=0"], [-500, -4e3, -1.3e9])
+    fake_job(tmp_path / "more" / "0", ["estimator=score_nn_baseline", "seed=1"], [-500, -127, -115])  # nested
+    (row,) = report(tmp_path)
+    assert row["seeds"] == 3 and row["test_elbo_seeds"] == [-1.3e9, -115, -122]  # seed order, not directory order
+    assert row["test_elbo_median"] == -122
+    assert row["curve"]["worst"] == [-500, -4e3, -1.3e9] and row["curve"]["best"] == [-500, -127, -115]
+    assert "| -122.00 | -1.30e+09 / -115.00 / -122.00 |" in (tmp_path / "report.md").read_text()
+    (median_line,) = plot([row]).axes[0].get_lines()
+    assert list(median_line.get_ydata()) == [500, 130, 122]  # -ELBO, the median seed at each epoch
 
 
 def test_report_plots_a_diverging_run_on_a_log_axis(tmp_path):
