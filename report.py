@@ -1,4 +1,5 @@
-"""Aggregate a Hydra multirun over seeds: `python report.py sweep=multirun/<date>/<time>`.
+"""Aggregate a Hydra multirun over seeds: `python report.py sweep=multirun/<date>/<time>`,
+with `include=[<run or multirun dir>,...]` to add jobs run apart (e.g. more seeds, later).
 
 Every job directory under `sweep` (at any depth) holds `metrics.jsonl` (one line per epoch) and
 `.hydra/overrides.yaml`. Jobs whose overrides differ only in `seed` form one configuration.
@@ -26,10 +27,11 @@ from omegaconf import DictConfig
 IGNORED_OVERRIDES = ("seed=", "resume=", "hydra.")  # what does not make a different configuration
 
 
-def read_jobs(sweep: Path) -> dict[str, list[list[dict[str, Any]]]]:
-    """{configuration label: [metrics of each seed's job (one dict per epoch)], in seed order}."""
+def read_jobs(*sweeps: Path) -> dict[str, list[list[dict[str, Any]]]]:
+    """{configuration label: [metrics of each seed's job (one dict per epoch)], in seed order},
+    over every job (a directory holding metrics.jsonl) in or under each of `sweeps`."""
     jobs: dict[str, list[tuple[int, list[dict[str, Any]]]]] = {}
-    for metrics_file in sorted(sweep.rglob("metrics.jsonl")):
+    for metrics_file in sorted(file for sweep in sweeps for file in sweep.rglob("metrics.jsonl")):
         overrides_file = metrics_file.parent / ".hydra" / "overrides.yaml"
         overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
         label = " ".join(sorted(o for o in overrides or [] if not o.startswith(IGNORED_OVERRIDES))) or "default"
@@ -120,10 +122,15 @@ def plot(rows: list[dict[str, Any]]) -> Figure:
     return fig
 
 
-def report(sweep: str | Path) -> list[dict[str, Any]]:
-    """Read every job under `sweep`; write report.md, report.json and report.png there."""
+def report(sweep: str | Path, include: list[str | Path] = ()) -> list[dict[str, Any]]:
+    """Read every job under `sweep` and under each directory of `include` (runs or sweeps made
+    apart, e.g. more seeds of one estimator); write report.md, report.json and report.png into `sweep`."""
     sweep = Path(sweep)
-    rows = summarize(read_jobs(sweep))
+    directories = [sweep, *(Path(d) for d in include)]
+    missing = [str(d) for d in directories if not d.is_dir()]
+    if missing:
+        raise FileNotFoundError(f"no such directory: {', '.join(missing)}")
+    rows = summarize(read_jobs(*directories))
     if not rows:
         raise FileNotFoundError(f"no job with a tested epoch under {sweep} (looked for */metrics.jsonl)")
     write_table(rows, sweep / "report.md")
@@ -135,7 +142,7 @@ def report(sweep: str | Path) -> list[dict[str, Any]]:
 @hydra.main(version_base="1.3", config_path="conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     try:
-        report(cfg.sweep)
+        report(cfg.sweep, cfg.include)
     except FileNotFoundError as error:
         sys.exit(f"error: {error}")
     print(Path(cfg.sweep, "report.md").read_text(), end="")

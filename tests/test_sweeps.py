@@ -52,6 +52,17 @@ def test_report_median_and_range_show_the_seeds_that_learn_beside_one_that_diver
     assert list(median_line.get_ydata()) == [500, 130, 122]  # -ELBO, the median seed at each epoch
 
 
+def test_report_includes_runs_made_apart_and_refuses_a_missing_directory(tmp_path):
+    sweep, more_seeds = tmp_path / "sweep", tmp_path / "later"
+    fake_job(sweep / "0", ["estimator=score_loo", "seed=1"], [-500, -110, -100])
+    fake_job(more_seeds, ["estimator=score_loo"], [-500, -120, -104])  # a single run, seed 0 by default
+    (row,) = report(sweep, include=[more_seeds])
+    assert row["seeds"] == 2 and row["test_elbo_seeds"] == [-104, -100]
+    assert (sweep / "report.md").is_file() and not (more_seeds / "report.md").exists()
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        report(sweep, include=[tmp_path / "nowhere"])
+
+
 def test_report_plots_a_diverging_run_on_a_log_axis(tmp_path):
     fake_job(tmp_path / "0", ["estimator=reparam", "seed=0"], [-500, -110, -100])
     fake_job(tmp_path / "1", ["estimator=score", "seed=0"], [-500, -2e4, -3e9])
