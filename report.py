@@ -102,7 +102,8 @@ def plot(rows: list[dict[str, Any]]) -> Figure:
     scale, so that a diverging run (-1e9) does not flatten the others."""
     log_axis = all(best < 0 for row in rows for best in row["curve"]["best"])
     sign = -1.0 if log_axis else 1.0
-    fig = Figure(figsize=(11, 4))
+    legend_rows = 1 + (len(rows) + 1) // 2
+    fig = Figure(figsize=(11, 4 + 0.25 * legend_rows))
     axes = fig.subplots(1, 2, sharey=True)
     for row in rows:
         curve = row["curve"]
@@ -112,13 +113,15 @@ def plot(rows: list[dict[str, Any]]) -> Figure:
             ax.fill_between(x, [sign * v for v in curve["worst"]], [sign * v for v in curve["best"]],
                             color=line.get_color(), alpha=0.2)
     if log_axis:
-        axes[0].set(yscale="log", ylabel="-test ELBO (nats per image; lower is better)")
+        axes[0].set(yscale="log", ylabel="-test ELBO (nats/image; lower is better)")
     else:
         axes[0].set(ylabel="test ELBO (nats per image)")
     axes[0].set(xlabel="epoch")
     axes[1].set(xlabel="wall time (s)")
-    axes[0].legend(fontsize="small", title="median over seeds; band: worst to best seed", title_fontsize="small")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize="small",
+               title="median over seeds; band: worst to best seed", title_fontsize="small")
+    fig.tight_layout(rect=(0, 0.06 * legend_rows, 1, 1))  # room for the legend below the axes
     return fig
 
 
