@@ -241,6 +241,55 @@ def save_image_grids(out_dir: Path, epoch: int, encoder, decoder, x_shown: torch
     save_image(mean_image(decoder, t_prior), images_dir / f"samples_{epoch:03d}.png", nrow=8)
 
 
+def load_data(cfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images (N, C, H, W) in [0, 1], and the test images as observed (binarized
+    once, with a fixed seed, for the Bernoulli likelihood), both in memory on `device`."""
+    train_images, _ = load_split(cfg.data, train=True)
+    test_images, _ = load_split(cfg.data, train=False)
+    try:
+        check_image_shape(tuple(train_images.shape[1:]), cfg.model.channels)
+    except ValueError as error:
+        raise ConfigError(f"model.channels={list(cfg.model.channels)}: {error}") from error
+    return train_images.to(device), observe_test_set(test_images, cfg.model.likelihood).to(device)
+
+
+def svi_steps(svi: SVI, train_images: torch.Tensor, progress: dict[str, Any], cfg: DictConfig,
+              stop: StopRequest, checkpoint_file: Path) -> None:
+    """This epoch's SVI steps from batch `progress["next_batch"]` on, one per minibatch, adding
+    each loss to `progress["loss_sum"]`; returns at the epoch's end, or after the step during
+    which a stop was requested (`stop.signal_name`)."""
+    batches, num_data = progress["batches"], len(train_images)
+    likelihood, check_every_step = cfg.model.likelihood, cfg.trainer.check_every_step  # read once, not per step
+    with tqdm(total=len(batches), initial=progress["next_batch"], desc=f"epoch {progress['epoch']}", unit="batch",
+              disable=None, leave=False) as bar:
+        while progress["next_batch"] < len(batches) and not stop.signal_name:
+            index = batches[progress["next_batch"]].to(train_images.device)  # (B,)
+            x = observe(train_images[index], likelihood)  # (B, C, H, W), binarized afresh
+            # Pyro's and torch's argument and support checks: on every step, or on the epoch's first
+            with pyro.validation_enabled(check_every_step or progress["next_batch"] == 0):
+                loss = svi.step(x, index)  # -ELBO of the whole dataset, estimated on this batch
+            if not math.isfinite(loss):
+                raise TrainingDiverged(
+                    f"loss is {loss} at epoch {progress['epoch']}, step {progress['next_batch'] + 1} of "
+                    f"{len(batches)}; the last good checkpoint {checkpoint_file} is kept. Try a lower learning "
+                    f"rate (optim.optim_args.lr={cfg.optim.optim_args.lr} now) or optim=clipped_adam"
+                )
+            progress["loss_sum"] += loss
+            progress["next_batch"] += 1
+            bar.update()
+            bar.set_postfix(loss_per_image=f"{loss / num_data:.2f}", refresh=False)
+
+
+def record(metrics: dict[str, Any], out_dir: Path, writer: SummaryWriter) -> None:
+    """One epoch's metrics: a line of metrics.jsonl, TensorBoard scalars, and the log."""
+    with open(out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+    for key, value in metrics.items():
+        if key != "epoch" and value is not None:
+            writer.add_scalar(key, value, metrics["epoch"])
+    log.info(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+
+
 def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Train as configured, writing metrics, images and checkpoints to `out_dir`.
 
@@ -259,16 +308,8 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     # Data: the whole dataset in memory on the device, batched by index.
     pyro.set_rng_seed(cfg.seed)
     likelihood = cfg.model.likelihood
-    train_images, _ = load_split(cfg.data, train=True)  # (N, C, H, W) in [0, 1]
-    test_images, _ = load_split(cfg.data, train=False)
-    image_shape = tuple(train_images.shape[1:])
-    try:
-        check_image_shape(image_shape, cfg.model.channels)
-    except ValueError as error:
-        raise ConfigError(f"model.channels={list(cfg.model.channels)}: {error}") from error
-    train_images = train_images.to(device)
-    x_test = observe_test_set(test_images, likelihood).to(device)
-    num_data = len(train_images)
+    train_images, x_test = load_data(cfg, device)
+    image_shape, num_data = tuple(train_images.shape[1:]), len(train_images)
 
     # Model, guide and the SVI objective.
     encoder, decoder = build_networks(cfg, image_shape, device)
@@ -308,60 +349,31 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         result["test_seconds"] = time.perf_counter() - started
         return result
 
-    def record(metrics: dict[str, Any]) -> None:
-        with open(out_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        for key, value in metrics.items():
-            if key != "epoch" and value is not None:
-                writer.add_scalar(key, value, metrics["epoch"])
-        log.info(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
-
     writer = SummaryWriter(out_dir / "tensorboard", purge_step=progress["epoch"])
     metrics = last_metrics(out_dir) if saved else {}
-    check_every_step = cfg.trainer.check_every_step  # read once, outside the hot loop
     max_minutes = cfg.trainer.get("max_minutes")
     budget_seconds = 60.0 * max_minutes if max_minutes is not None else math.inf
     out_of_time = progress["wall_time"] >= budget_seconds  # a resumed run whose budget is spent
     with stop_on_signals() as stop, writer:
         if not saved:  # the untrained model, as the first point of every curve
-            record({"epoch": 0, "train_elbo": None, **evaluate(0), "wall_time": 0.0})
+            record({"epoch": 0, "train_elbo": None, **evaluate(0), "wall_time": 0.0}, out_dir, writer)
             save_checkpoint()
         while progress["epoch"] <= cfg.trainer.epochs and not out_of_time:
             epoch = progress["epoch"]
             if progress["batches"] is None:  # a new epoch: a fresh order of the images
                 progress.update(batches=epoch_batches(num_data, cfg.data.batch_size, cfg.data.drop_last),
                                 next_batch=0, loss_sum=0.0, epoch_seconds=0.0)
-            batches = progress["batches"]
             started = time.perf_counter()
-            bar = tqdm(total=len(batches), initial=progress["next_batch"], desc=f"epoch {epoch}", unit="batch",
-                       disable=None, leave=False)
-            while progress["next_batch"] < len(batches):
-                index = batches[progress["next_batch"]].to(device)  # (B,)
-                x = observe(train_images[index], likelihood)  # (B, C, H, W), binarized afresh
-                # Pyro's and torch's argument and support checks: on every step, or on the epoch's first
-                with pyro.validation_enabled(check_every_step or progress["next_batch"] == 0):
-                    loss = svi.step(x, index)  # -ELBO of the whole dataset, estimated on this batch
-                if not math.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"loss is {loss} at epoch {epoch}, step {progress['next_batch'] + 1} of {len(batches)}; "
-                        f"the last good checkpoint {checkpoint_file} is kept. Try a lower learning rate "
-                        f"(optim.optim_args.lr={cfg.optim.optim_args.lr} now) or optim=clipped_adam"
-                    )
-                progress["loss_sum"] += loss
-                progress["next_batch"] += 1
-                bar.update()
-                bar.set_postfix(loss_per_image=f"{loss / num_data:.2f}", refresh=False)
-                if stop.signal_name:
-                    progress["epoch_seconds"] += time.perf_counter() - started
-                    save_checkpoint()
-                    bar.close()
-                    log.warning(f"{stop.signal_name}: saved {checkpoint_file} at epoch {epoch}, "
-                                f"batch {progress['next_batch']}. Continue with:\n  {resume_command(out_dir)}")
-                    stop.hand_on()  # submitit: requeue into this run directory, and exit
-                    return {**metrics, "interrupted": True, "run_dir": str(out_dir)}
-            bar.close()
+            svi_steps(svi, train_images, progress, cfg, stop, checkpoint_file)  # the rest of this epoch
+            if stop.signal_name:  # stopped after a step: save it, then exit (or requeue)
+                progress["epoch_seconds"] += time.perf_counter() - started
+                save_checkpoint()
+                log.warning(f"{stop.signal_name}: saved {checkpoint_file} at epoch {epoch}, "
+                            f"batch {progress['next_batch']}. Continue with:\n  {resume_command(out_dir)}")
+                stop.hand_on()  # submitit: requeue into this run directory, and exit
+                return {**metrics, "interrupted": True, "run_dir": str(out_dir)}
             seconds = progress["epoch_seconds"] + time.perf_counter() - started
-            metrics = {"epoch": epoch, "train_elbo": -progress["loss_sum"] / (len(batches) * num_data),
+            metrics = {"epoch": epoch, "train_elbo": -progress["loss_sum"] / (len(progress["batches"]) * num_data),
                        "seconds": seconds}
             out_of_time = progress["wall_time"] + seconds >= budget_seconds
             if out_of_time:
@@ -372,7 +384,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 metrics.update(test_elbo=None, test_recon=None, test_kl=None)
             progress["wall_time"] += time.perf_counter() - started + progress["epoch_seconds"]
             metrics["wall_time"] = progress["wall_time"]
-            record(metrics)
+            record(metrics, out_dir, writer)
             progress.update(epoch=epoch + 1, batches=None)
             save_checkpoint()
     return {**metrics, "run_dir": str(out_dir)}
