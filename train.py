@@ -253,6 +253,21 @@ def load_data(cfg: DictConfig, device: torch.device) -> tuple[torch.Tensor, torc
     return train_images.to(device), observe_test_set(test_images, cfg.model.likelihood).to(device)
 
 
+def svi_step(svi: SVI, x: torch.Tensor, index: torch.Tensor) -> float:
+    """One SVI step on the minibatch `x` at positions `index`; returns the loss, -ELBO estimate.
+
+    `svi.step` traces guide and model, backpropagates the loss, steps the optimizer of every
+    parameter and then zeroes the gradients by writing zero tensors into `.grad`
+    (pyro.infer.util.zero_grads), so the next backward pass would add its gradients into them.
+    Setting `.grad` to None instead, as torch's `optimizer.zero_grad()` does by default, lets it
+    write them directly: the same numbers, without an addition over every parameter (README, Speed).
+    """
+    loss = svi.step(x, index)  # -ELBO of the whole dataset, estimated on this batch
+    for value in pyro.get_param_store().values():
+        value.unconstrained().grad = None
+    return loss
+
+
 def svi_steps(svi: SVI, train_images: torch.Tensor, progress: dict[str, Any], cfg: DictConfig,
               stop: StopRequest, checkpoint_file: Path) -> None:
     """This epoch's SVI steps from batch `progress["next_batch"]` on, one per minibatch, adding
@@ -267,7 +282,7 @@ def svi_steps(svi: SVI, train_images: torch.Tensor, progress: dict[str, Any], cf
             x = observe(train_images[index], likelihood)  # (B, C, H, W), binarized afresh
             # Pyro's and torch's argument and support checks: on every step, or on the epoch's first
             with pyro.validation_enabled(check_every_step or progress["next_batch"] == 0):
-                loss = svi.step(x, index)  # -ELBO of the whole dataset, estimated on this batch
+                loss = svi_step(svi, x, index)  # -ELBO of the whole dataset, estimated on this batch
             if not math.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss is {loss} at epoch {progress['epoch']}, step {progress['next_batch'] + 1} of "
