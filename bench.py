@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import statistics
 import time
 from functools import partial
@@ -37,10 +36,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from data import epoch_batches, load_split, observe
-from importance import iw_estimates
 from model import likelihood
-from train import build_networks, build_svi, check_config, resolve_device, svi_step
+from vae.build import build_networks, build_svi, svi_step
+from vae.config import check_config, resolve_device
+from vae.data import epoch_batches, load_split, observe
+from vae.importance import iw_estimates
+from vae.provenance import provenance, record_provenance
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def raw_step(encoder, decoder, optimizer: torch.optim.Optimizer, x: torch.Tensor
 def networks(cfg: DictConfig, image_shape: tuple[int, ...], device: torch.device, seed: int):
     """Encoder and decoder with the same initial weights for every variant (and its speed options)."""
     torch.manual_seed(seed)
-    return build_networks(cfg, image_shape, device)
+    return build_networks(cfg.model, image_shape, device, cfg.trainer)
 
 
 def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> float:
@@ -90,18 +91,6 @@ def summary(seconds: list[float], raw_seconds: list[float]) -> dict[str, Any]:
     ratio_q1, ratio, ratio_q3 = quartiles([mine / raw for mine, raw in zip(seconds, raw_seconds)])
     return {"median_ms": median * 1e3, "iqr_ms": (q3 - q1) * 1e3, "ratio_to_raw": ratio,
             "ratio_iqr": ratio_q3 - ratio_q1, "seconds_per_round": seconds}
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "pyro": pyro.__version__, "python": platform.python_version()}
 
 
 def bench(cfg: DictConfig, variant_configs: dict[str, DictConfig]) -> dict[str, Any]:
@@ -157,7 +146,7 @@ def bench(cfg: DictConfig, variant_configs: dict[str, DictConfig]) -> dict[str, 
                   "decoder_images_per_second": len(x_eval) / decoder_seconds,  # K latents make one image
                   "iw_throughput_fraction_of_decoder": statistics.median(  # paired by round, as the ratios
                       decoder / iw for decoder, iw in zip(seconds["eval_decoder"], seconds["eval_iw"]))}
-    return {"machine": machine(device), "batch_size": batch_size, "steps_per_round": steps,
+    return {"machine": provenance(device), "batch_size": batch_size, "steps_per_round": steps,
             "rounds": cfg.bench.rounds, "results": results, "evaluation": evaluation,
             "data_fraction_of_step": results["data"]["ratio_to_raw"]}
 
@@ -186,7 +175,9 @@ def main(cfg: DictConfig) -> None:
                        for name, extra in cfg.bench.variants.items()}
     report = bench(cfg, variant_configs)
     print(table(report))
-    out_file = Path(HydraConfig.get().runtime.output_dir) / "bench.json"
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    record_provenance(out_dir, report["machine"]["device"])
+    out_file = out_dir / "bench.json"
     out_file.write_text(json.dumps(report, indent=2))
     log.info(f"wrote {out_file}")
 

@@ -1,14 +1,15 @@
 """Evaluate a trained run: `python evaluate.py run=<run dir> task=<task>`.
 
-    task=likelihood  test NLL by the importance-weighted bound, with its standard error (importance.py)
-    task=generate    prior samples, reconstructions, interpolations, traversals, 2-d manifold (generate.py)
-    task=represent   latent means per split to .npz, linear-probe accuracy, 2-d scatter (represent.py)
-    task=anomaly     AUROC / AUPRC of likelihood-based scores, held-out class and OOD sets (anomaly.py)
-    task=impute      imputation of masked pixels against baselines (impute.py)
+    task=likelihood  test NLL by the importance-weighted bound, with its standard error
+    task=generate    prior samples, reconstructions, interpolations, traversals, 2-d manifold
+    task=represent   latent means per split to .npz, linear-probe accuracy, 2-d scatter
+    task=anomaly     AUROC / AUPRC of likelihood-based scores, held-out class and OOD sets
+    task=impute      imputation of masked pixels against baselines
 
-Each task is a function `task(run, out_dir, **options)` named by `_target_` in conf/task/<task>.yaml;
-it returns its numbers, which are written to metrics.json in the evaluation's own Hydra directory
-(outputs/evaluate/<date>/<time>-<task>/) beside its figures and arrays.
+Each task is a function `task(run, out_dir, **options)` in tasks/<task>.py, named by `_target_` in
+conf/task/<task>.yaml; it returns its numbers, which are written to metrics.json in the evaluation's
+own Hydra directory (outputs/evaluate/<date>/<time>-<task>/) beside its figures, its arrays and
+provenance.jsonl.
 """
 from __future__ import annotations
 
@@ -24,8 +25,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from data import DataNotFoundError
-from runs import RunError, load_run
+from vae.data import DataNotFoundError
+from vae.provenance import record_provenance
+from vae.runs import RunError, load_run
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +39,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = load_run(cfg.run, cfg.device, cfg.data_root)
+    record_provenance(out_dir, run.device, run=str(run.run_dir), task=cfg.task._target_)
     pyro.set_rng_seed(cfg.seed)
     task = instantiate(cfg.task)  # the task function with its options bound
     metrics = {"run": str(run.run_dir), **task(run, out_dir)}

@@ -17,6 +17,8 @@ scales to any dataset size and infers t for a new image in one forward pass.
 With `TraceGraph_ELBO`, `baseline` and `baseline_net` subtract a baseline b(x) from the
 learning signal, which keeps the estimate unbiased (E_q[grad log q(t|x)] = 0) and cuts its
 variance:  grad ELBO = E_q[(log p(x, t) - log q(t|x) - b(x)) * grad log q(t|x)]
+
+`posterior` reads q(t|x) and one sample t ~ q(t|x) off that same program, for evaluation.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from typing import Any
 
 import pyro
 import pyro.distributions as dist
+import pyro.poutine as poutine
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -50,8 +53,7 @@ class Encoder(nn.Module):
     """x (B, C, H, W) -> (t_loc, t_scale), each (B, latent_dim), the parameters of q(t|x).
 
     Each stride-2 convolution halves height and width; a dense layer then reads the features.
-    ELU activations, as in the decoder. With `bf16` set (`trainer.bf16`), the layers run under
-    torch.autocast(bfloat16) and t_loc, t_scale are computed in float32 from their outputs.
+    ELU activations, as in the decoder.
     """
 
     def __init__(
@@ -75,14 +77,11 @@ class Encoder(nn.Module):
         )
         self.t_loc = nn.Linear(hidden_dim, latent_dim)
         self.t_scale = nn.Linear(hidden_dim, latent_dim)
-        self.bf16 = False  # True (trainer.bf16): the layers run in bfloat16; the outputs are float32
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            h = self.features(x)  # (B, hidden_dim)
-            t_loc, raw_scale = self.t_loc(h), self.t_scale(h)  # (B, latent_dim) each
-        t_loc = t_loc.float()  # float32 from here: q(t|x) and log q(t|x)
-        t_scale = MIN_T_SCALE + F.softplus(raw_scale.float())  # (B, latent_dim), > 0
+        h = self.features(x)  # (B, hidden_dim)
+        t_loc = self.t_loc(h)  # (B, latent_dim)
+        t_scale = MIN_T_SCALE + F.softplus(self.t_scale(h))  # (B, latent_dim), > 0
         return t_loc, t_scale
 
 
@@ -136,3 +135,14 @@ def guide(
         if baseline_net is not None:
             options["baseline_value"] = num_data / x.shape[0] * baseline_net(x)  # N/B * b(x) (B,)
         pyro.sample("t", q_t.to_event(1), infer={"baseline": options} if options else {})  # log q(t|x)
+
+
+def posterior(x: Tensor, encoder: Encoder) -> tuple[dist.Distribution, Tensor]:
+    """(q(t|x), one sample t ~ q(t|x)) for the images x (B, C, H, W), read off `guide`.
+
+    The distribution has batch (B,) and event (latent_dim,); the sample is (B, latent_dim).
+    The plate spans just these B images (scale 1).
+    """
+    index = torch.arange(x.shape[0], device=x.device)
+    site = poutine.trace(guide).get_trace(x, index, encoder, x.shape[0]).nodes["t"]
+    return site["fn"], site["value"]  # q(t|x), t

@@ -1,128 +1,27 @@
-"""Aggregate a Hydra multirun over seeds: `python report.py sweep=multirun/<date>/<time>`,
-with `include=[<run or multirun dir>,...]` to add jobs run apart (e.g. more seeds, later).
+"""Tables and figures from results: `python report.py` writes docs/results.md and the README's
+result tables from the outputs of the recipes in conf/experiment/ (see vae/results.py);
+`python report.py sweep=multirun/<date>/<time>` reports one multirun over seeds, with
+`include=[<run or multirun dir>,...]` to add jobs run apart (e.g. more seeds, later).
 
-Every job directory under `sweep` (at any depth) holds `metrics.jsonl` (one line per epoch) and
-`.hydra/overrides.yaml`. Jobs whose overrides differ only in `seed` form one configuration.
-Per configuration, over its seeds: the final test ELBO as mean ± standard deviation, median
-and each seed's value (nats per image), in `report.md` and `report.json`; and `report.png`,
-the test ELBO against epoch and against wall time, one curve per configuration, the median
-over seeds with a band from the worst seed to the best (-ELBO on a log axis when every ELBO is
-negative, so that a diverging estimator and a converging one fit in one picture). The median
-and the range, not the mean and sd, because one diverging seed (-1e9) would otherwise hide the
-seeds that learn. All three are written into `sweep`.
+Sweep mode: every job directory under `sweep` (at any depth) holds `metrics.jsonl` (one line per
+epoch) and `.hydra/overrides.yaml`; per configuration, over its seeds (vae/sweeps.py), the final
+test ELBO as mean ± standard deviation, median and each seed's value (nats per image), in
+`report.md` and `report.json`, and `report.png`, the test ELBO against epoch and against wall
+time, the median over seeds with a band from the worst seed to the best. All three are written
+into `sweep`.
 """
 from __future__ import annotations
 
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
 
 import hydra
-import yaml
-from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
-IGNORED_OVERRIDES = ("seed=", "resume=", "hydra.")  # what does not make a different configuration
-
-
-def read_jobs(*sweeps: Path) -> dict[str, list[list[dict[str, Any]]]]:
-    """{configuration label: [metrics of each seed's job (one dict per epoch)], in seed order},
-    over every job (a directory holding metrics.jsonl) in or under each of `sweeps`."""
-    jobs: dict[str, list[tuple[int, list[dict[str, Any]]]]] = {}
-    for metrics_file in sorted(file for sweep in sweeps for file in sweep.rglob("metrics.jsonl")):
-        overrides_file = metrics_file.parent / ".hydra" / "overrides.yaml"
-        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
-        label = " ".join(sorted(o for o in overrides or [] if not o.startswith(IGNORED_OVERRIDES))) or "default"
-        seed = next((int(o.split("=", 1)[1]) for o in overrides or [] if o.startswith("seed=")), 0)  # conf: seed 0
-        metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-        if metrics:
-            jobs.setdefault(label, []).append((seed, metrics))
-    return {label: [metrics for _, metrics in sorted(seeds, key=lambda pair: pair[0])] for label, seeds in jobs.items()}
-
-
-def mean_and_spread(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def curves(seeds: list[list[dict[str, Any]]]) -> dict[str, list]:
-    """Per tested epoch that every seed reached: epoch, mean wall time, and over seeds the test
-    ELBO's mean, spread (sd), median, worst and best, and each seed's value."""
-    tested = [{m["epoch"]: m for m in metrics if m.get("test_elbo") is not None} for metrics in seeds]
-    epochs = sorted(set.intersection(*(set(t) for t in tested)))
-    out: dict[str, list] = {key: [] for key in ("wall_time", "mean", "spread", "median", "worst", "best", "seeds")}
-    out["epoch"] = epochs
-    for epoch in epochs:
-        values = [t[epoch]["test_elbo"] for t in tested]
-        mean, spread = mean_and_spread(values)
-        out["wall_time"].append(statistics.fmean(t[epoch].get("wall_time") or 0.0 for t in tested))
-        out["mean"].append(mean)
-        out["spread"].append(spread)
-        out["median"].append(statistics.median(values))
-        out["worst"].append(min(values))
-        out["best"].append(max(values))
-        out["seeds"].append(values)
-    return out
-
-
-def summarize(jobs: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
-    """One row per configuration: seeds, last common tested epoch, test ELBO mean/spread, wall time."""
-    rows = []
-    for label, seeds in jobs.items():
-        curve = curves(seeds)
-        if not curve["epoch"]:
-            continue
-        rows.append({"configuration": label, "seeds": len(seeds), "epoch": curve["epoch"][-1],
-                     "test_elbo_mean": curve["mean"][-1], "test_elbo_spread": curve["spread"][-1],
-                     "test_elbo_median": curve["median"][-1], "test_elbo_seeds": curve["seeds"][-1],
-                     "wall_time_mean": curve["wall_time"][-1], "curve": curve})
-    return sorted(rows, key=lambda row: -row["test_elbo_median"])
-
-
-def nats(value: float) -> str:
-    """Two decimals, or three significant digits for a diverged run's -1.34e+09."""
-    return f"{value:.2f}" if abs(value) < 1e5 else f"{value:.2e}"
-
-
-def write_table(rows: list[dict[str, Any]], path: Path) -> None:
-    lines = ["| configuration | seeds | epoch | test ELBO: mean ± sd over seeds | median | each seed, in seed order "
-             "| wall time (s), mean |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| `{r['configuration']}` | {r['seeds']} | {r['epoch']} | "
-              f"{nats(r['test_elbo_mean'])} ± {nats(r['test_elbo_spread'])} | {nats(r['test_elbo_median'])} | "
-              f"{' / '.join(nats(v) for v in r['test_elbo_seeds'])} | {r['wall_time_mean']:.0f} |" for r in rows]
-    path.write_text("\n".join(lines) + "\n")
-
-
-def plot(rows: list[dict[str, Any]]) -> Figure:
-    """Test ELBO against epoch and wall time: the median over seeds, and a band from the worst
-    seed to the best. When every ELBO is negative (discrete data), the axis shows -ELBO on a log
-    scale, so that a diverging run (-1e9) does not flatten the others."""
-    log_axis = all(best < 0 for row in rows for best in row["curve"]["best"])
-    sign = -1.0 if log_axis else 1.0
-    legend_rows = 1 + (len(rows) + 1) // 2
-    fig = Figure(figsize=(11, 4 + 0.25 * legend_rows))
-    axes = fig.subplots(1, 2, sharey=True)
-    for row in rows:
-        curve = row["curve"]
-        label = f"{row['configuration']} ({row['seeds']} seeds)"
-        for ax, x in zip(axes, (curve["epoch"], curve["wall_time"])):
-            (line,) = ax.plot(x, [sign * m for m in curve["median"]], marker=".", label=label)
-            ax.fill_between(x, [sign * v for v in curve["worst"]], [sign * v for v in curve["best"]],
-                            color=line.get_color(), alpha=0.2)
-    if log_axis:
-        axes[0].set(yscale="log", ylabel="-test ELBO (nats/image; lower is better)")
-    else:
-        axes[0].set(ylabel="test ELBO (nats per image)")
-    axes[0].set(xlabel="epoch")
-    axes[1].set(xlabel="wall time (s)")
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize="small",
-               title="median over seeds; band: worst to best seed", title_fontsize="small")
-    fig.tight_layout(rect=(0, 0.06 * legend_rows, 1, 1))  # room for the legend below the axes
-    return fig
+from vae.results import write_results
+from vae.sweeps import plot, read_jobs, summarize, write_table
 
 
 def report(sweep: str | Path, include: list[str | Path] = ()) -> list[dict[str, Any]]:
@@ -145,6 +44,10 @@ def report(sweep: str | Path, include: list[str | Path] = ()) -> list[dict[str, 
 @hydra.main(version_base="1.3", config_path="conf", config_name="report")
 def main(cfg: DictConfig) -> None:
     try:
+        if cfg.sweep is None:
+            for path in write_results(Path(cfg.experiments), Path(cfg.sweeps), [Path(p) for p in cfg.documents], Path(cfg.figures)):
+                print(f"wrote {path}")
+            return
         report(cfg.sweep, cfg.include)
     except FileNotFoundError as error:
         sys.exit(f"error: {error}")

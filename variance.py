@@ -34,10 +34,12 @@ from matplotlib.figure import Figure
 from omegaconf import DictConfig, open_dict
 from torch import Tensor, nn
 
-import checkpoint
-from data import DataNotFoundError, load_split, observe_test_set
-from runs import RunError, load_run
-from train import ConfigError, build_networks, build_svi, check_config, resolve_device
+from vae import checkpoint
+from vae.build import build_networks, build_svi
+from vae.config import ConfigError, check_config, resolve_device
+from vae.data import DataNotFoundError, load_split, observe_test_set
+from vae.provenance import record_provenance
+from vae.runs import RunError, load_run
 
 log = logging.getLogger(__name__)
 NETWORKS = ("encoder", "decoder")
@@ -133,14 +135,6 @@ def checkpoints_of(run: str, all_epochs: bool) -> list[Path]:
     return kept or [checkpoint.checkpoint_path(run)]
 
 
-def completed_epochs(path: Path) -> float:
-    """Epochs of training behind a checkpoint (fractional when saved mid-epoch)."""
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["batches"] is None:
-        return state["epoch"] - 1
-    return state["epoch"] - 1 + state["next_batch"] / len(state["batches"])
-
-
 def plot(points: list[dict[str, Any]], path: Path) -> None:
     """Variance against epoch on a log scale, one line per estimator, encoder and decoder apart."""
     fig = Figure(figsize=(10, 4))
@@ -161,6 +155,7 @@ def variance(cfg: DictConfig, estimators: dict[str, DictConfig], out_dir: Path) 
         raise ConfigError(f"samples={cfg.samples!r}: must be an integer >= 2")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size!r}: must be a positive integer")
+    record_provenance(out_dir, resolve_device(cfg.device), run=cfg.run)
     points = []
     if cfg.run is None:  # a fresh initialization of this config
         check_config(cfg)
@@ -168,7 +163,7 @@ def variance(cfg: DictConfig, estimators: dict[str, DictConfig], out_dir: Path) 
         device = resolve_device(cfg.device)
         images, _ = load_split(cfg.data, train=True)
         x_train = observe_test_set(images, cfg.model.likelihood).to(device)  # observed once, fixed seed
-        encoder, decoder = build_networks(cfg, tuple(images.shape[1:]), device)
+        encoder, decoder = build_networks(cfg.model, tuple(images.shape[1:]), device, cfg.trainer)
         points.append({"epoch": 0, "checkpoint": None,
                        "estimators": measure(cfg, encoder, decoder, x_train, estimators)})
     for path in checkpoints_of(cfg.run, cfg.all_epochs) if cfg.run is not None else []:
@@ -178,7 +173,7 @@ def variance(cfg: DictConfig, estimators: dict[str, DictConfig], out_dir: Path) 
         with open_dict(run_cfg):  # the run's model and data; this tool's settings
             for key in ("seed", "device", "run", "samples", "batch_size", "baseline_warmup_steps"):
                 run_cfg[key] = cfg[key]
-        points.append({"epoch": completed_epochs(path), "checkpoint": str(path),
+        points.append({"epoch": run.state.epochs_done(), "checkpoint": str(path),
                        "estimators": measure(run_cfg, run.encoder, run.decoder, x_train, estimators)})
     (out_dir / "variance.json").write_text(json.dumps(points, indent=2) + "\n")
     if len(points) > 1:

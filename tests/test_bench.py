@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 
 from bench import bench, raw_step, summary, table
 from conftest import FAST, compose_config
-from train import build_svi, svi_step
+from vae.build import build_svi, svi_step
 
 IMAGE_SHAPE = (1, 16, 16)
 

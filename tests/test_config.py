@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import inspect
+import re
 
 import pytest
+from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
+from omegaconf import OmegaConf
 
 from conftest import CONF_DIR, compose_config
-from train import check_config
+from vae.config import check_config
 
 OPTIONS = sorted(
-    (path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml") if path.parent.name != "task"
+    (path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml") if path.parent.name not in ("task", "experiment")
 )  # (group, option) for every training file: a new file is tested without editing this test
-# (conf/task/ belongs to evaluate.yaml, not config.yaml: tests/test_evaluate.py composes those)
+# (conf/task/ belongs to evaluate.yaml: tests/test_evaluate.py composes those; conf/experiment/ holds
+# recipes for every entry point: composed below, each with its own)
 
 
 def test_every_group_has_options():
@@ -58,3 +62,41 @@ def test_data_root_defaults_to_environment(monkeypatch):
     assert compose_config().data.root == "/somewhere/data"
     monkeypatch.delenv("VAE_DATA_ROOT")
     assert compose_config().data.root == "data"
+
+
+RECIPES = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+PRIMARY = {"train": "config", "evaluate": "evaluate", "variance": "variance", "bench": "bench"}
+
+
+def recipe_command(recipe: str) -> tuple[str, bool]:
+    """(the entry point a recipe is for, whether it is a multirun), from its header comment
+    "# `python <entry>.py [-m] experiment=<recipe>`", which the docs quote."""
+    header = (CONF_DIR / "experiment" / f"{recipe}.yaml").read_text().splitlines()[1]
+    match = re.match(r"# `python (\w+)\.py (-m )?experiment=(\w+)`", header)
+    assert match and match.group(3) == recipe, f"experiment/{recipe}.yaml: header {header!r}"
+    return match.group(1), bool(match.group(2))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_with_its_entry_point(recipe):
+    """Each recipe names its command in its header and composes with that entry point's config;
+    a multirun recipe holds its sweep, a single run writes to a fixed directory under outputs/."""
+    entry, multirun = recipe_command(recipe)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(PRIMARY[entry], overrides=[f"experiment={recipe}"], return_hydra_config=True)
+    hydra_cfg = OmegaConf.to_container(cfg.hydra)
+    if multirun:
+        assert hydra_cfg["sweeper"]["params"] and hydra_cfg["sweep"]["dir"] == f"multirun/experiments/{recipe}"
+    else:
+        assert hydra_cfg["run"]["dir"] == f"outputs/experiments/{recipe}"
+    if entry != "evaluate":  # evaluation recipes name a run to load, which a test cannot have
+        check_config(cfg)
+
+
+def test_estimators_recipe_sweeps_every_estimator_over_three_seeds():
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=["experiment=estimators"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    estimators = {path.stem for path in (CONF_DIR / "estimator").glob("*.yaml")}
+    assert set(params.estimator.split(",")) == estimators and params.seed == "0,1,2"
+    assert cfg.trainer.epochs == 20 and cfg.hydra.launcher._target_.endswith("JoblibLauncher")

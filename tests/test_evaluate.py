@@ -18,15 +18,16 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import evaluate as evaluate_module
-from anomaly import auroc, average_precision
-from elbo import dataset_elbo
-from generate import interpolate, normal_quantile_grid, prior_samples, traverse
-from importance import dataset_iw, images_to_evaluate, log_joint
-from impute import fit_posterior, impute_fitted_importance, impute_gibbs, impute_importance, make_mask
-from model import likelihood, mean_image
-from represent import latent_means, linear_probe
-from runs import RunError, load_run
+from model import likelihood, log_joint, mean_image
+from tasks.anomaly import auroc, average_precision
+from tasks.generate import interpolate, normal_quantile_grid, prior_samples, traverse
+from tasks.impute import fit_posterior, impute_fitted_importance, impute_gibbs, impute_importance, make_mask
+from tasks.likelihood import images_to_evaluate
+from tasks.represent import latent_means, linear_probe
 from train import train
+from vae.elbo import dataset_elbo
+from vae.importance import dataset_iw
+from vae.runs import RunError, load_run
 
 TASKS = sorted(path.stem for path in (CONF_DIR / "task").glob("*.yaml"))
 
@@ -252,6 +253,63 @@ def test_linear_probe_and_detection_metrics_on_known_cases():
     assert auroc(normal, anomalous) == pytest.approx(11 / 12)  # 11 of the 12 pairs ranked right
     assert auroc(normal, normal) == pytest.approx(0.5)  # ties count one half
     assert average_precision(normal, anomalous) == pytest.approx((1 + 1 + 3 / 4) / 3)
+
+
+# The hand-written versions that scikit-learn replaced, kept here as references.
+def hand_auroc(normal, anomalous):
+    """P(a > n) + P(a = n) / 2 (Mann-Whitney U / (N_a N_n)), by sorting."""
+    normal, anomalous = normal.double().sort().values, anomalous.double()
+    below = torch.searchsorted(normal, anomalous, side="left")
+    below_or_tied = torch.searchsorted(normal, anomalous, side="right")
+    return ((below + below_or_tied) / 2).mean().item() / len(normal)
+
+
+def hand_average_precision(normal, anomalous):
+    """The mean over anomalies a of #{anomalies >= a} / #{images >= a}."""
+    every = torch.cat([normal, anomalous]).double().sort().values
+    anomalies = anomalous.double().sort().values
+    at_least_all = len(every) - torch.searchsorted(every, anomalous.double(), side="left")
+    at_least_anomalous = len(anomalies) - torch.searchsorted(anomalies, anomalous.double(), side="left")
+    return (at_least_anomalous / at_least_all).mean().item()
+
+
+def hand_linear_probe(t_train, y_train, t_test, y_test, l2=1e-4, max_iter=200):
+    """Full-batch L-BFGS in torch on mean cross-entropy + l2 ||A||^2, standardized features."""
+    t_train, t_test = t_train.double(), t_test.double()
+    mean, std = t_train.mean(0), t_train.std(0, correction=0).clamp_min(1e-8)
+    t_train, t_test = (t_train - mean) / std, (t_test - mean) / std
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    weight = torch.zeros(t_train.shape[1], num_classes, dtype=torch.double, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.double, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-12, tolerance_change=1e-14)
+
+    def loss():
+        optimizer.zero_grad()
+        value = torch.nn.functional.cross_entropy(t_train @ weight + bias, y_train) + l2 * weight.pow(2).sum()
+        value.backward()
+        return value
+
+    optimizer.step(loss)
+    with torch.no_grad():
+        return ((t_test @ weight + bias).argmax(1) == y_test).double().mean().item()
+
+
+def test_library_metrics_equal_the_hand_written_ones():
+    """scikit-learn's ROC AUC and average precision give the old hand-written values, ties included
+    (scores rounded to a coarse grid), and its logistic regression the old probe's accuracy."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(5):
+        normal = (torch.randn(300, generator=generator) * 2).round() / 2
+        anomalous = (torch.randn(100, generator=generator) * 2 + trial * 0.5).round() / 2
+        assert auroc(normal, anomalous) == pytest.approx(hand_auroc(normal, anomalous), abs=1e-6)  # old: float32
+        assert average_precision(normal, anomalous) == pytest.approx(hand_average_precision(normal, anomalous), abs=1e-6)
+    centres = torch.randn(5, 4, generator=generator) * 1.5
+    y = torch.arange(5).repeat(200)
+    t = centres[y] + torch.randn(1000, 4, generator=generator)  # overlapping classes: accuracy well below 1
+    accuracy = linear_probe(t[:600], y[:600], t[600:], y[600:], l2=1e-3)
+    assert 0.5 < accuracy < 0.98
+    assert accuracy == pytest.approx(hand_linear_probe(t[:600], y[:600], t[600:], y[600:], l2=1e-3), abs=1 / 400)
 
 
 def test_anomaly_task(run_dir, tmp_path):

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from guide import Encoder, ScoreFunctionNormal, guide
-from model import Decoder, model
+from guide import Encoder, ScoreFunctionNormal, guide, posterior
+from model import Decoder, likelihood as likelihood_of, log_joint, model, prior
 
 IMAGE_SHAPE = (1, 8, 8)
 LATENT_DIM = 3
@@ -152,3 +152,20 @@ def test_decoder_takes_leading_particle_dims(likelihood):
     for a, b in zip(*(p if isinstance(p, tuple) else (p,) for p in (stacked, flat)), strict=True):
         assert a.shape == (5, 3, *IMAGE_SHAPE)
         assert torch.allclose(a, b.reshape(5, 3, *IMAGE_SHAPE), atol=1e-6)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+def test_posterior_and_log_joint_read_the_guide_and_model(likelihood):
+    """guide.posterior gives the encoder's q(t|x) and a sample of it; model.log_joint gives
+    log p(x|t) and log p(t) for that t, as written out by hand, unscaled by the plate."""
+    encoder, decoder = networks(likelihood)
+    x = images(likelihood)
+    q_t, t = posterior(x, encoder)
+    t_loc, t_scale = encoder(x)
+    torch.testing.assert_close(q_t.base_dist.loc, t_loc)
+    torch.testing.assert_close(q_t.base_dist.scale, t_scale)
+    assert t.shape == (5, LATENT_DIM) and q_t.batch_shape == (5,) and q_t.event_shape == (LATENT_DIM,)
+    log_p_x, log_p_t = log_joint(x, t, decoder)
+    torch.testing.assert_close(log_p_t, normal_log_density(t, torch.zeros_like(t), torch.ones_like(t)).sum(-1))
+    torch.testing.assert_close(log_p_x, likelihood_of(decoder, t).log_prob(x))
+    torch.testing.assert_close(prior(5, LATENT_DIM, like=x).log_prob(t), log_p_t)

@@ -11,8 +11,10 @@ import yaml
 from conftest import CONF_DIR, FAST, PROJECT_DIR, compose_config
 from hydra import compose, initialize_config_dir
 
-from report import plot, report, summarize, read_jobs
+from report import report
 from train import train
+from vae.results import Outputs, fill
+from vae.sweeps import plot, read_jobs, summarize
 
 LAUNCHERS = sorted(path.stem for path in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
 SWEEPERS = sorted(path.stem for path in (CONF_DIR / "hydra" / "sweeper").glob("*.yaml"))
@@ -103,3 +105,32 @@ def test_submitit_job_continues_the_checkpoint_in_its_run_directory(tmp_path):
     assert result.returncode == 0, result.stderr
     epochs = [json.loads(line)["epoch"] for line in (tmp_path / "0" / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2]
+
+
+def test_documents_are_filled_from_the_recipes_outputs(tmp_path):
+    """`python report.py`: each report block is rewritten from its recipe's outputs, with the
+    machine from provenance.jsonl (the commit only outside the README); a block whose recipe has not
+    run names the command; a block that does not exist is refused."""
+    run = tmp_path / "outputs" / "default"
+    run.mkdir(parents=True)
+    metrics = [{"epoch": 0, "train_elbo": None, "test_elbo": -515.85, "test_recon": -514.1, "test_kl": 1.8, "wall_time": 0.0},
+               {"epoch": 1, "train_elbo": -124.2, "test_elbo": -105.25, "test_recon": -81.7, "test_kl": 23.5,
+                "seconds": 60.0, "wall_time": 63.0},
+               {"epoch": 2, "train_elbo": -104.0, "test_elbo": -101.01, "test_recon": -78.0, "test_kl": 23.0,
+                "seconds": 62.0, "wall_time": 128.0}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in metrics))
+    (run / "provenance.jsonl").write_text(json.dumps({"commit": "0123456789abcdef", "uncommitted_changes": False,
+                                                      "date": "2026-12-01T00:00:00+00:00", "cpu": "Some CPU", "threads": 2,
+                                                      "gpu": None, "torch": "9.9", "pyro": "1.9.2"}) + "\n")
+    document = "a\n<!-- report:quickstart -->\nold text\n<!-- /report:quickstart -->\n<!-- report:speed -->\n<!-- /report:speed -->\nb\n"
+    out = Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False)
+    filled = fill(document, out)
+    assert "old text" not in filled and filled.startswith("a\n") and filled.endswith("b\n")
+    assert "**-101.01**" in filled and "-105.25 after the first epoch" in filled and "61 s each" in filled
+    assert "Some CPU, 2 thread(s); no GPU; torch 9.9; pyro 1.9.2." in filled and "0123456" not in filled
+    assert "_Not run yet: `python bench.py experiment=bench`._" in filled
+    docs = fill(document, Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=True))
+    assert "commit 0123456; 2026-12-01." in docs
+    assert fill(filled, out) == filled  # filling again changes nothing
+    with pytest.raises(KeyError, match="nope"):
+        fill("<!-- report:nope -->\n<!-- /report:nope -->", out)

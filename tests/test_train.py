@@ -4,19 +4,25 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 
 import pyro
 import pytest
 import torch
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_module
-from checkpoint import CheckpointError, config_differences
 from conftest import mnist_root
-from data import DataNotFoundError
-from elbo import elbo_parts
-from train import ConfigError, TrainingDiverged, train
+from train import TrainingDiverged, train
+from vae import build
+from vae.build import build_networks
+from vae.checkpoint import CheckpointError, RunState, config_differences
+from vae.config import ConfigError
+from vae.data import DataNotFoundError
+from vae.elbo import elbo_parts
+from vae.provenance import read_provenance
 
 
 def read_metrics(run_dir):
@@ -43,6 +49,15 @@ def test_short_training_improves_the_elbo(fast_config, tmp_path, estimator, min_
     assert (tmp_path / "images" / "reconstructions_003.png").is_file()
     assert (tmp_path / "images" / "samples_003.png").is_file()
     assert any((tmp_path / "tensorboard").iterdir())
+    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+    events.Reload()
+    assert {"test_elbo", "train_elbo", "test_kl"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("test_elbo")] == [0, 1, 2, 3]
+    for grid in ("reconstructions", "samples"):  # the grids as TensorBoard images, every epoch
+        assert [image.step for image in events.Images(grid)] == [0, 1, 2, 3], grid
+    (entry,) = read_provenance(tmp_path)  # one process wrote this run
+    assert re.fullmatch(r"[0-9a-f]{40}", entry["commit"]) and entry["epoch"] == 1
+    assert (entry["torch"], entry["pyro"], entry["threads"]) == (torch.__version__, pyro.__version__, torch.get_num_threads())
 
 
 def test_gaussian_likelihood_trains_and_reports_bits_per_dim(fast_config, tmp_path):
@@ -72,6 +87,7 @@ def test_resume_gives_identical_parameters_and_metrics(fast_config, tmp_path):
     train(fast_config("trainer.epochs=2", f"resume={split}"), tmp_path / "ignored")
     for name, value in param_snapshot().items():
         assert torch.equal(value, straight_params[name]), name
+    assert [entry["epoch"] for entry in read_provenance(split)] == [1, 2]  # a line per process: start, resume
     timing = {"seconds", "test_seconds", "wall_time"}
     strip = lambda ms: [{k: v for k, v in m.items() if k not in timing} for m in ms]
     assert strip(read_metrics(split)) == strip(read_metrics(straight))
@@ -164,7 +180,7 @@ def test_speed_options_compute_the_same_networks(fast_config, tmp_path, option):
     outputs = {}
     for name, cfg in (("plain", fast_config()), ("fast", fast_config(option))):
         torch.manual_seed(0)
-        encoder, decoder = train_module.build_networks(cfg, (1, 16, 16), torch.device("cpu"))
+        encoder, decoder = build_networks(cfg.model, (1, 16, 16), torch.device("cpu"), cfg.trainer)
         outputs[name] = (*encoder(x), decoder(t), [n for n, _ in [*encoder.named_parameters(), *decoder.named_parameters()]])
     *plain_values, plain_names = outputs["plain"]
     *fast_values, fast_names = outputs["fast"]
@@ -179,11 +195,9 @@ def test_speed_options_compute_the_same_networks(fast_config, tmp_path, option):
 
 def test_the_log_says_where_a_resumed_run_continues():
     batches = [torch.arange(4)] * 10
-    assert train_module.resume_position({"epoch": 3, "batches": batches, "next_batch": 4}, 20) == \
-        "at epoch 3, batch 5 of 10"
-    assert train_module.resume_position({"epoch": 4, "batches": None, "next_batch": 10}, 20) == \
-        "at the start of epoch 4"
-    assert "nothing to train" in train_module.resume_position({"epoch": 21, "batches": None, "next_batch": 10}, 20)
+    assert RunState(epoch=3, batches=batches, next_batch=4).position(20) == "at epoch 3, batch 5 of 10"
+    assert RunState(epoch=4, batches=None, next_batch=10).position(20) == "at the start of epoch 4"
+    assert "nothing to train" in RunState(epoch=21, batches=None, next_batch=10).position(20)
 
 
 def test_bf16_runs_the_layers_in_bfloat16_and_keeps_log_densities_float32(fast_config, tmp_path):
@@ -194,7 +208,7 @@ def test_bf16_runs_the_layers_in_bfloat16_and_keeps_log_densities_float32(fast_c
     outputs = {}
     for name, cfg in (("float32", fast_config()), ("bf16", fast_config("trainer.bf16=true"))):
         torch.manual_seed(0)
-        encoder, decoder = train_module.build_networks(cfg, (1, 16, 16), torch.device("cpu"))
+        encoder, decoder = build_networks(cfg.model, (1, 16, 16), torch.device("cpu"), cfg.trainer)
         assert all(p.dtype == torch.float32 for p in [*encoder.parameters(), *decoder.parameters()])
         parts = elbo_parts(x, encoder, decoder)
         outputs[name] = [*encoder(x), decoder(t), parts["recon"], parts["kl"]]
@@ -259,7 +273,7 @@ def test_nan_loss_stops_with_a_hint_and_keeps_the_last_checkpoint(fast_config, t
     before = (tmp_path / "checkpoint.pt").read_bytes()
     pyro.clear_param_store()
 
-    class DivergingSVI(train_module.SVI):  # the third step of the resumed run returns NaN
+    class DivergingSVI(build.SVI):  # the third step of the resumed run returns NaN
         steps = 0
 
         def step(self, *args, **kwargs):
@@ -267,7 +281,7 @@ def test_nan_loss_stops_with_a_hint_and_keeps_the_last_checkpoint(fast_config, t
             DivergingSVI.steps += 1
             return float("nan") if DivergingSVI.steps == 3 else loss
 
-    monkeypatch.setattr(train_module, "SVI", DivergingSVI)
+    monkeypatch.setattr(build, "SVI", DivergingSVI)
     with pytest.raises(TrainingDiverged, match=r"loss is nan at epoch 2, step 3 of \d+; the last good checkpoint .* is kept.*clipped_adam"):
         train(fast_config("trainer.epochs=2"), tmp_path)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before

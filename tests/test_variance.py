@@ -18,8 +18,9 @@ import torch
 from conftest import FAST, PROJECT_DIR, compose_config
 from hydra.utils import instantiate
 
-from train import ConfigError, check_config, train
+from train import train
 from variance import estimator_moments, gradient_moments
+from vae.config import ConfigError, check_config
 
 TINY = ["model.channels=[2]", "model.hidden_dim=4", "model.latent_dim=2"]
 IMAGE_SHAPE = (1, 4, 4)

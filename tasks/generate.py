@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torchvision.utils import save_image
 
 from model import mean_image
-from runs import TrainedRun
+from vae.runs import TrainedRun
 
 
 @torch.no_grad()

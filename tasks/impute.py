@@ -35,10 +35,11 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.utils import save_image
 
-from data import load_split
-from importance import log_joint, posterior, repeat
-from model import likelihood, mean_image, model
-from runs import TrainedRun
+from guide import posterior
+from model import likelihood, log_joint, mean_image, model
+from vae.data import load_split
+from vae.importance import repeat
+from vae.runs import TrainedRun
 
 MASKS = ("random", "top_half", "bottom_half", "centre_square")
 BCE_CLIP = 1e-3
@@ -94,14 +95,15 @@ def importance_mean(x: Tensor, mask: Tensor, decoder: nn.Module, proposal: dist.
 def impute_importance(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module, fill_value: Tensor,
                       num_particles: int = 100) -> tuple[Tensor, Tensor]:
     """`importance_mean` with the encoder's q(t|x~) as the proposal."""
-    return importance_mean(x, mask, decoder, posterior(fill(x, mask, fill_value), encoder), num_particles)
+    proposal, _ = posterior(fill(x, mask, fill_value), encoder)  # q(t|x~)
+    return importance_mean(x, mask, decoder, proposal, num_particles)
 
 
 def fit_posterior(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module, fill_value: Tensor,
                   steps: int = 200, lr: float = 0.05) -> dist.Distribution:
     """r_i(t) = N(loc_i, diag scale_i^2) for each image, fit to p(t|x_o) by SVI: maximize the masked
     ELBO E_r[log p(x_o|t) + log p(t) - log r_i(t)] over (loc_i, scale_i) only, from q(t|x~)."""
-    start = posterior(fill(x, mask, fill_value), encoder).base_dist  # q(t|x~)
+    start = posterior(fill(x, mask, fill_value), encoder)[0].base_dist  # q(t|x~)
     num_images = x.shape[0]
     index = torch.arange(num_images, device=x.device)
 
@@ -141,12 +143,11 @@ def impute_gibbs(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module
     """The average of E[x|t] over steps burn_in..steps of a chain on (t, x_m) given x_o;
     Metropolis-within-Gibbs when `metropolis`, else pseudo-Gibbs (every proposal accepted)."""
     x_filled = fill(x, mask, fill_value)
-    t = posterior(x_filled, encoder).sample()  # (N, L)
+    _, t = posterior(x_filled, encoder)  # t ~ q(t|x~), (N, L)
     x_filled = fill(x, mask, likelihood(decoder, t).sample())  # x_m ~ p(x_m|t)
     total = torch.zeros_like(x)
     for step in range(steps):
-        q_t = posterior(x_filled, encoder)  # q(t|x), x = (x_o, x_m)
-        proposal = q_t.sample()  # t' ~ q(t|x), (N, L)
+        q_t, proposal = posterior(x_filled, encoder)  # q(t|x) and t' ~ q(t|x), x = (x_o, x_m); (N, L)
         if metropolis:
             log_p_new = sum(log_joint(x_filled, proposal, decoder))  # log p(x|t') + log p(t'), (N,)
             log_p_old = sum(log_joint(x_filled, t, decoder))

@@ -5,7 +5,7 @@ Scores per image, each oriented so that larger = more anomalous:
     neg_elbo    -ELBO(x) = -E_q[log p(x|t)] + KL(q(t|x) || p(t))      (K-sample estimate)
     kl          KL(q(t|x) || p(t)): how far the code of x is from the prior's typical codes
     neg_recon   -E_q[log p(x|t)]: how badly x is reconstructed
-    iw_nll      -log p(x) by the importance-weighted bound (importance.py)
+    iw_nll      -log p(x) by the importance-weighted bound (vae/importance.py)
 
 Protocol 1 (held-out class): a run trained with `data.exclude_classes=[k]` never saw digit k;
 the test images of k are the anomalies, the other test images the normal ones.
@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from omegaconf import DictConfig, OmegaConf
+from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import Tensor, nn
 
-from data import DataNotFoundError, load_split, observe, observe_test_set
-from importance import dataset_iw
-from runs import TrainedRun
+from vae.data import DataNotFoundError, load_split, observe, observe_test_set
+from vae.importance import dataset_iw
+from vae.runs import TrainedRun
 
 log = logging.getLogger(__name__)
 SCORES = ("neg_elbo", "kl", "neg_recon", "iw_nll")
@@ -39,23 +40,22 @@ def scores(x: Tensor, encoder: nn.Module, decoder: nn.Module, num_particles: int
     return {"neg_elbo": -iw["elbo"], "kl": iw["kl"], "neg_recon": -iw["recon"], "iw_nll": -iw["log_px"]}
 
 
+def labelled(normal: Tensor, anomalous: Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, scores) over every image: label 1 for an anomaly, 0 for a normal image."""
+    scores = torch.cat([normal, anomalous]).double().cpu().numpy()
+    labels = np.concatenate([np.zeros(len(normal)), np.ones(len(anomalous))])
+    return labels, scores
+
+
 def auroc(normal: Tensor, anomalous: Tensor) -> float:
-    """P(a > n) + P(a = n) / 2 for a random anomaly a and normal image n (Mann-Whitney U / (N_a N_n))."""
-    normal, anomalous = normal.double().cpu().sort().values, anomalous.double().cpu()
-    below = torch.searchsorted(normal, anomalous, side="left")  # normal images scored < a, (N_a,)
-    below_or_tied = torch.searchsorted(normal, anomalous, side="right")  # <= a
-    return ((below + below_or_tied) / 2).mean().item() / len(normal)
+    """P(a > n) + P(a = n) / 2 for a random anomaly a and normal image n (scikit-learn's ROC AUC)."""
+    return float(roc_auc_score(*labelled(normal, anomalous)))
 
 
 def average_precision(normal: Tensor, anomalous: Tensor) -> float:
-    """AUPRC as average precision: the mean, over the anomalies a, of the precision
-    #{anomalies >= a} / #{images >= a} among all images scored at least as high as a."""
-    normal, anomalous = normal.double().cpu(), anomalous.double().cpu()
-    every = torch.cat([normal, anomalous]).sort().values
-    anomalies = anomalous.sort().values
-    at_least_all = len(every) - torch.searchsorted(every, anomalous, side="left")  # (N_a,)
-    at_least_anomalous = len(anomalies) - torch.searchsorted(anomalies, anomalous, side="left")
-    return (at_least_anomalous / at_least_all).mean().item()
+    """AUPRC as average precision with the anomalies as positives (scikit-learn's): the precision
+    at each anomaly's score, over all images scored at least as high, averaged over the anomalies."""
+    return float(average_precision_score(*labelled(normal, anomalous)))
 
 
 def other_dataset_config(data_cfg: DictConfig, target: str) -> DictConfig:

@@ -20,7 +20,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
-PROJECT_DIR = Path(__file__).resolve().parent
+from model import check_image_shape
+from vae.config import ConfigError
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 TEST_SET_SEED = 0  # fixes the test set's binarization / dequantization noise
 
 
@@ -65,6 +68,18 @@ def load_split(data_cfg: DictConfig, train: bool) -> tuple[Tensor, Tensor]:
     if train and data_cfg.subset is not None:
         images, labels = images[: data_cfg.subset], labels[: data_cfg.subset]
     return images.float().div_(255), labels
+
+
+def load_training_data(cfg: DictConfig, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The training images (N, C, H, W) in [0, 1], and the test images as observed (binarized
+    once, with a fixed seed, for the Bernoulli likelihood), both in memory on `device`."""
+    train_images, _ = load_split(cfg.data, train=True)
+    test_images, _ = load_split(cfg.data, train=False)
+    try:
+        check_image_shape(tuple(train_images.shape[1:]), cfg.model.channels)
+    except ValueError as error:
+        raise ConfigError(f"model.channels={list(cfg.model.channels)}: {error}") from error
+    return train_images.to(device), observe_test_set(test_images, cfg.model.likelihood).to(device)
 
 
 def observe(images: Tensor, likelihood: str, generator: torch.Generator | None = None) -> Tensor:

@@ -4,28 +4,25 @@
             =  reconstruction  -  KL
 
 The reconstruction is estimated with one t sampled from the guide (not its mean, which would
-overstate the bound); the KL between the two diagonal Gaussians is exact. Both come from
-the same Pyro `model` and `guide` that training uses, run under `poutine.trace`.
+overstate the bound); the KL between the two diagonal Gaussians is exact. Both come from the
+same Pyro `model` and `guide` that training uses (`guide.posterior`, `model.log_joint`).
 """
 from __future__ import annotations
 
-import pyro.poutine as poutine
 import torch
 from torch import Tensor
 from torch.distributions import kl_divergence
 
-from guide import Encoder, guide
-from model import Decoder, model
+from guide import Encoder, posterior
+from model import Decoder, log_joint, prior
 
 
 @torch.no_grad()
 def elbo_parts(x: Tensor, encoder: Encoder, decoder: Decoder) -> dict[str, Tensor]:
     """Per-image `elbo`, `recon` = log p(x|t) and `kl` = KL(q(t|x) || p(t)), each (B,), in nats."""
-    index = torch.arange(len(x), device=x.device)
-    guide_trace = poutine.trace(guide).get_trace(x, index, encoder, len(x))  # t ~ q(t|x)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, index, decoder, len(x))
-    recon = model_trace.nodes["x"]["fn"].log_prob(x)  # log p(x|t), (B,)
-    kl = kl_divergence(guide_trace.nodes["t"]["fn"], model_trace.nodes["t"]["fn"])  # KL(q || p), (B,)
+    q_t, t = posterior(x, encoder)  # q(t|x), t ~ q(t|x)
+    recon, _ = log_joint(x, t, decoder)  # log p(x|t), (B,)
+    kl = kl_divergence(q_t, prior(len(x), decoder.latent_dim, like=x))  # KL(q || p), (B,)
     return {"elbo": recon - kl, "recon": recon, "kl": kl}
 
 

@@ -1,0 +1,89 @@
+"""The one place the networks, the ELBO and SVI are built from a config, and the step that drives SVI.
+
+Training, evaluation (`vae.runs`), the benchmark and the variance tool all build through here.
+The trainer's speed options change how the networks run, never what they compute or what their
+parameters are called, so a checkpoint made with one setting loads with any other:
+
+    trainer.channels_last   conv weights stored as NHWC
+    trainer.bf16            each layer block under torch.autocast(bfloat16), its output cast back to
+                            float32, so t_loc, t_scale, the likelihood's parameters, every log-density,
+                            the ELBO, the parameters and the optimizer's state stay float32
+    trainer.compile         torch.compile of each network's forward, in place
+"""
+from __future__ import annotations
+
+import functools
+from functools import partial
+
+import pyro
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from pyro.infer import SVI
+from torch import Tensor, nn
+
+from guide import Encoder, guide
+from model import Decoder, model
+
+
+def build_networks(model_cfg: DictConfig, image_shape: tuple[int, ...], device: torch.device,
+                   trainer_cfg: DictConfig | None = None) -> tuple[Encoder, Decoder]:
+    """The encoder and decoder of `model_cfg` (`_target_` + arguments) on `device`, with the speed
+    options of `trainer_cfg` when given (training, the bench, the variance tool; never evaluation)."""
+    encoder = instantiate(model_cfg.encoder, image_shape=image_shape).to(device)
+    decoder = instantiate(model_cfg.decoder, image_shape=image_shape).to(device)
+    for network in (encoder, decoder):
+        if trainer_cfg is not None and trainer_cfg.get("bf16"):
+            for block in network.children():  # the layers; the float32 maps to t_scale, x_loc... follow them
+                run_in_bfloat16(block, device.type)
+        if trainer_cfg is not None and trainer_cfg.get("channels_last"):
+            network.to(memory_format=torch.channels_last)
+        if trainer_cfg is not None and trainer_cfg.get("compile"):
+            network.compile()
+    return encoder, decoder
+
+
+def run_in_bfloat16(block: nn.Module, device_type: str) -> None:
+    """`block` runs under bfloat16 autocast from now on, and hands on its output as float32."""
+    forward = block.forward
+
+    @functools.wraps(forward)
+    def forward_in_bfloat16(*args, **kwargs) -> Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return forward(*args, **kwargs).float()
+
+    block.forward = forward_in_bfloat16
+
+
+def build_svi(cfg: DictConfig, encoder: Encoder, decoder: Decoder, num_data: int) -> SVI:
+    """SVI on the configured ELBO and optimizer, for `model` and `guide` over `num_data` images.
+
+    A score-function estimator may add `estimator.baseline` (Pyro's baseline options for site
+    "t") and `estimator.baseline_net` (a network b(x), built here and trained with the guide)."""
+    baseline_net = None
+    if cfg.estimator.get("baseline_net") is not None:
+        baseline_net = instantiate(cfg.estimator.baseline_net, image_shape=decoder.image_shape)
+        baseline_net = baseline_net.to(next(decoder.parameters()).device)
+    baseline = cfg.estimator.get("baseline")
+    return SVI(
+        partial(model, decoder=decoder, num_data=num_data),
+        partial(guide, encoder=encoder, num_data=num_data, reparameterized=cfg.estimator.reparameterized,
+                baseline=OmegaConf.to_container(baseline) if baseline else None, baseline_net=baseline_net),
+        instantiate(cfg.optim),
+        loss=instantiate(cfg.estimator.elbo),
+    )
+
+
+def svi_step(svi: SVI, x: Tensor, index: Tensor) -> float:
+    """One SVI step on the minibatch `x` at positions `index`; returns the loss, -ELBO estimate.
+
+    `svi.step` traces guide and model, backpropagates the loss, steps the optimizer of every
+    parameter and then zeroes the gradients by writing zero tensors into `.grad`
+    (pyro.infer.util.zero_grads), so the next backward pass would add its gradients into them.
+    Setting `.grad` to None instead, as torch's `optimizer.zero_grad()` does by default, lets it
+    write them directly: the same numbers, without an addition over every parameter.
+    """
+    loss = svi.step(x, index)  # -ELBO of the whole dataset, estimated on this batch
+    for value in pyro.get_param_store().values():
+        value.unconstrained().grad = None
+    return loss

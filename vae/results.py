@@ -1,0 +1,388 @@
+"""The documents' result tables, written from the outputs of the recipes in conf/experiment/.
+
+README.md and docs/results.md hold blocks `<!-- report:NAME -->` ... `<!-- /report:NAME -->`;
+`python report.py` replaces each block's contents by what BLOCKS[NAME] makes of the recipe's
+outputs, with the machine, versions (and, in docs/, the commit and date) that its
+provenance.jsonl files record, and copies the figures the documents show into docs/. A block whose
+recipe has not been run says so and names the command. Nothing in a block is typed by hand.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vae.provenance import read_provenance
+from vae.sweeps import nats, plot, read_jobs, summarize
+
+BLOCK = re.compile(r"(<!-- report:(\w+) -->\n).*?(<!-- /report:\2 -->)", re.DOTALL)
+# Published test NLLs on dynamically binarized MNIST (nats, K=5000), Burda et al. 2016, Table 1.
+ANCHORS = [("VAE, one stochastic layer (Burda et al. 2016)", 86.76),
+           ("IWAE, one stochastic layer, k=50 (Burda et al. 2016)", 84.78),
+           ("IWAE, two stochastic layers, k=50 (Burda et al. 2016)", 82.90)]
+ESTIMATOR_ORDER = ("reparam", "score", "score_avg_baseline", "score_nn_baseline", "score_loo")
+
+
+@dataclass
+class Outputs:
+    """Where the recipes wrote (outputs/experiments/<name>, multirun/experiments/<name>) and where
+    the documents' figures go; `full`: docs/ (commit and date in the provenance line), not the README."""
+
+    experiments: Path
+    sweeps: Path
+    figures: Path
+    full: bool = True
+
+    def run(self, name: str) -> Path:
+        return self.experiments / name
+
+    def sweep(self, name: str) -> Path:
+        return self.sweeps / name
+
+
+class NotRun(Exception):
+    """A recipe's outputs are not there yet; the message is the command that makes them."""
+
+
+def read_json(path: Path, command: str) -> Any:
+    if not path.is_file():
+        raise NotRun(command)
+    return json.loads(path.read_text())
+
+
+def read_jsonl(path: Path, command: str) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise NotRun(command)
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def provenance_line(out: Outputs, *directories: Path) -> str:
+    """One line: CPU, threads, GPU, torch, pyro (docs/: also the commits and dates) of every
+    process that wrote into `directories` or the job directories under them."""
+    entries = [e for d in directories for p in [d, *sorted(d.glob("*/"))] for e in read_provenance(p)]
+    if not entries:
+        return "_(no provenance.jsonl found)_"
+    values = lambda key: sorted({str(e.get(key)) for e in entries})  # noqa: E731
+    gpus = [g for g in values("gpu") if g != "None"]
+    parts = [f"{' / '.join(values('cpu'))}, {' / '.join(values('threads'))} thread(s)",
+             f"GPU {' / '.join(gpus)}" if gpus else "no GPU",
+             f"torch {' / '.join(values('torch'))}", f"pyro {' / '.join(values('pyro'))}"]
+    if out.full:
+        commits = sorted({(e.get("commit") or "unknown")[:7] + ("+changes" if e.get("uncommitted_changes") else "")
+                          for e in entries})
+        dates = sorted(e["date"][:10] for e in entries)
+        parts += [f"commit {', '.join(commits)}", dates[0] if dates[0] == dates[-1] else f"{dates[0]} to {dates[-1]}"]
+    return "Measured on " + "; ".join(parts) + "."
+
+
+def table(head: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {round(seconds % 60):02d} s"
+
+
+# --- training ----------------------------------------------------------------------------------
+
+def default_run(out: Outputs) -> list[dict[str, Any]]:
+    return read_jsonl(out.run("default") / "metrics.jsonl", "python train.py experiment=default")
+
+
+def quickstart(out: Outputs) -> str:
+    metrics = default_run(out)
+    last, first = metrics[-1], metrics[1]
+    seconds = statistics.median(m["seconds"] for m in metrics[1:])
+    return (f"Ten epochs of MNIST, {seconds:.0f} s each (median), {minutes(last['wall_time'])} of training and "
+            f"testing in all, end at a test ELBO of **{last['test_elbo']:.2f}** nats per image "
+            f"({first['test_elbo']:.2f} after the first epoch, {metrics[0]['test_elbo']:.2f} untrained). "
+            + provenance_line(out, out.run("default")))
+
+
+def training(out: Outputs) -> str:
+    metrics = default_run(out)
+    rows = [[m["epoch"], nats(m["test_elbo"]), nats(m["test_recon"]), nats(m["test_kl"]),
+             nats(m["train_elbo"]) if m["train_elbo"] is not None else "", f"{m.get('seconds', 0):.1f}"]
+            for m in metrics]
+    figures = {"samples.png": f"samples_{metrics[-1]['epoch']:03d}.png",
+               "reconstructions.png": f"reconstructions_{metrics[-1]['epoch']:03d}.png"}
+    for target, source in figures.items():
+        copy_figure(out.run("default") / "images" / source, out.figures / target)
+    return (table(["epoch", "test ELBO", "reconstruction", "KL", "train ELBO", "seconds"], rows) + "\n\n"
+            + provenance_line(out, out.run("default")))
+
+
+def copy_figure(source: Path, target: Path) -> None:
+    if source.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, target)
+
+
+# --- estimators --------------------------------------------------------------------------------
+
+def estimator_rows(out: Outputs) -> tuple[list[dict[str, Any]], dict[str, list[list[dict[str, Any]]]]]:
+    sweep = out.sweep("estimators")
+    jobs = read_jobs(sweep) if sweep.is_dir() else {}
+    if not jobs:
+        raise NotRun("python train.py -m experiment=estimators")
+    rows = summarize(jobs)
+    order = {f"estimator={name}": i for i, name in enumerate(ESTIMATOR_ORDER)}
+    rows.sort(key=lambda row: order.get(row["configuration"], len(order)))
+    plot(rows).savefig(out.figures / "estimators.png", dpi=110)
+    return rows, jobs
+
+
+def estimator_name(row: dict[str, Any]) -> str:
+    return f"`{row['configuration'].removeprefix('estimator=')}`"
+
+
+def estimators(out: Outputs) -> str:
+    rows, jobs = estimator_rows(out)
+    lines = []
+    for row in rows:
+        seeds = jobs[row["configuration"]]
+        best = [max(m["test_elbo"] for m in metrics if m.get("test_elbo") is not None) for metrics in seeds]
+        kl = [metrics[-1]["test_kl"] for metrics in seeds]
+        lines.append([estimator_name(row), row["seeds"], row["epoch"], f"**{nats(row['test_elbo_median'])}**",
+                      f"{nats(row['test_elbo_mean'])} ± {nats(row['test_elbo_spread'])}",
+                      " / ".join(nats(v) for v in row["test_elbo_seeds"]), " / ".join(nats(v) for v in best),
+                      " / ".join(nats(v) for v in kl), f"{row['wall_time_mean']:.0f}"])
+    head = ["estimator", "seeds", "epochs", "test ELBO: median", "mean ± sd", "each seed (0 / 1 / 2)",
+            "best epoch, each seed", "final KL(q ‖ p), each seed", "wall time (s), mean"]
+    return table(head, lines) + "\n\n" + provenance_line(out, out.sweep("estimators"))
+
+
+def estimators_short(out: Outputs) -> str:
+    rows, _ = estimator_rows(out)
+    lines = [[estimator_name(row), f"**{nats(row['test_elbo_median'])}**",
+              " / ".join(nats(v) for v in row["test_elbo_seeds"]), f"{row['wall_time_mean'] / 60:.0f}"] for row in rows]
+    return (table([f"estimator ({rows[0]['epoch']} epochs)", "test ELBO, median of seeds", "each seed",
+                   "minutes per run"], lines) + "\n\n" + provenance_line(out, out.sweep("estimators")))
+
+
+# --- gradient variance -------------------------------------------------------------------------
+
+def variance(out: Outputs) -> str:
+    directory = out.run("variance")
+    points = read_json(directory / "variance.json", "python variance.py experiment=variance")
+    copy_figure(directory / "variance.png", out.figures / "variance.png")
+    shown = [points[0], points[1], points[-1]] if len(points) > 2 else points
+    epochs = " / ".join(f"{p['epoch']:g}" for p in shown)
+    lines = []
+    for name in points[0]["estimators"]:
+        at = [p["estimators"][name] for p in shown]
+        score = [p["estimators"].get("score") for p in shown]
+        ratio = " / ".join(f"{a['encoder'].get('ratio_to_reparam', float('nan')):.3g}" for a in at)
+        cut = " / ".join(f"{s['encoder']['variance'] / a['encoder']['variance']:,.0f}x" if s else "" for s, a in zip(score, at))
+        lines.append([f"`{name}`", at[0]["particles"], ratio, cut if name != "score" else "1",
+                      f"{at[0]['encoder']['snr']:.3g} / {at[-1]['encoder']['snr']:.3g}",
+                      f"{at[-1]['decoder'].get('ratio_to_reparam', float('nan')):.3g}"])
+    head = ["estimator", "particles", f"encoder variance / reparam, after {epochs} epochs",
+            "cut of `score`'s variance", f"encoder SNR, {shown[0]['epoch']:g} / {shown[-1]['epoch']:g}",
+            f"decoder variance / reparam, {shown[-1]['epoch']:g}"]
+    return table(head, lines) + "\n\n" + provenance_line(out, directory)
+
+
+# --- likelihood --------------------------------------------------------------------------------
+
+def likelihood_numbers(out: Outputs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    training_metrics = read_jsonl(out.run("one_hour") / "metrics.jsonl", "python train.py experiment=one_hour")
+    nll = read_json(out.run("one_hour_likelihood") / "metrics.json", "python evaluate.py experiment=one_hour_likelihood")
+    return training_metrics, nll
+
+
+def likelihood(out: Outputs) -> str:
+    training_metrics, nll = likelihood_numbers(out)
+    last = training_metrics[-1]
+    k, images = nll["whole_split_particles"], nll["whole_split_images"]
+    rows = [[f"ELBO after epoch {last['epoch']} ({minutes(last['wall_time'])} of training), one t per image",
+             nats(last["test_elbo"])],
+            [f"ELBO, K={k} particles per image", nats(nll["whole_split_elbo"])],
+            [f"**NLL, IW bound with K={k} on every image**", f"**{nats(nll['whole_split_nll_with_whole_split_particles'])}**"],
+            [f"**NLL, IW bound with K={nll['num_particles']}**: every image's ELBO + the IW gap on "
+             f"{nll['num_images']:,} random images", f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**"],
+            [f"NLL, K={nll['num_particles']}, on the {nll['num_images']:,} random images alone",
+             f"{nats(nll['nll'])} ± {nll['nll_standard_error']:.2f}"]]
+    rows += [[name, f"{value:.2f}"] for name, value in ANCHORS]
+    return (table([f"test set, {images:,} images, nats per image", "value"], rows) + "\n\n"
+            + provenance_line(out, out.run("one_hour"), out.run("one_hour_likelihood")))
+
+
+def likelihood_short(out: Outputs) -> str:
+    training_metrics, nll = likelihood_numbers(out)
+    last = training_metrics[-1]
+    rows = [[f"this model, {minutes(last['wall_time'])} of training ({last['epoch']} epochs)",
+             f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**"]]
+    rows += [[name, f"{value:.2f}"] for name, value in ANCHORS]
+    return (table(["test NLL, nats per image (K=5000, whole test set)", "NLL"], rows) + "\n\n"
+            + provenance_line(out, out.run("one_hour"), out.run("one_hour_likelihood")))
+
+
+# --- what the density model is for -------------------------------------------------------------
+
+USES = "python evaluate.py -m experiment=uses"
+SCORES = (("neg_elbo", "-ELBO"), ("kl", "KL"), ("neg_recon", "-reconstruction"), ("iw_nll", "IW NLL"))
+
+
+def use(out: Outputs, task: str) -> dict[str, Any]:
+    return read_json(out.sweep("uses") / task / "metrics.json", USES)
+
+
+def auc(cell: dict[str, float]) -> str:
+    return f"{cell['auroc']:.3f} / {cell['auprc']:.3f}"
+
+
+def generation(out: Outputs) -> str:
+    directory = out.sweep("uses") / "generate"
+    if not (directory / "samples.png").is_file():
+        raise NotRun(USES)
+    for name in ("samples", "interpolations", "traversals"):
+        copy_figure(directory / f"{name}.png", out.figures / f"generate_{name}.png")
+    return provenance_line(out, directory)
+
+
+def representation(out: Outputs) -> str:
+    probe = use(out, "represent")
+    return (f"A multinomial logistic regression on the latent means t_loc(x) (training split -> test split): "
+            f"**{probe['linear_probe_accuracy']:.1%}** test accuracy.\n\n" + provenance_line(out, out.sweep("uses") / "represent"))
+
+
+def ood(out: Outputs) -> str:
+    result = use(out, "anomaly")
+    rows = [[row["anomalies"], row["n"], *(auc(row[score]) for score, _ in SCORES)] for row in result["detection"]]
+    means = result["mean_scores"]
+    rows.append(["mean score: normal / " + " / ".join(name for name in means if name != "normal"), "",
+                 *(" / ".join(f"{means[name][score]:.1f}" for name in means) for score, _ in SCORES)])
+    return (table(["anomalies", "images", *(f"{label} AUROC / AUPRC" for _, label in SCORES)], rows) + "\n\n"
+            + provenance_line(out, out.sweep("uses") / "anomaly"))
+
+
+def heldout_rows(out: Outputs) -> list[tuple[int, dict[str, Any], list[dict[str, Any]]]]:
+    evaluations = out.sweep("heldout_anomaly")
+    found = sorted(evaluations.glob("*/metrics.json")) if evaluations.is_dir() else []
+    if not found:
+        raise NotRun("python train.py -m experiment=heldout && python evaluate.py -m experiment=heldout_anomaly")
+    rows = []
+    for path in found:
+        result = json.loads(path.read_text())
+        run = Path(result["run"])
+        rows.append((int(run.name), result, read_jsonl(run / "metrics.jsonl", "python train.py -m experiment=heldout")))
+    return sorted(rows, key=lambda row: row[0])
+
+
+def heldout(out: Outputs) -> str:
+    lines = []
+    for digit, result, training_metrics in heldout_rows(out):
+        detection = {row["anomalies"]: row for row in result["detection"]}
+        held = next(row for name, row in detection.items() if name.startswith("held-out"))
+        lines.append([digit, held["n"], nats(training_metrics[-1]["test_elbo"]), *(auc(held[score]) for score, _ in SCORES),
+                      f"{detection['noise']['neg_elbo']['auroc']:.2f}, {detection['inverted']['neg_elbo']['auroc']:.2f}"])
+    head = ["held-out digit", "images", "test ELBO of the run", *(f"{label} AUROC / AUPRC" for _, label in SCORES),
+            "noise, inverted: -ELBO AUROC"]
+    return table(head, lines) + "\n\n" + provenance_line(out, out.sweep("heldout"), out.sweep("heldout_anomaly"))
+
+
+def impute(out: Outputs) -> str:
+    result = use(out, "impute")
+    methods = [name for name in result["rows"] if name not in ("masked", "truth")]
+    lines = []
+    for kind, errors in result["errors"].items():
+        best = min(errors[name]["mse"] for name in methods)
+        cells = []
+        for name in methods:
+            cell = f"{errors[name]['mse']:.3f}"
+            if "effective_sample_size" in errors[name]:
+                cell += f" ({errors[name]['effective_sample_size']:.1f})"
+            cells.append(f"**{cell}**" if errors[name]["mse"] == best else cell)
+        lines.append([kind.replace("_", " "), *cells])
+    return (f"{result['num_images']:,} test images; MSE on the missing pixels (in brackets: the mean effective sample size "
+            "of the importance weights).\n\n" + table(["mask", *(name.replace("_", " ") for name in methods)], lines)
+            + "\n\n" + provenance_line(out, out.sweep("uses") / "impute"))
+
+
+def uses_short(out: Outputs) -> str:
+    probe, anomaly, imputation = use(out, "represent"), use(out, "anomaly"), use(out, "impute")
+    detection = {row["anomalies"]: row for row in anomaly["detection"]}
+    errors = imputation["errors"]
+    baselines = ("mean_image", "nearest_neighbour")
+    rows = [["representation: a linear probe on t_loc(x)", f"test accuracy **{probe['linear_probe_accuracy']:.1%}**"],
+            ["anomalies: uniform noise, inverted digits", "-ELBO AUROC " + ", ".join(
+                f"{detection[name]['neg_elbo']['auroc']:.2f}" for name in ("noise", "inverted"))],
+            ["missing data: fitted importance sampling against the better baseline, MSE", "; ".join(
+                f"{kind.replace('_', ' ')} **{e['fitted_importance']['mse']:.3f}** vs {min(e[b]['mse'] for b in baselines):.3f}"
+                for kind, e in errors.items())]]
+    try:
+        held = [(digit, next(r for r in result["detection"] if r["anomalies"].startswith("held-out"))["neg_elbo"]["auroc"])
+                for digit, result, _ in heldout_rows(out)]
+        rows.insert(2, ["anomalies: a digit left out of training", "-ELBO AUROC " + ", ".join(
+            f"{digit}: {value:.2f}" for digit, value in held)])
+    except NotRun:
+        pass
+    return table(["use", "result"], rows) + "\n\n" + provenance_line(out, out.sweep("uses"))
+
+
+# --- speed -------------------------------------------------------------------------------------
+
+def bench_report(out: Outputs) -> dict[str, Any]:
+    return read_json(out.run("bench") / "bench.json", "python bench.py experiment=bench")
+
+
+def speed(out: Outputs) -> str:
+    report = bench_report(out)
+    rows = [[f"`{name}`", f"{r['median_ms']:.2f}", f"{r['iqr_ms']:.2f}", f"{r['ratio_to_raw']:.3f}", f"{r['ratio_iqr']:.3f}"]
+            for name, r in report["results"].items()]
+    e = report["evaluation"]
+    return (f"Batch {report['batch_size']}, {report['rounds']} rounds of {report['steps_per_round']} steps per variant.\n\n"
+            + table(["variant", "median ms per step", "IQR ms", "ratio to `raw`, median over rounds", "IQR"], rows)
+            + f"\n\nProducing one training batch costs {report['data_fraction_of_step']:.1%} of a raw step; the IW "
+            f"estimate of log p(x) (K={e['particles']}) runs at {e['iw_throughput_fraction_of_decoder']:.1%} of the "
+            f"bare decoder's throughput.\n\n" + provenance_line(out, out.run("bench")))
+
+
+def speed_short(out: Outputs) -> str:
+    results = bench_report(out)["results"]
+    rows = [[f"`{name}`", f"{results[name]['median_ms']:.1f}", f"{results[name]['ratio_to_raw']:.2f}"]
+            for name in ("raw", "reparam", "reparam_jit", "reparam_bf16", "score", "score_loo") if name in results]
+    return (table(["one training step (batch " + str(bench_report(out)["batch_size"]) + ")", "ms", "/ raw"], rows)
+            + "\n\n" + provenance_line(out, out.run("bench")))
+
+
+BLOCKS: dict[str, Callable[[Outputs], str]] = {
+    "quickstart": quickstart, "training": training, "estimators": estimators, "estimators_short": estimators_short,
+    "variance": variance, "likelihood": likelihood, "likelihood_short": likelihood_short, "generation": generation,
+    "representation": representation, "ood": ood, "heldout": heldout, "impute": impute, "uses_short": uses_short,
+    "speed": speed, "speed_short": speed_short,
+}
+
+
+def fill(text: str, out: Outputs) -> str:
+    """`text` with every report block's contents made anew from the outputs."""
+    def block(match: re.Match) -> str:
+        name = match.group(2)
+        if name not in BLOCKS:
+            raise KeyError(f"<!-- report:{name} -->: no such block; known: {', '.join(BLOCKS)}")
+        try:
+            contents = BLOCKS[name](out)
+        except NotRun as missing:
+            contents = f"_Not run yet: `{missing}`._"
+        return f"{match.group(1)}{contents}\n{match.group(3)}"
+
+    return BLOCK.sub(block, text)
+
+
+def write_results(experiments: Path, sweeps: Path, documents: list[Path], figures: Path) -> list[Path]:
+    """Fill the report blocks of each document (docs/ documents with commits and dates); return them."""
+    figures.mkdir(parents=True, exist_ok=True)
+    for document in documents:
+        if not document.is_file():
+            raise FileNotFoundError(f"no document {document} to fill in")
+        out = Outputs(experiments, sweeps, figures, full=document.name != "README.md")
+        document.write_text(fill(document.read_text(), out))
+    return documents

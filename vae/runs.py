@@ -1,0 +1,86 @@
+"""A training run's directory as others read it: its overrides, the command that continues it,
+and its networks with their trained weights, for evaluation.
+
+The networks are rebuilt from the run's own config (`.hydra/config.yaml`, or the copy inside
+`checkpoint.pt` for a run made by `train.train(cfg, out_dir)` outside Hydra) by
+`vae.build.build_networks`, so any architecture the config can express loads, and the weights
+come from the checkpoint's Pyro param store exactly as training restores them on resume.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyro
+import torch
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor
+
+from guide import Encoder
+from model import Decoder
+from vae import checkpoint
+from vae.build import build_networks
+from vae.config import resolve_device
+from vae.data import load_split, observe_test_set
+
+
+class RunError(RuntimeError):
+    """A run directory that cannot be evaluated."""
+
+
+def run_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides a run was made with (its .hydra/overrides.yaml; [] without one)."""
+    overrides_file = Path(run_dir) / ".hydra" / "overrides.yaml"
+    return list(yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else []
+
+
+def resume_command(run_dir: Path) -> str:
+    """The command line that continues the run in `run_dir`, with the run's own overrides."""
+    kept = [o for o in run_overrides(run_dir) if not o.startswith("resume=")]
+    return " ".join(["python train.py", *kept, f"resume={run_dir}"])
+
+
+@dataclass
+class TrainedRun:
+    """The networks of q(t|x) and p(x|t) with trained weights, and the config that made them."""
+
+    cfg: DictConfig  # the run's config; cfg.data.root may be redirected by load_run
+    encoder: Encoder  # x (B, C, H, W) -> t_loc, t_scale (B, latent_dim)
+    decoder: Decoder  # t (B, latent_dim) -> parameters of p(x|t)
+    image_shape: tuple[int, int, int]
+    device: torch.device
+    run_dir: Path
+    state: checkpoint.RunState  # where the checkpoint stood: epochs of training behind these weights
+
+    def split(self, train: bool, data_cfg: DictConfig | None = None) -> tuple[Tensor, Tensor]:
+        """Observations x (N, C, H, W) on the device, drawn once with the fixed test-set seed
+        (binarized or dequantized as the likelihood needs), and labels (N,)."""
+        images, labels = load_split(data_cfg if data_cfg is not None else self.cfg.data, train=train)
+        return observe_test_set(images, self.cfg.model.likelihood).to(self.device), labels
+
+
+def load_run(run: str | Path, device: str = "auto", data_root: str | None = None) -> TrainedRun:
+    """Rebuild the encoder and decoder of the run in `run` (its directory or a checkpoint file)."""
+    path = checkpoint.checkpoint_path(run)
+    if not path.is_file():
+        raise RunError(f"no checkpoint at {path}: give run=<a training run directory> (one holding checkpoint.pt)")
+    try:
+        contents = checkpoint.read(path)
+        hydra_config = path.parent / ".hydra" / "config.yaml"  # without it, the checkpoint's own copy
+        cfg = OmegaConf.load(hydra_config) if hydra_config.is_file() else OmegaConf.create(contents["config"])
+        cfg = checkpoint.with_added_keys(cfg)  # keys added to the project since the run was made
+        checkpoint.check_matches(contents, cfg, path)  # config and checkpoint belong together
+    except checkpoint.CheckpointError as error:
+        raise RunError(str(error)) from error
+    if data_root is not None:  # the files may live elsewhere than where the run was trained
+        cfg.data.root = data_root
+    cfg.data.dataset.download = False  # evaluation never downloads
+    test_images, _ = load_split(cfg.data, train=False)
+    image_shape = tuple(test_images.shape[1:])
+    target = resolve_device(device)
+    encoder, decoder = build_networks(cfg.model, image_shape, target)  # no speed options: plain float32
+    pyro.clear_param_store()
+    checkpoint.restore_params(contents["param_store"], target, encoder=encoder, decoder=decoder)
+    state = checkpoint.RunState(**{key: contents[key] for key in checkpoint.STATE_KEYS})
+    return TrainedRun(cfg, encoder.eval(), decoder.eval(), image_shape, target, path.parent, state)
