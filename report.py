@@ -21,7 +21,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vae.results import write_results
-from vae.sweeps import plot, read_jobs, summarize, write_table
+from vae.sweeps import plot, read_failures, read_jobs, summarize, write_table
 
 
 def report(sweep: str | Path, include: list[str | Path] = ()) -> list[dict[str, Any]]:
@@ -32,12 +32,13 @@ def report(sweep: str | Path, include: list[str | Path] = ()) -> list[dict[str, 
     missing = [str(d) for d in directories if not d.is_dir()]
     if missing:
         raise FileNotFoundError(f"no such directory: {', '.join(missing)}")
-    rows = summarize(read_jobs(*directories))
-    if not rows:
+    rows, failures = summarize(read_jobs(*directories)), read_failures(*directories)
+    if not rows and not failures:
         raise FileNotFoundError(f"no job with a tested epoch under {sweep} (looked for */metrics.jsonl)")
-    write_table(rows, sweep / "report.md")
-    (sweep / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
-    plot(rows).savefig(sweep / "report.png", dpi=120)
+    write_table(rows, sweep / "report.md", failures)
+    (sweep / "report.json").write_text(json.dumps({"configurations": rows, "failed": failures}, indent=2) + "\n")
+    if rows:
+        plot(rows).savefig(sweep / "report.png", dpi=120)
     return rows
 
 

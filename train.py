@@ -25,6 +25,7 @@ import hydra
 import pyro
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from pyro.infer import SVI
 from tqdm import tqdm
@@ -37,7 +38,7 @@ from vae.checkpoint import RunState
 from vae.config import ConfigError, check_config, resolve_device
 from vae.data import DataNotFoundError, bits_per_dim, epoch_batches, load_training_data, observe
 from vae.elbo import dataset_elbo
-from vae.logbook import Logbook, last_metrics
+from vae.logbook import Logbook, clear_failure, last_metrics, record_failure
 from vae.preemption import StopRequest, stop_on_signals
 from vae.provenance import record_provenance
 from vae.runs import resume_command
@@ -148,8 +149,13 @@ def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: Dict
             index = batches[state.next_batch].to(train_images.device)  # (B,)
             x = observe(train_images[index], likelihood)  # (B, C, H, W), binarized afresh
             # Pyro's and torch's argument and support checks: on every step, or on the epoch's first
-            with pyro.validation_enabled(check_every_step or state.next_batch == 0):
-                loss = svi_step(svi, x, index)  # -ELBO of the whole dataset, estimated on this batch
+            try:
+                with pyro.validation_enabled(check_every_step or state.next_batch == 0):
+                    loss = svi_step(svi, x, index)  # -ELBO of the whole dataset, estimated on this batch
+            except ValueError as error:  # torch's check of a distribution's parameters: NaN outputs
+                if "found invalid values" not in str(error):
+                    raise
+                loss = math.nan  # diverged, seen by the check before the loss
             if not math.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss is {loss} at epoch {state.epoch}, step {state.next_batch + 1} of {len(batches)}; "
@@ -164,10 +170,21 @@ def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: Dict
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    """Train, and return the final test ELBO (nats per image) for sweepers to optimize."""
+    """Train, and return the final test ELBO (nats per image) for sweepers to optimize.
+
+    A run that fails for a reason of its own (a bad value, missing data, a checkpoint that does
+    not fit, divergence) says why in one line and in failed.json in its directory; alone, it exits
+    with status 1; in a multirun it returns None, so that the other jobs go on (Optuna counts the
+    trial as failed)."""
+    job_dir = Path(HydraConfig.get().runtime.output_dir)
+    clear_failure(job_dir)
     try:
-        metrics = train(cfg, HydraConfig.get().runtime.output_dir)
+        metrics = train(cfg, job_dir)
     except (ConfigError, DataNotFoundError, checkpoint.CheckpointError, TrainingDiverged) as error:
+        record_failure(job_dir, error)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            log.error(f"error: {error} (job {job_dir}; the sweep goes on)")
+            return None
         sys.exit(f"error: {error}")
     if metrics.get("interrupted"):
         sys.exit(130)

@@ -134,3 +134,38 @@ def test_documents_are_filled_from_the_recipes_outputs(tmp_path):
     assert fill(filled, out) == filled  # filling again changes nothing
     with pytest.raises(KeyError, match="nope"):
         fill("<!-- report:nope -->\n<!-- /report:nope -->", out)
+
+
+def test_a_diverging_job_is_recorded_and_the_sweep_goes_on(tmp_path):
+    """lr=1e6 turns the loss into NaN within the first epoch: that job writes failed.json and the
+    multirun still runs the next job to the end, exits 0, and report.py lists the failure."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "-m", *FAST, "data.subset=128", "trainer.epochs=1", "optim.optim_args.lr=1e6,1e-3",
+         f"hydra.sweep.dir={tmp_path}"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    failure = json.loads((tmp_path / "0" / "failed.json").read_text())
+    assert failure["error"] == "TrainingDiverged" and failure["message"].startswith("loss is nan at epoch 1")
+    assert not (tmp_path / "1" / "failed.json").exists()
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "1" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    report(tmp_path)
+    table = (tmp_path / "report.md").read_text()
+    (failed_line,) = [line for line in table.splitlines() if line.startswith("- ")]
+    assert "Failed jobs (1)" in table and failed_line.startswith(f"- `{tmp_path / '0'}`")
+    assert "optim.optim_args.lr=1000000.0" in failed_line and "seed 0): TrainingDiverged: loss is nan" in failed_line
+    assert json.loads((tmp_path / "report.json").read_text())["failed"][0]["job"] == str(tmp_path / "0")
+
+
+def test_a_diverging_trial_does_not_end_the_optuna_study(tmp_path):
+    """The Optuna preset counts a diverged trial as failed (train.main returns None) and goes on to
+    its other trials and a best value (max_failure_rate: 1.0)."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "-m", "hydra/sweeper=lr_latent", "hydra.sweeper.n_trials=3",
+         "optim.optim_args.lr=choice(1e6,1e-3)", *FAST, "model.latent_dim=4", "data.subset=128", "trainer.epochs=1",
+         f"hydra.sweep.dir={tmp_path}"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    failed = sorted(path.parent.name for path in tmp_path.glob("*/failed.json"))
+    finished = sorted(path.parent.name for path in tmp_path.glob("*/metrics.jsonl")
+                      if not (path.parent / "failed.json").exists())
+    assert failed and finished and len(failed) + len(finished) == 3, (failed, finished)
+    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
+    assert best["best_params"]["optim.optim_args.lr"] == 1e-3 and best["best_value"] < 0

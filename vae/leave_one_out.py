@@ -13,6 +13,9 @@ removes the hundreds of nats that log p(x|t) carries (Kool et al. 2019, "Buy 4 R
 samples, get a baseline for free!"; Mnih & Rezende 2016, VIMCO, for the IW bound).
 The last term is the gradient that does not go through the sample: the decoder's, and
 the encoder's for reparameterized sites, whose score term is zero.
+
+Pyro's own baselines (TraceGraph_ELBO: a decaying average, a network, a given value) are per site
+and never see the other particles of the same image, hence this ELBO of our own.
 """
 from __future__ import annotations
 

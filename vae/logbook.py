@@ -4,11 +4,13 @@
     tensorboard/                 the same numbers as scalars, and the image grids as images
     images/reconstructions_NNN   fixed test images x (top rows) and E[x|t], t ~ q(t|x) (bottom rows)
     images/samples_NNN           E[x|t] for fixed prior samples t ~ p(t)
+    failed.json                  why the run stopped with an error (removed when it is run again)
 """
 from __future__ import annotations
 
 import json
 import logging
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ from torchvision.utils import make_grid, save_image
 
 log = logging.getLogger(__name__)
 METRICS_NAME = "metrics.jsonl"
+FAILED_NAME = "failed.json"
 
 
 class Logbook:
@@ -59,3 +62,17 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
     metrics_file = Path(run_dir) / METRICS_NAME
     lines = metrics_file.read_text().splitlines() if metrics_file.is_file() else []
     return json.loads(lines[-1]) if lines else {}
+
+
+def record_failure(run_dir: Path, error: BaseException) -> None:
+    """Write why the run stopped into run_dir/failed.json (a sweep's report lists it)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    failure = {"error": type(error).__name__, "message": str(error),
+               "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    (run_dir / FAILED_NAME).write_text(json.dumps(failure, indent=2) + "\n")
+
+
+def clear_failure(run_dir: Path) -> None:
+    """Forget an earlier failure of this run directory: it is being run again."""
+    (Path(run_dir) / FAILED_NAME).unlink(missing_ok=True)

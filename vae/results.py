@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vae.provenance import read_provenance
-from vae.sweeps import nats, plot, read_jobs, summarize
+from vae.sweeps import nats, plot, read_failures, read_jobs, summarize
 
 BLOCK = re.compile(r"(<!-- report:(\w+) -->\n).*?(<!-- /report:\2 -->)", re.DOTALL)
 # Published test NLLs on dynamically binarized MNIST (nats, K=5000), Burda et al. 2016, Table 1.
@@ -156,7 +156,9 @@ def estimators(out: Outputs) -> str:
                       " / ".join(nats(v) for v in kl), f"{row['wall_time_mean']:.0f}"])
     head = ["estimator", "seeds", "epochs", "test ELBO: median", "mean ± sd", "each seed (0 / 1 / 2)",
             "best epoch, each seed", "final KL(q ‖ p), each seed", "wall time (s), mean"]
-    return table(head, lines) + "\n\n" + provenance_line(out, out.sweep("estimators"))
+    failures = "".join(f"\n\nFailed: `{f['configuration']}` seed {f['seed']}: {f['message']}"
+                       for f in read_failures(out.sweep("estimators")))
+    return table(head, lines) + failures + "\n\n" + provenance_line(out, out.sweep("estimators"))
 
 
 def estimators_short(out: Outputs) -> str:

@@ -15,20 +15,27 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from vae.logbook import FAILED_NAME, METRICS_NAME
 from vae.runs import run_overrides
 
 IGNORED_OVERRIDES = ("seed=", "resume=", "hydra.", "experiment=")  # what does not make a different configuration
 # (a recipe names the sweep; the overrides its sweeper adds are what tell its configurations apart)
 
 
+def configuration(job_dir: Path) -> tuple[str, int]:
+    """(the label of a job's configuration: its overrides but the seed's, the job's seed)."""
+    overrides = run_overrides(job_dir)
+    label = " ".join(sorted(o for o in overrides if not o.startswith(IGNORED_OVERRIDES))) or "default"
+    seed = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("seed=")), 0)  # conf: seed 0
+    return label, seed
+
+
 def read_jobs(*sweeps: Path) -> dict[str, list[list[dict[str, Any]]]]:
     """{configuration label: [metrics of each seed's job (one dict per epoch)], in seed order},
     over every job (a directory holding metrics.jsonl) in or under each of `sweeps`."""
     jobs: dict[str, list[tuple[int, list[dict[str, Any]]]]] = {}
-    for metrics_file in sorted(file for sweep in sweeps for file in sweep.rglob("metrics.jsonl")):
-        overrides = run_overrides(metrics_file.parent)
-        label = " ".join(sorted(o for o in overrides if not o.startswith(IGNORED_OVERRIDES))) or "default"
-        seed = next((int(o.split("=", 1)[1]) for o in overrides if o.startswith("seed=")), 0)  # conf: seed 0
+    for metrics_file in sorted(file for sweep in sweeps for file in sweep.rglob(METRICS_NAME)):
+        label, seed = configuration(metrics_file.parent)
         metrics = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
         if metrics:
             jobs.setdefault(label, []).append((seed, metrics))
@@ -79,13 +86,28 @@ def nats(value: float) -> str:
     return f"{value:.2f}" if abs(value) < 1e5 else f"{value:.2e}"
 
 
-def write_table(rows: list[dict[str, Any]], path: Path) -> None:
+def read_failures(*sweeps: Path) -> list[dict[str, Any]]:
+    """Every job in or under `sweeps` that stopped with an error (its failed.json): the job's
+    directory, configuration, seed and the error's message."""
+    failures = []
+    for failed_file in sorted(file for sweep in sweeps for file in sweep.rglob(FAILED_NAME)):
+        label, seed = configuration(failed_file.parent)
+        failures.append({"job": str(failed_file.parent), "configuration": label, "seed": seed,
+                         **json.loads(failed_file.read_text())})
+    return failures
+
+
+def write_table(rows: list[dict[str, Any]], path: Path, failures: list[dict[str, Any]] = ()) -> None:
     lines = ["| configuration | seeds | epoch | test ELBO: mean ± sd over seeds | median | each seed, in seed order "
              "| wall time (s), mean |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     lines += [f"| `{r['configuration']}` | {r['seeds']} | {r['epoch']} | "
               f"{nats(r['test_elbo_mean'])} ± {nats(r['test_elbo_spread'])} | {nats(r['test_elbo_median'])} | "
               f"{' / '.join(nats(v) for v in r['test_elbo_seeds'])} | {r['wall_time_mean']:.0f} |" for r in rows]
+    if failures:
+        lines += ["", f"Failed jobs ({len(failures)}): their epochs up to the failure are in the rows above.", ""]
+        lines += [f"- `{f['job']}` (`{f['configuration']}`, seed {f['seed']}): {f['error']}: {f['message']}"
+                  for f in failures]
     path.write_text("\n".join(lines) + "\n")
 
 
