@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -38,8 +39,8 @@ from omegaconf import DictConfig
 
 from model import likelihood
 from vae.build import build_networks, build_svi, svi_step
-from vae.config import check_config, resolve_device
-from vae.data import epoch_batches, load_split, observe
+from vae.config import ConfigError, check_config, register_resolvers, resolve_device
+from vae.data import DataNotFoundError, epoch_batches, load_split, observe
 from vae.importance import iw_estimates
 from vae.provenance import provenance, record_provenance
 
@@ -96,6 +97,11 @@ def summary(seconds: list[float], raw_seconds: list[float]) -> dict[str, Any]:
 def bench(cfg: DictConfig, variant_configs: dict[str, DictConfig]) -> dict[str, Any]:
     """Run every variant round by round; return the timings and the machine they ran on."""
     check_config(cfg)
+    for key, least in (("rounds", 1), ("steps_per_round", 1), ("warmup_rounds", 0), ("eval_images", 1),
+                       ("eval_particles", 1)):
+        value = cfg.bench[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise ConfigError(f"bench.{key}={value!r}: must be an integer >= {least}")
     device = resolve_device(cfg.device)
     images, _ = load_split(cfg.data, train=True)  # (N, C, H, W) in [0, 1]
     images = images.to(device)
@@ -173,7 +179,10 @@ def main(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
     variant_configs = {name: compose(config_name="bench", overrides=overrides + list(extra))
                        for name, extra in cfg.bench.variants.items()}
-    report = bench(cfg, variant_configs)
+    try:
+        report = bench(cfg, variant_configs)
+    except (ConfigError, DataNotFoundError) as error:
+        sys.exit(f"error: {error}")
     print(table(report))
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     record_provenance(out_dir, report["machine"]["device"])
@@ -183,4 +192,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_resolvers()  # conf/config.yaml's hydra.run.dir
     main()

@@ -25,6 +25,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from vae.config import ConfigError, check_task
 from vae.data import DataNotFoundError
 from vae.provenance import record_provenance
 from vae.runs import RunError, load_run
@@ -36,6 +37,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Load the run `cfg.run`, run `cfg.task` on it, write and return its metrics."""
     if cfg.run is None:
         raise RunError("no run given: add run=<a training run directory>, e.g. run=outputs/2026-11-21/17-30-00")
+    check_task(cfg.task)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = load_run(cfg.run, cfg.device, cfg.data_root)
@@ -52,7 +54,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     try:
         evaluate(cfg, HydraConfig.get().runtime.output_dir)
-    except (RunError, DataNotFoundError) as error:
+    except (RunError, DataNotFoundError, ConfigError) as error:
         sys.exit(f"error: {error}")
 
 

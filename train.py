@@ -35,12 +35,11 @@ from model import mean_image
 from vae import checkpoint
 from vae.build import build_networks, build_svi, svi_step
 from vae.checkpoint import RunState
-from vae.config import ConfigError, check_config, resolve_device
+from vae.config import ConfigError, check_config, register_resolvers, resolve_device
 from vae.data import DataNotFoundError, bits_per_dim, epoch_batches, load_training_data, observe
 from vae.elbo import dataset_elbo
-from vae.logbook import Logbook, clear_failure, last_metrics, record_failure
+from vae.logbook import Logbook, RunDirectoryBusy, record_failure
 from vae.preemption import StopRequest, stop_on_signals
-from vae.provenance import record_provenance
 from vae.runs import resume_command
 
 log = logging.getLogger(__name__)
@@ -59,51 +58,49 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if cfg.get("threads"):
         torch.set_num_threads(cfg.threads)
     resume_from = checkpoint.to_resume(cfg, Path(out_dir))
-    saved = checkpoint.load(resume_from, cfg) if resume_from else None
-    out_dir = resume_from.parent if resume_from else Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = checkpoint.run_directory(resume_from, Path(out_dir))
     checkpoint_file = out_dir / checkpoint.CHECKPOINT_NAME
+    with Logbook(out_dir) as logbook, stop_on_signals() as stop:  # the directory is ours until the end
+        saved = checkpoint.load(resume_from, cfg) if resume_from else None
+        # Data: the whole dataset in memory on the device, batched by index.
+        pyro.set_rng_seed(cfg.seed)
+        train_images, x_test = load_training_data(cfg, device)
+        image_shape, num_data = tuple(train_images.shape[1:]), len(train_images)
 
-    # Data: the whole dataset in memory on the device, batched by index.
-    pyro.set_rng_seed(cfg.seed)
-    train_images, x_test = load_training_data(cfg, device)
-    image_shape, num_data = tuple(train_images.shape[1:]), len(train_images)
+        # Model, guide and the SVI objective; a resumed run gets its weights, optimizer and RNG back.
+        encoder, decoder = build_networks(cfg.model, image_shape, device, cfg.trainer)
+        pyro.clear_param_store()
+        svi = build_svi(cfg, encoder, decoder, num_data)
+        state = checkpoint.restore(saved, svi.optim, cfg, device, encoder=encoder, decoder=decoder) if saved else RunState()
+        if saved:
+            log.info(f"resuming {resume_from} {state.position(cfg.trainer.epochs)}")
+        metrics = logbook.start(state.epoch if saved else 0, device, resume_from.parent if saved else None,
+                                epoch=state.epoch, batch=state.next_batch)  # the metrics of the epochs kept
+        x_shown = x_test[: cfg.trainer.num_grid_images]
+        t_prior = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(PRIOR_GRID_SEED)).to(device)
 
-    # Model, guide and the SVI objective; a resumed run gets its weights, optimizer and RNG back.
-    encoder, decoder = build_networks(cfg.model, image_shape, device, cfg.trainer)
-    pyro.clear_param_store()
-    svi = build_svi(cfg, encoder, decoder, num_data)
-    state = checkpoint.restore(saved, svi.optim, device, encoder=encoder, decoder=decoder) if saved else RunState()
-    if saved:
-        log.info(f"resuming {resume_from} {state.position(cfg.trainer.epochs)}")
-    record_provenance(out_dir, device, epoch=state.epoch, batch=state.next_batch)
-    x_shown = x_test[: cfg.trainer.num_grid_images]
-    t_prior = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(PRIOR_GRID_SEED)).to(device)
+        @torch.no_grad()
+        def test(epoch: int) -> dict[str, float]:
+            """The test ELBO and its parts (t sampled from q(t|x)), and this epoch's image grids."""
+            started = time.perf_counter()
+            elbo = dataset_elbo(x_test, encoder, decoder)
+            result = {"test_elbo": elbo["elbo"], "test_recon": elbo["recon"], "test_kl": elbo["kl"]}
+            if cfg.model.likelihood == "gaussian":
+                result["test_bits_per_dim"] = bits_per_dim(elbo["elbo"], image_shape)
+            _, t = posterior(x_shown, encoder)  # t ~ q(t|x)
+            logbook.images(epoch, reconstructions=(torch.cat([x_shown, mean_image(decoder, t)]), max(1, len(x_shown) // 2)),
+                           samples=(mean_image(decoder, t_prior), 8))
+            result["test_seconds"] = time.perf_counter() - started
+            return result
 
-    @torch.no_grad()
-    def test(epoch: int, logbook: Logbook) -> dict[str, float]:
-        """The test ELBO and its parts (t sampled from q(t|x)), and this epoch's image grids."""
-        started = time.perf_counter()
-        elbo = dataset_elbo(x_test, encoder, decoder)
-        result = {"test_elbo": elbo["elbo"], "test_recon": elbo["recon"], "test_kl": elbo["kl"]}
-        if cfg.model.likelihood == "gaussian":
-            result["test_bits_per_dim"] = bits_per_dim(elbo["elbo"], image_shape)
-        _, t = posterior(x_shown, encoder)  # t ~ q(t|x)
-        logbook.images(epoch, reconstructions=(torch.cat([x_shown, mean_image(decoder, t)]), max(1, len(x_shown) // 2)),
-                       samples=(mean_image(decoder, t_prior), 8))
-        result["test_seconds"] = time.perf_counter() - started
-        return result
+        def save() -> None:
+            checkpoint.save(checkpoint_file, state, svi.optim, cfg, keep_copy=cfg.trainer.keep_checkpoints)
 
-    def save() -> None:
-        checkpoint.save(checkpoint_file, state, svi.optim, cfg, keep_copy=cfg.trainer.keep_checkpoints)
-
-    metrics = last_metrics(out_dir) if saved else {}
-    max_minutes = cfg.trainer.max_minutes
-    budget_seconds = 60.0 * max_minutes if max_minutes is not None else math.inf
-    out_of_time = state.wall_time >= budget_seconds  # a resumed run whose budget is spent
-    with stop_on_signals() as stop, Logbook(out_dir, first_epoch=state.epoch) as logbook:
+        max_minutes = cfg.trainer.max_minutes
+        budget_seconds = 60.0 * max_minutes if max_minutes is not None else math.inf
+        out_of_time = state.wall_time >= budget_seconds  # a resumed run whose budget is spent
         if not saved:  # the untrained model, as the first point of every curve
-            logbook.record({"epoch": 0, "train_elbo": None, **test(0, logbook), "wall_time": 0.0})
+            logbook.record({"epoch": 0, "train_elbo": None, **test(0), "wall_time": 0.0})
             save()
         while state.epoch <= cfg.trainer.epochs and not out_of_time:
             epoch = state.epoch
@@ -117,7 +114,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 log.warning(f"{stop.signal_name}: saved {checkpoint_file} at epoch {epoch}, "
                             f"batch {state.next_batch}. Continue with:\n  {resume_command(out_dir)}")
                 stop.hand_on()  # submitit: requeue into this run directory, and exit
-                return {**metrics, "interrupted": True, "run_dir": str(out_dir)}
+                return {**metrics, "interrupted": stop.signum, "run_dir": str(out_dir)}
             seconds = state.epoch_seconds + time.perf_counter() - started
             metrics = {"epoch": epoch, "train_elbo": -state.loss_sum / (len(state.batches) * num_data),
                        "seconds": seconds}
@@ -125,12 +122,12 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             if out_of_time:
                 log.info(f"trainer.max_minutes={max_minutes}: the time budget is spent; epoch {epoch} is the last")
             if epoch % cfg.trainer.test_every == 0 or epoch == cfg.trainer.epochs or out_of_time:
-                metrics.update(test(epoch, logbook))
+                metrics.update(test(epoch))
             else:
                 metrics.update(test_elbo=None, test_recon=None, test_kl=None)
             state.wall_time += time.perf_counter() - started + state.epoch_seconds
             metrics["wall_time"] = state.wall_time
-            logbook.record(metrics)
+            logbook.record(metrics)  # first the epoch's line, then the checkpoint that ends it
             state.end_epoch()
             save()
     return {**metrics, "run_dir": str(out_dir)}
@@ -172,24 +169,27 @@ def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: Dict
 def main(cfg: DictConfig) -> float | None:
     """Train, and return the final test ELBO (nats per image) for sweepers to optimize.
 
-    A run that fails for a reason of its own (a bad value, missing data, a checkpoint that does
-    not fit, divergence) says why in one line and in failed.json in its directory; alone, it exits
-    with status 1; in a multirun it returns None, so that the other jobs go on (Optuna counts the
-    trial as failed)."""
-    job_dir = Path(HydraConfig.get().runtime.output_dir)
-    clear_failure(job_dir)
-    try:
-        metrics = train(cfg, job_dir)
-    except (ConfigError, DataNotFoundError, checkpoint.CheckpointError, TrainingDiverged) as error:
-        record_failure(job_dir, error)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+    A run that fails for a known reason (a bad value, missing data, a checkpoint that does not
+    fit, a busy directory, divergence) says why in one line. Alone, it exits with status 1; in a
+    multirun it returns None, so that the other jobs go on (Optuna counts the trial as failed).
+    failed.json in the job's directory keeps the reason of a divergence, and of any failed job of
+    a sweep, for report.py."""
+    hydra_cfg = HydraConfig.get()
+    job_dir, multirun = Path(hydra_cfg.runtime.output_dir), hydra_cfg.mode == RunMode.MULTIRUN
+    try:  # a resumed run goes on with its own config, changed only where this command line says
+        metrics = train(checkpoint.resumed_config(cfg, list(hydra_cfg.overrides.task)), job_dir)
+    except (ConfigError, DataNotFoundError, checkpoint.CheckpointError, TrainingDiverged, RunDirectoryBusy) as error:
+        if isinstance(error, TrainingDiverged) or (multirun and not isinstance(error, RunDirectoryBusy)):
+            record_failure(job_dir, error)  # the run's own failure (not a refused resume of another run)
+        if multirun:
             log.error(f"error: {error} (job {job_dir}; the sweep goes on)")
             return None
         sys.exit(f"error: {error}")
     if metrics.get("interrupted"):
-        sys.exit(130)
+        sys.exit(128 + metrics["interrupted"])  # the shell's code for a process ended by that signal
     return metrics.get("test_elbo")
 
 
 if __name__ == "__main__":
+    register_resolvers()  # conf/config.yaml's hydra.run.dir
     main()

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from vae import checkpoint
 from vae.build import build_networks, build_svi
-from vae.config import ConfigError, check_config, resolve_device
+from vae.config import ConfigError, check_config, register_resolvers, resolve_device
 from vae.data import DataNotFoundError, load_split, observe_test_set
 from vae.provenance import record_provenance
 from vae.runs import RunError, load_run
@@ -102,6 +102,8 @@ def estimator_moments(cfg: DictConfig, encoder: nn.Module, decoder: nn.Module, x
 def measure(cfg: DictConfig, encoder: nn.Module, decoder: nn.Module, x_train: Tensor,
             estimators: dict[str, DictConfig]) -> dict[str, dict[str, Any]]:
     """Variance and SNR of each named estimator config (see the module docstring), all from the same weights."""
+    if cfg.batch_size > len(x_train):
+        raise ConfigError(f"batch_size={cfg.batch_size}: larger than the {len(x_train)} training images")
     weights = {name: deepcopy(network.state_dict()) for name, network in zip(NETWORKS, (encoder, decoder))}
     results = {}
     for name, estimator_cfg in estimators.items():
@@ -193,4 +195,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    register_resolvers()  # conf/config.yaml's hydra.run.dir
     main()

@@ -1,6 +1,7 @@
 """The benchmark compares like with like, and runs end to end on a tiny config."""
 from __future__ import annotations
 
+import re
 import statistics
 
 import pyro
@@ -11,6 +12,7 @@ from hydra.utils import instantiate
 from bench import bench, raw_step, summary, table
 from conftest import FAST, compose_config
 from vae.build import build_svi, svi_step
+from vae.config import ConfigError
 
 IMAGE_SHAPE = (1, 16, 16)
 
@@ -120,3 +122,10 @@ def test_bench_times_every_variant():
     assert evaluation["decoder_images_per_second"] > evaluation["iw_images_per_second"] > 0  # IW decodes too
     assert report["machine"]["torch"] == torch.__version__
     assert "reparam" in table(report)
+
+
+@pytest.mark.parametrize("override", ["bench.rounds=0", "bench.steps_per_round=0", "bench.warmup_rounds=-1"])
+def test_bench_refuses_settings_that_time_nothing(override):
+    cfg = compose_config(*FAST, override, config_name="bench")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(override.split('=')[0])}="):
+        bench(cfg, {})

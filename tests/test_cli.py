@@ -13,8 +13,8 @@ import time
 from conftest import FAST, PROJECT_DIR
 
 
-def run_train(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "train.py", *args], cwd=PROJECT_DIR, capture_output=True,
+def run_train(*args: str, timeout: float = 300, cwd=PROJECT_DIR) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PROJECT_DIR / "train.py"), *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
 
 
@@ -54,7 +54,7 @@ def test_sigterm_saves_and_prints_the_resume_command(tmp_path):
     time.sleep(0.5)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + signal.SIGTERM, stderr  # as the shell reports a process ended by it
     output = stdout + stderr  # Hydra logs to stdout
     command = next(line.strip() for line in output.splitlines() if line.strip().startswith("python train.py"))
     assert command.endswith(f"resume={run_dir}") and "data.batch_size=4" in command
@@ -64,3 +64,22 @@ def test_sigterm_saves_and_prints_the_resume_command(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     epochs = [json.loads(line)["epoch"] for line in metrics_file.read_text().splitlines()]
     assert epochs == [0, 1]
+
+
+def test_resume_alone_continues_with_the_runs_own_config_in_its_own_directory(tmp_path):
+    """`python train.py resume=<run dir> trainer.epochs=2`: no other override repeated; the run goes on
+    with its saved config (synthetic data, not the default MNIST), logs into its own train.log and
+    keeps its own .hydra/overrides.yaml; a change of what the run is (the estimator) is refused."""
+    run_dir = tmp_path / "run"
+    first = run_train(*FAST, "trainer.epochs=1", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    resumed = run_train(f"resume={run_dir}", "trainer.epochs=2", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+    assert "resume changes trainer.epochs: 1 -> 2" in (run_dir / "train.log").read_text()
+    assert (run_dir / ".hydra" / "overrides.yaml").read_text() == overrides
+    assert len(list((run_dir / ".hydra").glob("resume-*/overrides.yaml"))) == 1 and not (tmp_path / "outputs").exists()
+    refused = run_train(f"resume={run_dir}", "estimator=score", cwd=tmp_path)
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines()[-1].startswith("error: checkpoint") and "estimator.reparameterized" in refused.stderr

@@ -25,6 +25,7 @@ from tasks.impute import fit_posterior, impute_fitted_importance, impute_gibbs, 
 from tasks.likelihood import images_to_evaluate
 from tasks.represent import latent_means, linear_probe
 from train import train
+from vae.config import ConfigError
 from vae.elbo import dataset_elbo
 from vae.importance import dataset_iw
 from vae.runs import RunError, load_run
@@ -354,6 +355,28 @@ def test_run_from_before_a_config_key_existed_loads(run_dir, tmp_path):
     assert list(old_run.cfg.data.exclude_classes) == []
     for old, new in zip(old_run.decoder.state_dict().values(), run.decoder.state_dict().values(), strict=True):
         assert torch.equal(old, new)
+
+
+@pytest.mark.parametrize("task,override,message", [
+    ("likelihood", "task.num_particles=0", "task.num_particles=0: must be a positive integer"),
+    ("likelihood", "task.num_particles=-5", "task.num_particles=-5"),
+    ("likelihood", "task.num_particles=abc", "task.num_particles='abc'"),
+    ("likelihood", "task.max_images=0", "task.max_images=0: must be null or a positive integer"),
+    ("likelihood", "task.max_images=-5", "task.max_images=-5"),
+    ("likelihood", "task.split=val", "task.split='val': must be train or test"),
+    ("impute", "task.fraction=0", "task.fraction=0: must be a number between 0 and 1"),
+    ("impute", "task.fraction=-0.5", "task.fraction=-0.5"),
+    ("impute", "task.fraction=1.5", "task.fraction=1.5"),
+    ("impute", "task.burn_in=100", "task.burn_in=100: must be below task.steps=100"),
+    ("impute", "task.masks=[left_half]", "task.masks=['left_half']"),
+    ("anomaly", "task.num_particles=0", "task.num_particles=0"),
+])
+def test_bad_task_values_stop_before_the_run_is_loaded(tmp_path, task, override, message):
+    """Checked before any work: the run named here does not even exist."""
+    with pytest.raises(ConfigError) as error:
+        evaluate(tmp_path / "no_such_run", tmp_path, task, override)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_bad_run_is_one_line(tmp_path):

@@ -169,3 +169,11 @@ def test_a_diverging_trial_does_not_end_the_optuna_study(tmp_path):
     assert failed and finished and len(failed) + len(finished) == 3, (failed, finished)
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert best["best_params"]["optim.optim_args.lr"] == 1e-3 and best["best_value"] < 0
+
+
+def test_report_of_a_missing_sweep_is_one_line_and_creates_nothing(tmp_path):
+    result = subprocess.run([sys.executable, "report.py", f"sweep={tmp_path / 'nowhere'}"], cwd=PROJECT_DIR,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"error: no such directory: {tmp_path / 'nowhere'}"
+    assert not (tmp_path / "nowhere").exists()

@@ -1,11 +1,17 @@
 """Short real training runs, exact resume, and the bad-input cases, all in-process."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import shutil
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pyro
 import pytest
@@ -14,14 +20,17 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_module
-from conftest import mnist_root
+from conftest import FAST, PROJECT_DIR, mnist_root
 from train import TrainingDiverged, train
 from vae import build
+from vae import checkpoint as checkpoint_module
 from vae.build import build_networks
 from vae.checkpoint import CheckpointError, RunState, config_differences
 from vae.config import ConfigError
 from vae.data import DataNotFoundError
 from vae.elbo import elbo_parts
+from vae.logbook import RunDirectoryBusy
+from vae.logbook import read_metrics as read_metrics_leaving_out_a_cut_line
 from vae.provenance import read_provenance
 
 
@@ -236,6 +245,19 @@ def test_bf16_runs_the_layers_in_bfloat16_and_keeps_log_densities_float32(fast_c
         ("device=tpu", "device='tpu'"),
         ("estimator.elbo.num_particles=0", "estimator.elbo.num_particles=0"),
         ("trainer.max_minutes=0", "trainer.max_minutes=0"),
+        ("seed=-1", "seed=-1"),
+        ("seed=4294967296", "seed=4294967296"),
+        ("seed=1.5", "seed=1.5"),
+        ("data.exclude_classes=3", "data.exclude_classes=3"),
+        ("data.exclude_classes=[a]", "data.exclude_classes=['a']"),
+        ("data.exclude_classes=[0,1,2,3,4,5,6,7,8,9]", "data.exclude_classes=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]: leaves no"),
+        ("data.exclude_classes=[42]", "data.exclude_classes=[42]: no training image has label 42"),
+        ("trainer.num_grid_images=0", "trainer.num_grid_images=0"),
+        ("trainer.num_grid_images=-1", "trainer.num_grid_images=-1"),
+        ("data.subset=5000", "data.subset=5000: the training split has only 2048 images"),
+        ("data.batch_size=100000", "data.batch_size=100000: larger than the 512 training images"),
+        ("optim.optim_args.lr=inf", "optim.optim_args.lr=inf"),
+        ("threads=0", "threads=0"),
     ],
 )
 def test_invalid_values_stop_before_training(fast_config, tmp_path, override, message):
@@ -249,6 +271,30 @@ def test_missing_data_says_where_to_put_it(config, tmp_path):
     cfg = config(f"data.root={tmp_path}", "data.dataset.download=false", "device=cpu")
     with pytest.raises(DataNotFoundError, match=r"MNIST is not under .*VAE_DATA_ROOT"):
         train(cfg, tmp_path / "run")
+
+
+def test_a_failed_download_leaves_no_empty_folders(config, tmp_path, monkeypatch):
+    """Offline, torchvision makes <root>/MNIST/raw and then fails to download: the folders it made go."""
+    import torchvision
+
+    def download_offline(dataset):
+        os.makedirs(dataset.raw_folder, exist_ok=True)
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz: no network")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", download_offline)
+    root = tmp_path / "data"
+    with pytest.raises(DataNotFoundError, match="no network"):
+        train(config(f"data.root={root}", "device=cpu"), tmp_path / "run")
+    assert not root.exists()
+
+
+def test_corrupt_data_files_are_named(config, tmp_path):
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\x00\x00\x08\x03 truncated")
+    with pytest.raises(DataNotFoundError, match=rf"MNIST's files in {raw} are corrupt or truncated"):
+        train(config(f"data.root={tmp_path}", "data.dataset.download=false", "device=cpu"), tmp_path / "run")
 
 
 def test_corrupt_checkpoint_is_reported_and_kept(fast_config, tmp_path):
@@ -291,6 +337,101 @@ def test_checkpoint_from_before_a_config_key_existed_still_matches(fast_config):
     cfg = fast_config()
     saved = OmegaConf.to_container(cfg, resolve=True)
     del saved["data"]["exclude_classes"]  # written before the key was added: it meant []
-    assert config_differences(OmegaConf.create(saved), cfg) == []
+    assert config_differences(OmegaConf.create(saved), cfg) == ([], [])
     saved["data"]["exclude_classes"] = [3]
-    assert config_differences(OmegaConf.create(saved), cfg) == ["data.exclude_classes: [3] -> []"]
+    assert config_differences(OmegaConf.create(saved), cfg) == (["data.exclude_classes: [3] -> []"], [])
+
+
+def test_resume_takes_a_new_learning_rate_and_a_new_optimizer(fast_config, tmp_path):
+    """The hint after a divergence (lower the lr, or optim=clipped_adam) works on resume: the new
+    lr is used (the weights differ from resuming with the old one), and ClippedAdam takes over."""
+    train(fast_config("trainer.epochs=1"), tmp_path / "run")
+    weights = {}
+    for name, overrides in {"same": [], "lr": ["optim.optim_args.lr=1e-2"], "clipped": ["optim=clipped_adam"]}.items():
+        pyro.clear_param_store()
+        run = tmp_path / name
+        shutil.copytree(tmp_path / "run", run)
+        train(fast_config("trainer.epochs=2", *overrides), run)
+        weights[name] = param_snapshot()
+        assert [m["epoch"] for m in read_metrics(run)] == [0, 1, 2]
+    pyro.clear_param_store()
+    train(fast_config("trainer.epochs=2"), tmp_path / "straight")
+    assert all(torch.equal(v, param_snapshot()[k]) for k, v in weights["same"].items())  # nothing changed: exact
+    for name in ("lr", "clipped"):
+        assert any(not torch.equal(v, weights["same"][k]) for k, v in weights[name].items()), name
+
+
+def test_resume_refuses_a_change_of_the_runs_identity(fast_config, tmp_path):
+    train(fast_config("trainer.epochs=1"), tmp_path)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    pyro.clear_param_store()
+    with pytest.raises(CheckpointError, match=r"estimator.reparameterized: True -> False.*only trainer.epochs"):
+        train(fast_config("trainer.epochs=2", "estimator=score"), tmp_path)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before and len(read_metrics(tmp_path)) == 2
+
+
+def test_metrics_agree_with_the_checkpoint_after_a_crash(fast_config, tmp_path):
+    """A crash after an epoch's line was written but before its checkpoint (and a last line cut
+    short): the resumed run keeps each epoch once, and ends where an uninterrupted run ends."""
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train(fast_config(), straight)
+    straight_params = param_snapshot()
+    pyro.clear_param_store()
+    train(fast_config("trainer.epochs=1"), crashed)
+    lines = (crashed / "metrics.jsonl").read_text()
+    (crashed / "metrics.jsonl").write_text(lines + (straight / "metrics.jsonl").read_text().splitlines()[2] + "\n" + '{"epoch": 3, "tr')
+    assert read_metrics_leaving_out_a_cut_line(crashed)[-1]["epoch"] == 2  # the cut line is left out when read
+    pyro.clear_param_store()
+    train(fast_config(), crashed)
+    assert [m["epoch"] for m in read_metrics(crashed)] == [0, 1, 2]
+    assert all(torch.equal(v, straight_params[k]) for k, v in param_snapshot().items())
+    assert (crashed / "metrics.jsonl").read_text().count("\n") == 3  # no cut line left behind
+
+
+def test_an_older_checkpoint_starts_a_new_run_and_never_overwrites_the_newer(fast_config, tmp_path):
+    run, branch = tmp_path / "run", tmp_path / "branch"
+    train(fast_config("trainer.keep_checkpoints=true"), run)
+    newest = (run / "checkpoint.pt").read_bytes()
+    pyro.clear_param_store()
+    with pytest.raises(CheckpointError, match="newer checkpoint.pt"):
+        train(fast_config(f"resume={run / 'checkpoint_epoch_001.pt'}"), run)
+    train(fast_config(f"resume={run / 'checkpoint_epoch_001.pt'}"), branch)
+    assert (run / "checkpoint.pt").read_bytes() == newest and len(read_metrics(run)) == 3
+    assert [m["epoch"] for m in read_metrics(branch)] == [0, 1, 2]  # epochs 0-1 carried over, 2 trained anew
+    assert read_metrics(branch)[:2] == read_metrics(run)[:2]
+
+
+def test_a_second_training_in_the_same_directory_stops_at_once(fast_config, tmp_path):
+    """While one process trains in a directory (it holds train.lock), another is refused before
+    it writes anything, with the first one's process id."""
+    command = [sys.executable, "train.py", *FAST, "data.subset=null", "data.batch_size=4", "trainer.epochs=100",
+               f"hydra.run.dir={tmp_path}"]
+    first = subprocess.Popen(command, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "metrics.jsonl").is_file() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        lines = (tmp_path / "metrics.jsonl").read_text()
+        with pytest.raises(RunDirectoryBusy, match=rf"in use by another training \(process {first.pid}"):
+            train(fast_config(), tmp_path)
+        assert (tmp_path / "metrics.jsonl").read_text().startswith(lines)  # nothing of the second run
+    finally:
+        first.kill()
+        first.wait()
+    pyro.clear_param_store()
+    train(fast_config("trainer.epochs=1", "data.subset=null", "data.batch_size=4"), tmp_path)  # the lock died with it
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint(fast_config, tmp_path, monkeypatch):
+    train(fast_config("trainer.epochs=1"), tmp_path)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    pyro.clear_param_store()
+
+    def save_on_a_full_disk(contents, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", save_on_a_full_disk)
+    with pytest.raises(CheckpointError, match=f"cannot write {tmp_path / 'checkpoint.pt'}: no space left on {tmp_path}"):
+        train(fast_config("trainer.epochs=2"), tmp_path)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before and not (tmp_path / "checkpoint.pt.tmp").exists()

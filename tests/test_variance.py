@@ -19,7 +19,7 @@ from conftest import FAST, PROJECT_DIR, compose_config
 from hydra.utils import instantiate
 
 from train import train
-from variance import estimator_moments, gradient_moments
+from variance import estimator_moments, gradient_moments, variance
 from vae.config import ConfigError, check_config
 
 TINY = ["model.channels=[2]", "model.hidden_dim=4", "model.latent_dim=2"]
@@ -148,3 +148,10 @@ def test_avg_baseline_drops_the_partial_batch():
     assert compose_config("estimator=score_avg_baseline").data.drop_last is True
     assert compose_config("estimator=score_nn_baseline").data.drop_last is True
     assert compose_config("estimator=score").data.drop_last is False
+
+
+def test_a_minibatch_larger_than_the_data_is_refused(tmp_path):
+    cfg = compose_config(*FAST, "data.subset=64", "estimators=[reparam]", "samples=2", "batch_size=100000",
+                         config_name="variance")
+    with pytest.raises(ConfigError, match=r"^batch_size=100000: larger than the 64 training images$"):
+        variance(cfg, {"reparam": compose_config("estimator=reparam").estimator}, tmp_path)

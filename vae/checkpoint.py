@@ -4,9 +4,17 @@ A checkpoint holds the Pyro param store (every network weight), the optimizer's 
 random number generator's state, the config, and the `RunState`: where in which epoch the run
 stands. It is written atomically (a temporary file, then a rename), so a crash mid-write never
 leaves a broken file. Checkpoints are pickles: load only those you made yourself.
+
+Resuming continues a run with its own saved config. Only the keys of MAY_CHANGE may be changed
+on resume (how long to train, the optimizer and its learning rate, where and how fast to run);
+each change is logged, and any other difference is refused with the list. `resume=<run dir>`
+(or its checkpoint.pt) continues the run in its directory; an older copy
+(checkpoint_epoch_NNN.pt) starts a new run directory from it, never overwriting the newer one.
 """
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import random
 from dataclasses import dataclass, fields
@@ -20,11 +28,14 @@ from omegaconf import DictConfig, OmegaConf
 from pyro.optim import PyroOptim
 from torch import Tensor, nn
 
+log = logging.getLogger(__name__)
 CHECKPOINT_NAME = "checkpoint.pt"
-# Config keys that must match to continue a run; anything else may change on resume.
-# data.root and data.dataset.download say where the files are, not what they are.
-MUST_MATCH = ("model", "data")
-MAY_DIFFER = ("data.root", "data.dataset.download")
+# The config keys (and everything under them) that may change when a run is resumed; every other
+# key is the run's identity. data.root and data.dataset.download say where the files are, not what
+# they are; the speed options change how the networks run, not what they compute.
+MAY_CHANGE = ("trainer.epochs", "trainer.max_minutes", "trainer.test_every", "trainer.num_grid_images",
+              "trainer.keep_checkpoints", "trainer.check_every_step", "trainer.channels_last", "trainer.bf16",
+              "trainer.compile", "optim", "device", "threads", "resume", "data.root", "data.dataset.download")
 # Keys added after checkpoints were first written, with the value an older checkpoint implies.
 ADDED_KEYS = {"data.exclude_classes": []}
 
@@ -93,6 +104,19 @@ def to_resume(cfg: DictConfig, out_dir: Path) -> Path | None:
     return own if own.is_file() else None
 
 
+def run_directory(resume_from: Path | None, out_dir: Path) -> Path:
+    """Where a run writes: the directory of the run it continues (resume_from is that run's
+    checkpoint.pt), else `out_dir`, a new run, also when it starts from an older per-epoch copy."""
+    if resume_from is None:
+        return out_dir
+    if resume_from.name == CHECKPOINT_NAME:
+        return resume_from.parent
+    if resume_from.parent.resolve() == out_dir.resolve():
+        raise CheckpointError(f"resume={resume_from} would go on in {out_dir}, over its newer {CHECKPOINT_NAME}; "
+                              "an older checkpoint starts a new run: give another output directory")
+    return out_dir
+
+
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -123,7 +147,13 @@ def save(path: Path, state: RunState, optimizer: PyroOptim, cfg: DictConfig, kee
         copies.append(epoch_checkpoint_path(path.parent, state.epoch - 1))
     for target in copies:
         temporary = target.with_name(target.name + ".tmp")
-        torch.save(contents, temporary)
+        try:
+            torch.save(contents, temporary)
+        except (OSError, RuntimeError) as error:  # torch's zip writer says "unexpected pos" on a full disk
+            temporary.unlink(missing_ok=True)
+            full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "unexpected pos" in str(error)
+            reason = f"no space left on {target.parent}" if full else str(error)
+            raise CheckpointError(f"cannot write {target}: {reason}; the last good checkpoint is kept") from error
         os.replace(temporary, target)
 
 
@@ -141,27 +171,57 @@ def read(path: Path) -> dict[str, Any]:
 
 
 def load(path: Path, cfg: DictConfig) -> dict[str, Any]:
-    """Read a checkpoint and check that it was made with this model and data config."""
+    """Read a checkpoint and check that `cfg` differs from the config it was made with in the
+    keys of MAY_CHANGE only; log each such change."""
     contents = read(path)
-    check_matches(contents, cfg, path)
+    refused, changed = config_differences(saved_config(contents), cfg)
+    if refused:
+        raise CheckpointError(
+            f"checkpoint {path} was made with a different config: {'; '.join(refused)}. Resume continues a run "
+            f"with its own config (only {', '.join(MAY_CHANGE)} may change), or start a new run"
+        )
+    for change in changed:
+        log.info(f"resume changes {change}")
     return contents
 
 
-def check_matches(contents: dict[str, Any], cfg: DictConfig, path: Path) -> None:
-    """Refuse, listing the keys, a checkpoint whose model or data config differs from `cfg`."""
-    differences = config_differences(OmegaConf.create(contents["config"]), cfg)
-    if differences:
-        raise CheckpointError(
-            f"checkpoint {path} was made with a different config: {'; '.join(differences)}. "
-            "Resume with the same model and data settings, or start a new run"
-        )
+def saved_config(contents: dict[str, Any]) -> DictConfig:
+    """The config a checkpoint was made with (keys added to the project since then filled in)."""
+    return with_added_keys(OmegaConf.create(contents["config"]))
 
 
-def restore(contents: dict[str, Any], optimizer: PyroOptim, device: torch.device,
+def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """The config to continue the run of `cfg.resume` (or of the run directory's own checkpoint)
+    with: the run's saved config, changed only where the command line's `overrides` (key=value,
+    group=option) set a key, to that key's value in the composed `cfg`. `load` then refuses what
+    may not change."""
+    contents = read(checkpoint_path(cfg.resume)) if cfg.resume is not None else None
+    if contents is None:
+        return cfg
+    resumed, absent = saved_config(contents), object()
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        value = OmegaConf.select(cfg, key, default=absent)
+        if key.startswith("hydra.") or value is absent:
+            continue  # Hydra's own settings; a recipe's name (experiment=...), which is no key
+        OmegaConf.update(resumed, key, value, merge=False, force_add=True)
+    return resumed
+
+
+def restore(contents: dict[str, Any], optimizer: PyroOptim, cfg: DictConfig, device: torch.device,
             **networks: nn.Module) -> RunState:
-    """Put a checkpoint's weights, optimizer state and RNG states back; return its RunState."""
+    """Put a checkpoint's weights, optimizer state and RNG states back; return its RunState.
+
+    The optimizer's moment estimates carry over with the hyperparameters of `cfg.optim` (a new
+    learning rate takes effect); a different optimizer class starts with fresh moments."""
     restore_params(contents["param_store"], device, **networks)
-    optimizer.set_state(contents["optimizer"])
+    saved_target = saved_config(contents).optim._target_
+    if saved_target == cfg.optim._target_:
+        hyperparameters = OmegaConf.to_container(cfg.optim.optim_args, resolve=True)
+        optimizer.set_state({name: {**state, "param_groups": [{**group, **hyperparameters} for group in state["param_groups"]]}
+                             for name, state in contents["optimizer"].items()})
+    else:
+        log.info(f"optim._target_ changed from {saved_target} to {cfg.optim._target_}: its moment estimates start afresh")
     set_rng_state(contents["rng"])
     return RunState(**{key: contents[key] for key in STATE_KEYS})
 
@@ -183,18 +243,17 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def config_differences(saved: DictConfig, current: DictConfig) -> list[str]:
-    """'key: saved -> current' for every model/data key that differs (a key of ADDED_KEYS
-    missing on either side counts as its old value)."""
-    saved_flat = _flatten({key: OmegaConf.to_container(saved[key], resolve=True) for key in MUST_MATCH if key in saved})
-    current_flat = _flatten({key: OmegaConf.to_container(current[key], resolve=True) for key in MUST_MATCH})
-    saved_flat, current_flat = {**ADDED_KEYS, **saved_flat}, {**ADDED_KEYS, **current_flat}
-    keys = sorted(set(saved_flat) | set(current_flat))
-    return [
-        f"{key}: {saved_flat.get(key)!r} -> {current_flat.get(key)!r}"
-        for key in keys
-        if key not in MAY_DIFFER and saved_flat.get(key) != current_flat.get(key)
-    ]
+def config_differences(saved: DictConfig, current: DictConfig) -> tuple[list[str], list[str]]:
+    """('key: saved -> current' for every key that differs and may not change on resume, the same
+    for the keys that may); a key of ADDED_KEYS missing on either side counts as its old value."""
+    saved_flat = {**ADDED_KEYS, **_flatten(OmegaConf.to_container(saved, resolve=True))}
+    current_flat = {**ADDED_KEYS, **_flatten(OmegaConf.to_container(current, resolve=True))}
+    refused, changed = [], []
+    for key in sorted(set(saved_flat) | set(current_flat)):
+        if saved_flat.get(key) != current_flat.get(key):
+            may_change = any(key == prefix or key.startswith(prefix + ".") for prefix in MAY_CHANGE)
+            (changed if may_change else refused).append(f"{key}: {saved_flat.get(key)!r} -> {current_flat.get(key)!r}")
+    return refused, changed
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:

@@ -5,6 +5,9 @@ refuse a value that composes but cannot work, in one line that names the key and
 """
 from __future__ import annotations
 
+import math
+from pathlib import Path
+
 import torch
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
@@ -14,7 +17,7 @@ from pyro.infer import (JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, Ji
 from model import LIKELIHOODS
 
 POSITIVE_INTS = ("model.latent_dim", "model.hidden_dim", "data.batch_size", "trainer.epochs",
-                 "trainer.test_every", "estimator.elbo.num_particles")
+                 "trainer.test_every", "trainer.num_grid_images", "estimator.elbo.num_particles")
 JIT_ELBOS = (JitTrace_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO, JitTraceEnum_ELBO)
 
 
@@ -22,31 +25,43 @@ class ConfigError(ValueError):
     """A config value that training cannot use."""
 
 
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def check_config(cfg: DictConfig) -> None:
     """Stop before any work, naming the key and the value, when a setting cannot work."""
     for key in POSITIVE_INTS:
         value = OmegaConf.select(cfg, key)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise ConfigError(f"{key}={value!r}: must be a positive integer")
+    if not is_int(cfg.seed) or not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed={cfg.seed!r}: must be an integer from 0 to 2**32 - 1")
     channels = cfg.model.channels
-    if not channels or any(not isinstance(c, int) or c <= 0 for c in channels):
+    if not channels or any(not is_int(c) or c <= 0 for c in channels):
         raise ConfigError(f"model.channels={list(channels)!r}: must be a non-empty list of positive integers")
     if cfg.model.likelihood not in LIKELIHOODS:
         raise ConfigError(f"model.likelihood={cfg.model.likelihood!r}: must be one of {LIKELIHOODS}")
-    if not cfg.model.min_scale > 0:
+    if not is_number(cfg.model.min_scale) or not cfg.model.min_scale > 0:
         raise ConfigError(f"model.min_scale={cfg.model.min_scale!r}: must be > 0")
     subset = cfg.data.subset
-    if subset is not None and (not isinstance(subset, int) or subset <= 0):
+    if subset is not None and (not is_int(subset) or subset <= 0):
         raise ConfigError(f"data.subset={subset!r}: must be null or a positive integer")
+    excluded = cfg.data.get("exclude_classes")
+    if not OmegaConf.is_list(excluded) or any(not is_int(label) for label in excluded):
+        raise ConfigError(f"data.exclude_classes={excluded!r}: must be a list of labels, e.g. [3] or []")
     max_minutes = cfg.trainer.get("max_minutes")
-    if max_minutes is not None and (isinstance(max_minutes, bool) or not isinstance(max_minutes, (int, float))
-                                    or not max_minutes > 0):
+    if max_minutes is not None and (not is_number(max_minutes) or not 0 < max_minutes < math.inf):
         raise ConfigError(f"trainer.max_minutes={max_minutes!r}: must be null (no time budget) or > 0")
     lr = OmegaConf.select(cfg, "optim.optim_args.lr")
-    if not isinstance(lr, (int, float)) or not lr > 0:
-        raise ConfigError(f"optim.optim_args.lr={lr!r}: the learning rate must be > 0")
+    if not is_number(lr) or not 0 < lr < math.inf:
+        raise ConfigError(f"optim.optim_args.lr={lr!r}: the learning rate must be a finite number > 0")
     threads = cfg.get("threads")
-    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads <= 0):
+    if threads is not None and (not is_int(threads) or threads <= 0):
         raise ConfigError(f"threads={threads!r}: must be null (torch's default) or a positive integer")
     check_estimator(cfg)
     device = str(cfg.device)
@@ -86,3 +101,60 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def resume_directory(resume: str | None, fresh: str) -> str:
+    """hydra.run.dir (conf/config.yaml): the directory of the run that `resume` continues in
+    place (resume=<run dir> or <run dir>/checkpoint.pt), else `fresh`, a new run's directory."""
+    path = Path(str(resume)).expanduser() if resume is not None else None
+    if path is not None and path.is_dir():
+        return str(path)
+    if path is not None and path.name == "checkpoint.pt":
+        return str(path.parent)
+    return fresh
+
+
+def resume_subdirectory(resume: str | None, fresh: str, stamp: str) -> str:
+    """hydra.output_subdir: a run continued in place keeps its .hydra/ (its overrides and config)
+    and gets .hydra/resume-<stamp>/ for this invocation's."""
+    return fresh if resume_directory(resume, "") == "" else f"{fresh}/resume-{stamp}"
+
+
+def register_resolvers() -> None:
+    """Before @hydra.main of an entry point that composes conf/config.yaml: its hydra.run.dir and
+    output_subdir use these."""
+    OmegaConf.register_new_resolver("resume_dir", resume_directory, replace=True)
+    OmegaConf.register_new_resolver("resume_subdir", resume_subdirectory, replace=True)
+
+
+def positive_int(value: object) -> bool:
+    return is_int(value) and value > 0
+
+
+# Every option of an evaluation task (conf/task/*.yaml), by name: what it must be.
+TASK_RULES = {
+    **{key: (positive_int, "a positive integer") for key in (
+        "num_particles", "batch_size", "particles_per_chunk", "steps", "fit_steps", "num_samples", "num_images",
+        "num_pairs", "manifold_steps", "max_iter", "num_shown")},
+    **{key: (lambda v: v is None or positive_int(v), "null or a positive integer")
+       for key in ("max_images", "whole_split_particles")},
+    **{key: (lambda v: v is None or (is_int(v) and v >= 0), "null or an integer >= 0") for key in ("sample_seed",)},
+    **{key: (lambda v: is_int(v) and 0 <= v < 2**32, "an integer from 0 to 2**32 - 1") for key in ("seed",)},
+    "burn_in": (lambda v: is_int(v) and v >= 0, "an integer >= 0, below task.steps"),
+    "fraction": (lambda v: is_number(v) and 0 < v < 1, "a number between 0 and 1, the share of pixels hidden"),
+    "split": (lambda v: v in ("train", "test"), "train or test"),
+    "splits": (lambda v: OmegaConf.is_list(v) and len(v) > 0 and set(v) <= {"train", "test"}, "a list of train, test"),
+    "masks": (lambda v: OmegaConf.is_list(v) and len(v) > 0 and set(v) <= {"random", "top_half", "bottom_half",
+              "centre_square"}, "a list of random, top_half, bottom_half, centre_square"),
+    **{key: (lambda v: is_number(v) and 0 < v < math.inf, "a finite number > 0")
+       for key in ("fit_lr", "l2", "traversal_radius")},
+}
+
+
+def check_task(task_cfg: DictConfig) -> None:
+    """An evaluation task's options, before the run is loaded: one line naming the key and value."""
+    for key, value in task_cfg.items():
+        if key in TASK_RULES and not TASK_RULES[key][0](value):
+            raise ConfigError(f"task.{key}={value!r}: must be {TASK_RULES[key][1]}")
+    if "burn_in" in task_cfg and task_cfg.burn_in >= task_cfg.steps:
+        raise ConfigError(f"task.burn_in={task_cfg.burn_in}: must be below task.steps={task_cfg.steps}")

@@ -44,16 +44,24 @@ def load_split(data_cfg: DictConfig, train: bool) -> tuple[Tensor, Tensor]:
     takes its first N), so a model can be trained without a class that the test split keeps.
     """
     root = data_root(data_cfg.root)
+    name = data_cfg.dataset._target_.rsplit(".", 1)[-1]
+    raw = root / name / "raw"
+    created = [folder for folder in (root, root / name, raw) if not folder.exists()]
     try:
         dataset = instantiate(data_cfg.dataset, root=str(root), train=train)
     except InstantiationException as wrapped:
         error = wrapped.__cause__
-        if not isinstance(error, (RuntimeError, OSError)):  # torchvision: not found, or download failed
+        if not isinstance(error, (RuntimeError, OSError, AssertionError, ValueError)):
             raise
-        name = data_cfg.dataset._target_.rsplit(".", 1)[-1]
+        if raw.is_dir() and any(raw.iterdir()):  # the files are there: they cannot be read
+            raise DataNotFoundError(f"{name}'s files in {raw} are corrupt or truncated ({type(error).__name__}: "
+                                    f"{error}); replace them with intact copies") from wrapped
+        for folder in reversed(created):  # leave no empty folders behind in a data root that may be shared
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise DataNotFoundError(
             f"{name} is not under {root} and could not be downloaded ({error}). Put the files "
-            f"in {root / name / 'raw'} (torchvision's layout), or set VAE_DATA_ROOT (or data.root=...) "
+            f"in {raw} (torchvision's layout), or set VAE_DATA_ROOT (or data.root=...) "
             f"to the folder that holds {name}/raw"
         ) from wrapped
     images = torch.as_tensor(dataset.data)
@@ -63,9 +71,18 @@ def load_split(data_cfg: DictConfig, train: bool) -> tuple[Tensor, Tensor]:
         images = images.permute(0, 3, 1, 2)
     labels = torch.as_tensor(dataset.targets, dtype=torch.long)
     if train and data_cfg.get("exclude_classes"):  # held-out classes: the test split keeps them
-        kept = ~torch.isin(labels, torch.as_tensor(list(data_cfg.exclude_classes), dtype=torch.long))
+        excluded = torch.as_tensor(list(data_cfg.exclude_classes), dtype=torch.long)
+        absent = sorted(set(excluded.tolist()) - set(labels.unique().tolist()))
+        if absent:
+            raise ConfigError(f"data.exclude_classes={list(data_cfg.exclude_classes)}: no training image has label "
+                              f"{absent[0]} (the labels are {labels.min().item()}..{labels.max().item()})")
+        kept = ~torch.isin(labels, excluded)
+        if not kept.any():
+            raise ConfigError(f"data.exclude_classes={list(data_cfg.exclude_classes)}: leaves no training image")
         images, labels = images[kept], labels[kept]
     if train and data_cfg.subset is not None:
+        if data_cfg.subset > len(images):
+            raise ConfigError(f"data.subset={data_cfg.subset}: the training split has only {len(images)} images")
         images, labels = images[: data_cfg.subset], labels[: data_cfg.subset]
     return images.float().div_(255), labels
 
@@ -75,6 +92,8 @@ def load_training_data(cfg: DictConfig, device: torch.device) -> tuple[Tensor, T
     once, with a fixed seed, for the Bernoulli likelihood), both in memory on `device`."""
     train_images, _ = load_split(cfg.data, train=True)
     test_images, _ = load_split(cfg.data, train=False)
+    if cfg.data.batch_size > len(train_images):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: larger than the {len(train_images)} training images")
     try:
         check_image_shape(tuple(train_images.shape[1:]), cfg.model.channels)
     except ValueError as error:

@@ -1,10 +1,10 @@
 """A training run's directory as others read it: its overrides, the command that continues it,
 and its networks with their trained weights, for evaluation.
 
-The networks are rebuilt from the run's own config (`.hydra/config.yaml`, or the copy inside
-`checkpoint.pt` for a run made by `train.train(cfg, out_dir)` outside Hydra) by
-`vae.build.build_networks`, so any architecture the config can express loads, and the weights
-come from the checkpoint's Pyro param store exactly as training restores them on resume.
+The networks are rebuilt from the config saved in the checkpoint (the one its weights were
+trained with, also after a resume that changed it) by `vae.build.build_networks`, so any
+architecture the config can express loads, and the weights come from the checkpoint's Pyro param
+store exactly as training restores them on resume.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pyro
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor
 
 from guide import Encoder
@@ -67,12 +67,9 @@ def load_run(run: str | Path, device: str = "auto", data_root: str | None = None
         raise RunError(f"no checkpoint at {path}: give run=<a training run directory> (one holding checkpoint.pt)")
     try:
         contents = checkpoint.read(path)
-        hydra_config = path.parent / ".hydra" / "config.yaml"  # without it, the checkpoint's own copy
-        cfg = OmegaConf.load(hydra_config) if hydra_config.is_file() else OmegaConf.create(contents["config"])
-        cfg = checkpoint.with_added_keys(cfg)  # keys added to the project since the run was made
-        checkpoint.check_matches(contents, cfg, path)  # config and checkpoint belong together
     except checkpoint.CheckpointError as error:
         raise RunError(str(error)) from error
+    cfg = checkpoint.saved_config(contents)  # keys added to the project since the run was made filled in
     if data_root is not None:  # the files may live elsewhere than where the run was trained
         cfg.data.root = data_root
     cfg.data.dataset.download = False  # evaluation never downloads

@@ -1,0 +1,59 @@
+"""kill -9 at random moments: every resumed run ends where an uninterrupted one ends, and
+metrics.jsonl holds each epoch once, in order."""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+
+from conftest import FAST, PROJECT_DIR
+
+SETTINGS = [*FAST, "data.subset=1024", "data.batch_size=16", "trainer.epochs=3"]  # 64 steps an epoch
+
+
+def command(run_dir) -> list[str]:
+    return [sys.executable, "train.py", *SETTINGS, f"hydra.run.dir={run_dir}"]
+
+
+def provenance_lines(run_dir) -> int:
+    path = run_dir / "provenance.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["param_store"]["params"]
+
+
+def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(command(straight), cwd=PROJECT_DIR, check=True, capture_output=True, timeout=300)
+    moments = random.Random(0)
+    kills = 0
+    for _ in range(3):  # each time: start (or resume), let it train a random while, kill -9
+        started_before = provenance_lines(killed)
+        process = subprocess.Popen(command(killed), cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while provenance_lines(killed) == started_before and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # until it has taken the directory and begun
+        time.sleep(moments.uniform(0.2, 4.0))
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            kills += 1
+        process.wait(timeout=60)
+    finished = subprocess.run(command(killed), cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert kills >= 2  # the moments fell inside the training, not after it
+    epochs = [json.loads(line)["epoch"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2, 3]
+    straight_weights = weights(straight)
+    for name, value in weights(killed).items():
+        assert torch.equal(value, straight_weights[name]), name
+    timing = {"seconds", "test_seconds", "wall_time"}
+    strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in timing}  # noqa: E731
+                          for line in path.read_text().splitlines()]
+    assert strip(killed / "metrics.jsonl") == strip(straight / "metrics.jsonl")
