@@ -435,3 +435,13 @@ def test_a_full_disk_keeps_the_last_good_checkpoint(fast_config, tmp_path, monke
     with pytest.raises(CheckpointError, match=f"cannot write {tmp_path / 'checkpoint.pt'}: no space left on {tmp_path}"):
         train(fast_config("trainer.epochs=2"), tmp_path)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before and not (tmp_path / "checkpoint.pt.tmp").exists()
+
+
+def test_a_finite_divergence_is_warned_about_in_readable_numbers(fast_config, tmp_path, caplog):
+    """lr=1e3 without NaN: the test ELBO sinks to ~-1e20 and more; the log says the run diverges,
+    in four significant digits."""
+    train(fast_config("trainer.epochs=1", "data.subset=128", "optim.optim_args.lr=1e3", "trainer.check_every_step=false"),
+          tmp_path)
+    (line,) = [r.getMessage() for r in caplog.records if "training is diverging" in r.getMessage()]
+    elbo = read_metrics(tmp_path)[-1]["test_elbo"]
+    assert elbo < -1e4 and line.startswith(f"test ELBO {elbo:.4g} is far below the untrained model's")

@@ -65,6 +65,7 @@ class Logbook:
         self.out_dir = Path(out_dir)
         self.writer: SummaryWriter | None = None
         self.lock_file = None
+        self.untrained_elbo: float | None = None  # epoch 0's test ELBO, to tell a finite divergence
 
     def __enter__(self) -> Logbook:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +101,7 @@ class Logbook:
             temporary = metrics_file.with_name(METRICS_NAME + ".tmp")
             temporary.write_text("".join(json.dumps(m) + "\n" for m in kept))
             os.replace(temporary, metrics_file)
+        self.untrained_elbo = next((m["test_elbo"] for m in kept if m["epoch"] == 0), None)
         self.writer = SummaryWriter(self.out_dir / "tensorboard", purge_step=keep_before)
         record_provenance(self.out_dir, device, **provenance)
         return kept[-1] if kept else {}
@@ -112,6 +114,13 @@ class Logbook:
             if key != "epoch" and value is not None:
                 self.writer.add_scalar(key, value, metrics["epoch"])
         log.info(" ".join(f"{k}={readable(v)}" for k, v in metrics.items()))
+        elbo = metrics.get("test_elbo")
+        if metrics["epoch"] == 0:
+            self.untrained_elbo = elbo
+        elif elbo is not None and self.untrained_elbo is not None and elbo < self.untrained_elbo - 10 * abs(self.untrained_elbo):
+            log.warning(f"test ELBO {readable(elbo)} is far below the untrained model's {readable(self.untrained_elbo)} "
+                        f"(KL {readable(metrics.get('test_kl'))}): training is diverging; try a lower learning rate, "
+                        "optim=clipped_adam, or a variance-reduced estimator")
 
     def images(self, epoch: int, **grids: tuple[Tensor, int]) -> None:
         """Each name=(images (N, C, H, W) in [0, 1], images per row) as images/<name>_NNN.png
