@@ -65,7 +65,7 @@ def test_data_root_defaults_to_environment(monkeypatch):
 
 
 RECIPES = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
-PRIMARY = {"train": "config", "evaluate": "evaluate", "variance": "variance", "bench": "bench"}
+PRIMARY = {"train": "config", "evaluate": "evaluate", "variance": "variance", "bench": "bench", "faults": "faults"}
 
 
 def recipe_command(recipe: str) -> tuple[str, bool]:
@@ -89,7 +89,7 @@ def test_every_recipe_composes_with_its_entry_point(recipe):
         assert hydra_cfg["sweeper"]["params"] and hydra_cfg["sweep"]["dir"] == f"multirun/experiments/{recipe}"
     else:
         assert hydra_cfg["run"]["dir"] == f"outputs/experiments/{recipe}"
-    if entry != "evaluate":  # evaluation recipes name a run to load, which a test cannot have
+    if entry in ("train", "variance", "bench"):  # evaluation recipes name a run to load, which a test cannot have
         check_config(cfg)
 
 

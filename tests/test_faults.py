@@ -57,3 +57,18 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
     strip = lambda path: [{k: v for k, v in json.loads(line).items() if k not in timing}  # noqa: E731
                           for line in path.read_text().splitlines()]
     assert strip(killed / "metrics.jsonl") == strip(straight / "metrics.jsonl")
+
+
+def test_the_fault_script_counts_what_was_lost(tmp_path):
+    """faults.py end to end, on one run with one SIGKILL and one SIGTERM: both resumed, nothing lost."""
+    settings = "[" + ",".join(f"'{s}'" for s in [*FAST, "data.subset=128", "trainer.epochs=1"]) + "]"
+    result = subprocess.run([sys.executable, "faults.py", "faults.runs=1", "faults.kills=1", "faults.terms=1",
+                             f"faults.settings={settings}", f"hydra.run.dir={tmp_path}"], cwd=PROJECT_DIR,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "faults.json").read_text())
+    summary = report["summary"]
+    assert (summary["runs_resumed_to_the_end"], summary["epochs_lost"], summary["epochs_duplicated"]) == (1, 0, 0)
+    assert summary["runs_equal_to_uninterrupted"] == 1 and sum(summary["moments"].values()) == 2
+    assert [e["signal"] for e in report["events"]].count("SIGKILL") == 1
+    assert (tmp_path / "faults.png").stat().st_size > 0

@@ -6,7 +6,7 @@ import ast
 
 from conftest import PROJECT_DIR
 
-ENTRY_POINTS = {"train", "evaluate", "variance", "bench", "report"}
+ENTRY_POINTS = {"train", "evaluate", "variance", "bench", "report", "faults"}
 SOURCES = sorted(p for p in PROJECT_DIR.rglob("*.py") if not p.relative_to(PROJECT_DIR).parts[0].startswith((".", "tests")))
 
 

@@ -126,8 +126,8 @@ def test_documents_are_filled_from_the_recipes_outputs(tmp_path):
     out = Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False)
     filled = fill(document, out)
     assert "old text" not in filled and filled.startswith("a\n") and filled.endswith("b\n")
-    assert "**-101.01**" in filled and "-105.25 after the first epoch" in filled and "61 s each" in filled
-    assert "Some CPU, 2 thread(s); no GPU; torch 9.9; pyro 1.9.2." in filled and "0123456" not in filled
+    assert "**-101.01**" in filled and "-105.25 after the first epoch" in filled and "about 2 minutes (61 s per epoch" in filled
+    assert "Some CPU, 2 threads; no GPU; torch 9.9; pyro 1.9.2." in filled and "0123456" not in filled
     assert "_Not run yet: `python bench.py experiment=bench`._" in filled
     docs = fill(document, Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=True))
     assert "commit 0123456; 2026-12-01." in docs

@@ -69,7 +69,8 @@ def provenance_line(out: Outputs, *directories: Path) -> str:
         return "_(no provenance.jsonl found)_"
     values = lambda key: sorted({str(e.get(key)) for e in entries})  # noqa: E731
     gpus = [g for g in values("gpu") if g != "None"]
-    parts = [f"{' / '.join(values('cpu'))}, {' / '.join(values('threads'))} thread(s)",
+    threads = values("threads")
+    parts = [f"{' / '.join(values('cpu'))}, {' / '.join(threads)} thread{'' if threads == ['1'] else 's'}",
              f"GPU {' / '.join(gpus)}" if gpus else "no GPU",
              f"torch {' / '.join(values('torch'))}", f"pyro {' / '.join(values('pyro'))}"]
     if out.full:
@@ -100,9 +101,9 @@ def quickstart(out: Outputs) -> str:
     metrics = default_run(out)
     last, first = metrics[-1], metrics[1]
     seconds = statistics.median(m["seconds"] for m in metrics[1:])
-    return (f"Ten epochs of MNIST, {seconds:.0f} s each (median), {minutes(last['wall_time'])} of training and "
-            f"testing in all, end at a test ELBO of **{last['test_elbo']:.2f}** nats per image "
-            f"({first['test_elbo']:.2f} after the first epoch, {metrics[0]['test_elbo']:.2f} untrained). "
+    return (f"{last['epoch']} epochs of MNIST take about {last['epoch'] * seconds / 60:.0f} minutes ({seconds:.0f} s "
+            f"per epoch, the median of the {len(metrics) - 1}) and end at a test ELBO of **{last['test_elbo']:.2f}** "
+            f"nats per image ({first['test_elbo']:.2f} after the first epoch, {metrics[0]['test_elbo']:.2f} untrained). "
             + provenance_line(out, out.run("default")))
 
 
@@ -245,7 +246,7 @@ def generation(out: Outputs) -> str:
     directory = out.sweep("uses") / "generate"
     if not (directory / "samples.png").is_file():
         raise NotRun(USES)
-    for name in ("samples", "interpolations", "traversals"):
+    for name in ("interpolations", "traversals"):  # its prior samples are those of the README's picture
         copy_figure(directory / f"{name}.png", out.figures / f"generate_{name}.png")
     return provenance_line(out, directory)
 
@@ -356,11 +357,27 @@ def speed_short(out: Outputs) -> str:
             + "\n\n" + provenance_line(out, out.run("bench")))
 
 
+# --- faults ------------------------------------------------------------------------------------
+
+def faults(out: Outputs) -> str:
+    directory = out.run("faults")
+    result = read_json(directory / "faults.json", "python faults.py experiment=faults")
+    copy_figure(directory / "faults.png", out.figures / "faults.png")
+    s = result["summary"]
+    rows = [["SIGKILLs / SIGTERMs sent", f"{s['kills']} / {s['terms']}"],
+            ["runs continued to the end", f"{s['runs_resumed_to_the_end']} of {s['runs']}"],
+            ["runs ending with the uninterrupted run's weights and metrics", f"{s['runs_equal_to_uninterrupted']} of {s['runs']}"],
+            ["epochs lost / duplicated in metrics.jsonl", f"{s['epochs_lost']} / {s['epochs_duplicated']}"],
+            ["exit codes after SIGTERM", ", ".join(f"{code}: {n}" for code, n in sorted(s["sigterm_exit_codes"].items()))]]
+    rows += [[f"signals while {moment}", n] for moment, n in sorted(s["moments"].items())]
+    return table(["", "count"], rows) + "\n\n" + provenance_line(out, directory)
+
+
 BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "quickstart": quickstart, "training": training, "estimators": estimators, "estimators_short": estimators_short,
     "variance": variance, "likelihood": likelihood, "likelihood_short": likelihood_short, "generation": generation,
     "representation": representation, "ood": ood, "heldout": heldout, "impute": impute, "uses_short": uses_short,
-    "speed": speed, "speed_short": speed_short,
+    "speed": speed, "speed_short": speed_short, "faults": faults,
 }
 
 
