@@ -190,7 +190,7 @@ def in_batches(method: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], x: Ten
 
 
 def impute(
-    run: TrainedRun, out_dir: Path, masks: tuple[str, ...] = MASKS, fraction: float = 0.5, max_images: int = 1000,
+    run: TrainedRun, out_dir: Path, masks: tuple[str, ...] = MASKS, fraction: float = 0.5, max_images: int = 200,
     num_particles: int = 500, fit_steps: int = 200, fit_lr: float = 0.05, steps: int = 100, burn_in: int = 20,
     batch_size: int = 100, num_shown: int = 8, seed: int = 0,
 ) -> dict:

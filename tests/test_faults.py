@@ -13,7 +13,7 @@ import torch
 
 from conftest import FAST, PROJECT_DIR
 
-SETTINGS = [*FAST, "data.subset=1024", "data.batch_size=16", "trainer.epochs=3"]  # 64 steps an epoch
+SETTINGS = [*FAST, "data.subset=512", "data.batch_size=16", "trainer.epochs=3"]  # 32 steps an epoch
 
 
 def command(run_dir) -> list[str]:
@@ -40,7 +40,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
         deadline = time.monotonic() + 120
         while provenance_lines(killed) == started_before and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)  # until it has taken the directory and begun
-        time.sleep(moments.uniform(0.2, 4.0))
+        time.sleep(moments.uniform(0.2, 2.5))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
