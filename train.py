@@ -177,7 +177,7 @@ def main(cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     job_dir, multirun = Path(hydra_cfg.runtime.output_dir), hydra_cfg.mode == RunMode.MULTIRUN
     try:  # a resumed run goes on with its own config, changed only where this command line says
-        metrics = train(checkpoint.resumed_config(cfg, list(hydra_cfg.overrides.task)), job_dir)
+        metrics = train(checkpoint.resumed_config(cfg, list(hydra_cfg.overrides.task), job_dir), job_dir)
     except (ConfigError, DataNotFoundError, checkpoint.CheckpointError, TrainingDiverged, RunDirectoryBusy) as error:
         if isinstance(error, TrainingDiverged) or (multirun and not isinstance(error, RunDirectoryBusy)):
             record_failure(job_dir, error)  # the run's own failure (not a refused resume of another run)

@@ -404,7 +404,7 @@ def test_an_older_checkpoint_starts_a_new_run_and_never_overwrites_the_newer(fas
 def test_a_second_training_in_the_same_directory_stops_at_once(fast_config, tmp_path):
     """While one process trains in a directory (it holds train.lock), another is refused before
     it writes anything, with the first one's process id."""
-    command = [sys.executable, "train.py", *FAST, "data.subset=null", "data.batch_size=4", "trainer.epochs=100",
+    command = [sys.executable, "train.py", *FAST, "data.subset=1024", "data.batch_size=4", "trainer.epochs=100",
                f"hydra.run.dir={tmp_path}"]
     first = subprocess.Popen(command, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -419,7 +419,7 @@ def test_a_second_training_in_the_same_directory_stops_at_once(fast_config, tmp_
         first.kill()
         first.wait()
     pyro.clear_param_store()
-    train(fast_config("trainer.epochs=1", "data.subset=null", "data.batch_size=4"), tmp_path)  # the lock died with it
+    train(fast_config("trainer.epochs=1", "data.subset=1024", "data.batch_size=4"), tmp_path)  # the lock died with it
 
 
 def test_a_full_disk_keeps_the_last_good_checkpoint(fast_config, tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ parameters are called, so a checkpoint made with one setting loads with any othe
 from __future__ import annotations
 
 import functools
+import warnings
 from functools import partial
 
 import pyro
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 
 from guide import Encoder, guide
 from model import Decoder, model
+from vae.config import JIT_ELBOS
 
 
 def build_networks(model_cfg: DictConfig, image_shape: tuple[int, ...], device: torch.device,
@@ -65,12 +67,15 @@ def build_svi(cfg: DictConfig, encoder: Encoder, decoder: Decoder, num_data: int
         baseline_net = instantiate(cfg.estimator.baseline_net, image_shape=decoder.image_shape)
         baseline_net = baseline_net.to(next(decoder.parameters()).device)
     baseline = cfg.estimator.get("baseline")
+    elbo = instantiate(cfg.estimator.elbo)
+    if isinstance(elbo, JIT_ELBOS):  # Pyro's JIT ELBOs call torch.jit.trace, which warns on every run
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace` is deprecated", category=FutureWarning)
     return SVI(
         partial(model, decoder=decoder, num_data=num_data),
         partial(guide, encoder=encoder, num_data=num_data, reparameterized=cfg.estimator.reparameterized,
                 baseline=OmegaConf.to_container(baseline) if baseline else None, baseline_net=baseline_net),
         instantiate(cfg.optim),
-        loss=instantiate(cfg.estimator.elbo),
+        loss=elbo,
     )
 
 

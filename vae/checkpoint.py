@@ -190,15 +190,15 @@ def saved_config(contents: dict[str, Any]) -> DictConfig:
     return with_added_keys(OmegaConf.create(contents["config"]))
 
 
-def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The config to continue the run of `cfg.resume` (or of the run directory's own checkpoint)
-    with: the run's saved config, changed only where the command line's `overrides` (key=value,
-    group=option) set a key, to that key's value in the composed `cfg`. `load` then refuses what
-    may not change."""
-    contents = read(checkpoint_path(cfg.resume)) if cfg.resume is not None else None
-    if contents is None:
+def resumed_config(cfg: DictConfig, overrides: list[str], out_dir: Path) -> DictConfig:
+    """The config to go on with: `cfg` for a new run; for a run that continues (`cfg.resume`, or
+    the checkpoint in `out_dir` of a requeued job), the run's saved config, changed only where the
+    command line's `overrides` (key=value, group=option) set a key, to that key's value in the
+    composed `cfg`. `load` then refuses what may not change."""
+    resume_from = to_resume(cfg, out_dir)
+    if resume_from is None:
         return cfg
-    resumed, absent = saved_config(contents), object()
+    resumed, absent = saved_config(read(resume_from)), object()
     for override in overrides:
         key = override.split("=", 1)[0].lstrip("+~")
         value = OmegaConf.select(cfg, key, default=absent)
