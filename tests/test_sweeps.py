@@ -10,10 +10,11 @@ import pytest
 import yaml
 from conftest import CONF_DIR, FAST, PROJECT_DIR, compose_config
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from report import report
 from train import train
-from vae.results import Outputs, fill
+from vae.results import Outputs, fill, sweep_progress
 from vae.sweeps import plot, read_jobs, summarize
 
 LAUNCHERS = sorted(path.stem for path in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
@@ -177,3 +178,20 @@ def test_report_of_a_missing_sweep_is_one_line_and_creates_nothing(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"error: no such directory: {tmp_path / 'nowhere'}"
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_a_sweep_in_progress_says_how_many_jobs_are_done(tmp_path):
+    sweep = tmp_path / "estimators"
+    fake_job(sweep / "0", ["estimator=reparam", "seed=0"], [-500, -110, -100])
+    fake_job(sweep / "1", ["estimator=reparam", "seed=1"], [-500, -106])
+    for job in ("0", "1"):
+        OmegaConf.save(OmegaConf.create({"trainer": {"epochs": 2}}), sweep / job / ".hydra" / "config.yaml")
+    OmegaConf.save(OmegaConf.create({"hydra": {"sweeper": {"params": {"estimator": "reparam,score", "seed": "0,1"}}}}),
+                   sweep / "multirun.yaml")
+    assert sweep_progress(sweep).strip() == ("**In progress:** 1 of 4 jobs have trained their 2 epochs; each row is "
+                                             "shown at the last epoch that all its seeds have reached.")
+    (sweep / "multirun.yaml").unlink()
+    fake_job(sweep / "1b", ["estimator=reparam", "seed=1"], [-500, -106, -99])  # a finished stand-in
+    OmegaConf.save(OmegaConf.create({"trainer": {"epochs": 2}}), sweep / "1b" / ".hydra" / "config.yaml")
+    (sweep / "1" / ".hydra" / "config.yaml").unlink()
+    assert sweep_progress(sweep) == ""  # every job that exists is done

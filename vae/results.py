@@ -9,6 +9,7 @@ recipe has not been run says so and names the command. Nothing in a block is typ
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import statistics
@@ -17,6 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from vae.logbook import read_metrics
 from vae.provenance import read_provenance
 from vae.sweeps import nats, plot, read_failures, read_jobs, summarize
 
@@ -140,6 +144,20 @@ def estimator_rows(out: Outputs) -> tuple[list[dict[str, Any]], dict[str, list[l
     return rows, jobs
 
 
+def sweep_progress(sweep: Path) -> str:
+    """'' when every job of the sweep has trained all its epochs, else a sentence saying how many have."""
+    jobs = [d for d in sorted(sweep.glob("*/")) if (d / ".hydra" / "config.yaml").is_file()]
+    planned = {d: OmegaConf.load(d / ".hydra" / "config.yaml").trainer.epochs for d in jobs}
+    done = [d for d in jobs if (last := read_metrics(d)) and last[-1]["epoch"] >= planned[d]]
+    multirun = sweep / "multirun.yaml"  # the sweep's own config: how many jobs it launches
+    params = OmegaConf.load(multirun).hydra.sweeper.get("params") or {} if multirun.is_file() else {}
+    total = max(len(jobs), math.prod(len(str(values).split(",")) for values in params.values()))
+    if len(done) == total:
+        return ""
+    return (f"\n\n**In progress:** {len(done)} of {total} jobs have trained their {max(planned.values())} epochs; "
+            "each row is shown at the last epoch that all its seeds have reached.")
+
+
 def estimator_name(row: dict[str, Any]) -> str:
     return f"`{row['configuration'].removeprefix('estimator=')}`"
 
@@ -159,15 +177,16 @@ def estimators(out: Outputs) -> str:
             "best epoch, each seed", "final KL(q ‖ p), each seed", "wall time (s), mean"]
     failures = "".join(f"\n\nFailed: `{f['configuration']}` seed {f['seed']}: {f['message']}"
                        for f in read_failures(out.sweep("estimators")))
-    return table(head, lines) + failures + "\n\n" + provenance_line(out, out.sweep("estimators"))
+    return (table(head, lines) + sweep_progress(out.sweep("estimators")) + failures + "\n\n"
+            + provenance_line(out, out.sweep("estimators")))
 
 
 def estimators_short(out: Outputs) -> str:
     rows, _ = estimator_rows(out)
-    lines = [[estimator_name(row), f"**{nats(row['test_elbo_median'])}**",
+    lines = [[estimator_name(row), row["epoch"], f"**{nats(row['test_elbo_median'])}**",
               " / ".join(nats(v) for v in row["test_elbo_seeds"]), f"{row['wall_time_mean'] / 60:.0f}"] for row in rows]
-    return (table([f"estimator ({rows[0]['epoch']} epochs)", "test ELBO, median of seeds", "each seed",
-                   "minutes per run"], lines) + "\n\n" + provenance_line(out, out.sweep("estimators")))
+    return (table(["estimator", "epochs", "test ELBO, median of seeds", "each seed", "minutes per run"], lines)
+            + sweep_progress(out.sweep("estimators")) + "\n\n" + provenance_line(out, out.sweep("estimators")))
 
 
 # --- gradient variance -------------------------------------------------------------------------
