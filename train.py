@@ -36,7 +36,7 @@ from vae import checkpoint
 from vae.build import build_networks, build_svi, svi_step
 from vae.checkpoint import RunState
 from vae.config import ConfigError, check_config, register_resolvers, resolve_device
-from vae.data import DataNotFoundError, bits_per_dim, epoch_batches, load_training_data, observe
+from vae.data import DataNotFoundError, epoch_batches, load_training_data, observe
 from vae.elbo import dataset_elbo
 from vae.logbook import Logbook, RunDirectoryBusy, record_failure
 from vae.preemption import StopRequest, stop_on_signals
@@ -83,10 +83,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         def test(epoch: int) -> dict[str, float]:
             """The test ELBO and its parts (t sampled from q(t|x)), and this epoch's image grids."""
             started = time.perf_counter()
-            elbo = dataset_elbo(x_test, encoder, decoder)
-            result = {"test_elbo": elbo["elbo"], "test_recon": elbo["recon"], "test_kl": elbo["kl"]}
-            if cfg.model.likelihood == "gaussian":
-                result["test_bits_per_dim"] = bits_per_dim(elbo["elbo"], image_shape)
+            result = {f"test_{key}": value for key, value in dataset_elbo(x_test, encoder, decoder).items()}
             _, t = posterior(x_shown, encoder)  # t ~ q(t|x)
             logbook.images(epoch, reconstructions=(torch.cat([x_shown, mean_image(decoder, t)]), max(1, len(x_shown) // 2)),
                            samples=(mean_image(decoder, t_prior), 8))

@@ -1,12 +1,26 @@
 """Pictures of what the model has learned: images from p(x|t) for chosen latent codes t.
 
     samples          t ~ p(t) = N(0, I) with a fixed seed, decoded
+    samples_drawn    the same t, and x ~ p(x|t): what the likelihood adds to E[x|t] (its pixel noise)
     reconstructions  test images x above, E[x|t_loc(x)] below (t at the mean of q(t|x))
     interpolations   t = (1 - a) t_loc(x_a) + a t_loc(x_b), a in [0, 1], for pairs of test images
     traversals       row d: t = v e_d for v in [-radius, radius], every other coordinate at 0
     manifold         latent_dim = 2 only: a grid of t at the standard normal's quantiles, decoded
 
-Every picture shows E[x|t] (the Bernoulli probabilities or the Gaussian mean), not a noisy sample.
+Every picture but samples_drawn shows E[x|t] (the Bernoulli probabilities, the Gaussian mean, the
+discretized logistic's mean), not a noisy sample.
+
+Sample quality as a number, beside bits/dim (`vae.classifier`): a small CNN is trained on the
+run's training split (raw intensities in [0, 1], `classifier_epochs` passes) and scores E[x|t] for
+`scored_samples` draws t ~ p(t) (with `sample_seed`: the samples grid's kind of images, more of
+them). `sample_confident_share` is the share of samples whose top class probability exceeds
+`confidence_threshold`; `test_confident_share`, the same for the real test images, is the ceiling
+to read it against. It rewards clear, digit-like means, not diversity (one well-drawn digit every
+time would score high), hence `sample_confident_classes`, the predicted classes of the confident
+samples. And the judge's confidence is no proof of a digit: a ReLU network can be confident far
+from its data, so look at the samples grid too. Classes left out of the training split
+(`data.exclude_classes`) are never learnt by the judge, which lowers `classifier_test_accuracy` by
+about their share of the test split.
 """
 from __future__ import annotations
 
@@ -16,15 +30,31 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import save_image
 
-from model import mean_image
+from model import likelihood, mean_image
+from vae.classifier import accuracy, confident_share, train_classifier
+from vae.data import load_split
 from vae.runs import TrainedRun
+
+CLASSIFIER_SEED = 0  # one judge for every sample_seed: only the samples change with it
+CONFIDENCE_THRESHOLD = 0.9
+
+
+def prior_latents(decoder: nn.Module, num_samples: int, seed: int) -> Tensor:
+    """S latents t ~ p(t) = N(0, I), (S, latent_dim), from a generator seeded with `seed`."""
+    t = torch.randn(num_samples, decoder.latent_dim, generator=torch.Generator().manual_seed(seed))
+    return t.to(next(decoder.parameters()).device)
 
 
 @torch.no_grad()
 def prior_samples(decoder: nn.Module, num_samples: int, seed: int) -> Tensor:
-    """E[x|t] (S, C, H, W) for S latents t ~ p(t) drawn from a generator seeded with `seed`."""
-    t = torch.randn(num_samples, decoder.latent_dim, generator=torch.Generator().manual_seed(seed))  # (S, L)
-    return mean_image(decoder, t.to(next(decoder.parameters()).device))
+    """E[x|t] (S, C, H, W) for the S latents of `prior_latents`."""
+    return mean_image(decoder, prior_latents(decoder, num_samples, seed))
+
+
+@torch.no_grad()
+def drawn_samples(decoder: nn.Module, num_samples: int, seed: int) -> Tensor:
+    """x ~ p(x|t) (S, C, H, W) for the same latents: E[x|t] with the likelihood's pixel noise."""
+    return likelihood(decoder, prior_latents(decoder, num_samples, seed)).sample().clamp(0, 1)
 
 
 @torch.no_grad()
@@ -55,16 +85,37 @@ def normal_quantile_grid(steps: int, device: torch.device | None = None) -> Tens
     return torch.stack([t_1.flatten(), t_2.flatten()], dim=1)
 
 
+def sample_quality(run: TrainedRun, scored_samples: int, sample_seed: int, epochs: int) -> dict[str, float | list[int]]:
+    """A classifier trained on the raw training split: its test accuracy, and its confident share
+    on the raw test images and on E[x|t] for `scored_samples` prior draws t ~ p(t)."""
+    train_images, train_labels = load_split(run.cfg.data, train=True)  # intensities, not observations
+    test_images, test_labels = load_split(run.cfg.data, train=False)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1  # the test split keeps held-out classes
+    classifier = train_classifier(train_images.to(run.device), train_labels.to(run.device), num_classes,
+                                  epochs, CLASSIFIER_SEED)
+    test_images = test_images.to(run.device)
+    test_share, _ = confident_share(classifier, test_images, CONFIDENCE_THRESHOLD)
+    sample_share, sample_classes = confident_share(
+        classifier, prior_samples(run.decoder, scored_samples, sample_seed), CONFIDENCE_THRESHOLD)
+    return {"classifier_test_accuracy": accuracy(classifier, test_images, test_labels),
+            "test_confident_share": test_share, "sample_confident_share": sample_share,
+            "sample_confident_classes": sample_classes.tolist(), "confidence_threshold": CONFIDENCE_THRESHOLD}
+
+
 def generate(
     run: TrainedRun, out_dir: Path, num_samples: int = 64, sample_seed: int = 0, num_images: int = 16,
     num_pairs: int = 8, steps: int = 10, traversal_radius: float = 3.0, manifold_steps: int = 20,
-) -> dict[str, str]:
-    """Write the pictures as PNG grids under out_dir; return their paths."""
+    classifier_epochs: int = 2, scored_samples: int = 1000,
+) -> dict[str, str | float | list[int]]:
+    """Write the pictures as PNG grids under out_dir; return their paths and, unless
+    classifier_epochs is 0, the sample-quality numbers of `sample_quality`."""
     x_test, _ = run.split(train=False)
     encoder, decoder = run.encoder, run.decoder
-    files = {"samples": out_dir / "samples.png", "reconstructions": out_dir / "reconstructions.png",
+    files = {"samples": out_dir / "samples.png", "samples_drawn": out_dir / "samples_drawn.png",
+             "reconstructions": out_dir / "reconstructions.png",
              "interpolations": out_dir / "interpolations.png", "traversals": out_dir / "traversals.png"}
     save_image(prior_samples(decoder, num_samples, sample_seed), files["samples"], nrow=int(num_samples**0.5))
+    save_image(drawn_samples(decoder, num_samples, sample_seed), files["samples_drawn"], nrow=int(num_samples**0.5))
     with torch.no_grad():
         x_shown = x_test[:num_images]
         reconstruction = mean_image(decoder, encoder(x_shown)[0])
@@ -77,4 +128,7 @@ def generate(
         with torch.no_grad():
             manifold = mean_image(decoder, normal_quantile_grid(manifold_steps, run.device))
         save_image(manifold, files["manifold"], nrow=manifold_steps)
-    return {name: str(path) for name, path in files.items()}
+    result: dict[str, str | float | list[int]] = {name: str(path) for name, path in files.items()}
+    if classifier_epochs > 0:
+        result.update(sample_quality(run, scored_samples, sample_seed, classifier_epochs))
+    return result

@@ -195,3 +195,27 @@ def test_a_sweep_in_progress_says_how_many_jobs_are_done(tmp_path):
     OmegaConf.save(OmegaConf.create({"trainer": {"epochs": 2}}), sweep / "1b" / ".hydra" / "config.yaml")
     (sweep / "1" / ".hydra" / "config.yaml").unlink()
     assert sweep_progress(sweep) == ""  # every job that exists is done
+
+
+def test_likelihoods_table_ranks_by_bits_per_dim_with_floor_samples_and_failures(tmp_path):
+    """docs' likelihoods block: one row per (likelihood, scale), the seeds at their last common epoch,
+    best bits/dim first, the floor share, each seed's confident samples, and the failed seeds."""
+    sweep, samples = tmp_path / "multirun" / "likelihoods", tmp_path / "multirun" / "likelihoods_samples"
+    jobs = {"0": ("gaussian", "pixel", 0, 3.6, 0.09), "1": ("gaussian", "pixel", 1, 3.9, 0.02),
+            "2": ("discretized_logistic", "pixel", 0, 1.52, 0.0), "3": ("discretized_logistic", "pixel", 1, 1.50, 0.0)}
+    for job, (name, scale, seed, bits, floor) in jobs.items():
+        overrides = [f"model.likelihood={name}", f"model.scale={scale}", f"seed={seed}", "experiment=likelihoods"]
+        fake_job(sweep / job, overrides, [-900, -800])
+        lines = [json.loads(line) for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
+        for m in lines:
+            m.update(test_kl=30.0 + seed, test_bits_per_dim=bits + (1.0 if m["epoch"] == 0 else 0.0), test_scale_at_floor=floor)
+        (sweep / job / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        (samples / job).mkdir(parents=True)
+        (samples / job / "metrics.json").write_text(json.dumps({"run": str(sweep / job), "sample_confident_share": 0.1 * (int(job) + 1)}))
+    (sweep / "1" / "failed.json").write_text(json.dumps({"error": "TrainingDiverged", "message": "NaN"}))
+    block = fill("<!-- report:likelihoods -->\n<!-- /report:likelihoods -->\n",
+                 Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False))
+    rows = [line for line in block.splitlines() if line.startswith("| `")]
+    assert rows == ["| `discretized_logistic` | `pixel` | 1 | **1.510** | 1.520 / 1.500 | 30.0 / 31.0 | 0.0% / 0.0% "
+                    "| 30% / 40% | none |",
+                    "| `gaussian` | `pixel` | 1 | **3.750** | 3.600 / 3.900 | 30.0 / 31.0 | 9.0% / 2.0% | 10% / 20% | seed 1 |"]

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from pyro.infer import (JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO,
                         TraceGraph_ELBO, TraceMeanField_ELBO)
 
-from model import LIKELIHOODS
+from model import LIKELIHOODS, SCALES
 
 POSITIVE_INTS = ("model.latent_dim", "model.hidden_dim", "data.batch_size", "trainer.epochs",
                  "trainer.test_every", "trainer.num_grid_images", "estimator.elbo.num_particles")
@@ -46,8 +46,21 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model.channels={list(channels)!r}: must be a non-empty list of positive integers")
     if cfg.model.likelihood not in LIKELIHOODS:
         raise ConfigError(f"model.likelihood={cfg.model.likelihood!r}: must be one of {LIKELIHOODS}")
-    if not is_number(cfg.model.min_scale) or not cfg.model.min_scale > 0:
-        raise ConfigError(f"model.min_scale={cfg.model.min_scale!r}: must be > 0")
+    if cfg.model.get("scale", "pixel") not in SCALES:
+        raise ConfigError(f"model.scale={cfg.model.scale!r}: must be one of {SCALES}")
+    for key in ("min_scale", "fixed_scale"):
+        value = cfg.model.get(key, 1.0)
+        if not is_number(value) or not 0 < value < math.inf:
+            raise ConfigError(f"model.{key}={value!r}: must be a finite number > 0")
+    components = cfg.model.get("components", 1)
+    if not is_int(components) or components < 1:
+        raise ConfigError(f"model.components={components!r}: must be a positive integer")
+    if components > 1 and (cfg.model.likelihood != "discretized_logistic" or cfg.model.get("scale") != "pixel"):
+        raise ConfigError(f"model.components={components}: a mixture needs model.likelihood=discretized_logistic "
+                          f"and model.scale=pixel (not {cfg.model.likelihood}, {cfg.model.get('scale')})")
+    squeeze = cfg.model.get("squeeze", 1e-3)
+    if not is_number(squeeze) or not 0 < squeeze < 0.5:
+        raise ConfigError(f"model.squeeze={squeeze!r}: must be a number between 0 and 0.5")
     subset = cfg.data.subset
     if subset is not None and (not is_int(subset) or subset <= 0):
         raise ConfigError(f"data.subset={subset!r}: must be null or a positive integer")
@@ -135,12 +148,13 @@ def positive_int(value: object) -> bool:
 TASK_RULES = {
     **{key: (positive_int, "a positive integer") for key in (
         "num_particles", "batch_size", "particles_per_chunk", "steps", "fit_steps", "num_samples", "num_images",
-        "num_pairs", "manifold_steps", "max_iter", "num_shown")},
+        "num_pairs", "manifold_steps", "max_iter", "num_shown", "scored_samples")},
     **{key: (lambda v: v is None or positive_int(v), "null or a positive integer")
        for key in ("max_images", "whole_split_particles")},
     **{key: (lambda v: v is None or (is_int(v) and v >= 0), "null or an integer >= 0") for key in ("sample_seed",)},
     **{key: (lambda v: is_int(v) and 0 <= v < 2**32, "an integer from 0 to 2**32 - 1") for key in ("seed",)},
     "burn_in": (lambda v: is_int(v) and v >= 0, "an integer >= 0, below task.steps"),
+    "classifier_epochs": (lambda v: is_int(v) and v >= 0, "an integer >= 0 (0: no classifier)"),
     "fraction": (lambda v: is_number(v) and 0 < v < 1, "a number between 0 and 1, the share of pixels hidden"),
     "split": (lambda v: v in ("train", "test"), "train or test"),
     "splits": (lambda v: OmegaConf.is_list(v) and len(v) > 0 and set(v) <= {"train", "test"}, "a list of train, test"),

@@ -5,8 +5,9 @@ A dataset is built from its config node (`_target_` + keyword arguments), so tor
 takes `(root, train, download)` and exposes `.data` (N, H, W) uint8 and `.targets` (N,).
 
 Pixels become observations by the likelihood's rule:
-  bernoulli: dynamic binarization, x ~ Bernoulli(intensity), a fresh draw every epoch;
-  gaussian:  uniform dequantization, x = (level + u) / 256, u ~ U[0, 1).
+  bernoulli:            dynamic binarization, x ~ Bernoulli(intensity), a fresh draw every epoch;
+  (logit_)gaussian:     uniform dequantization, x = (level + u) / 256, u ~ U[0, 1), a fresh u every epoch;
+  discretized_logistic: the 8-bit levels as they are, x = level / 255.
 The test set is observed once with a fixed seed, so test numbers are comparable across runs.
 """
 from __future__ import annotations
@@ -45,26 +46,29 @@ def load_split(data_cfg: DictConfig, train: bool) -> tuple[Tensor, Tensor]:
     """
     root = data_root(data_cfg.root)
     name = data_cfg.dataset._target_.rsplit(".", 1)[-1]
-    raw = root / name / "raw"
-    created = [folder for folder in (root, root / name, raw) if not folder.exists()]
+    files = root / data_cfg.get("files", f"{name}/raw")  # where torchvision keeps this dataset's files
+    created = [folder for folder in (files, *files.parents) if folder.is_relative_to(root) and not folder.exists()]
     try:
         dataset = instantiate(data_cfg.dataset, root=str(root), train=train)
     except InstantiationException as wrapped:
         error = wrapped.__cause__
         if not isinstance(error, (RuntimeError, OSError, AssertionError, ValueError)):
             raise
-        if raw.is_dir() and any(raw.iterdir()):  # the files are there: they cannot be read
-            raise DataNotFoundError(f"{name}'s files in {raw} are corrupt or truncated ({type(error).__name__}: "
+        if files.is_dir() and any(files.iterdir()):  # the files are there: they cannot be read
+            raise DataNotFoundError(f"{name}'s files in {files} are corrupt or truncated ({type(error).__name__}: "
                                     f"{error}); replace them with intact copies") from wrapped
-        for folder in reversed(created):  # leave no empty folders behind in a data root that may be shared
+        for folder in created:  # leave no empty folders behind in a data root that may be shared
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
         raise DataNotFoundError(
             f"{name} is not under {root} and could not be downloaded ({error}). Put the files "
-            f"in {raw} (torchvision's layout), or set VAE_DATA_ROOT (or data.root=...) "
-            f"to the folder that holds {name}/raw"
+            f"in {files} (torchvision's layout), or set VAE_DATA_ROOT (or data.root=...) "
+            f"to the folder that holds {files.relative_to(root)}"
         ) from wrapped
     images = torch.as_tensor(dataset.data)
+    if images.dtype != torch.uint8:
+        raise ConfigError(f"data.dataset._target_={data_cfg.dataset._target_}: its images are {images.dtype}; "
+                          "every likelihood here reads 8-bit images (uint8, levels 0..255)")
     if images.dim() == 3:  # (N, H, W) grayscale
         images = images.unsqueeze(1)
     else:  # (N, H, W, C) colour
@@ -92,6 +96,9 @@ def load_training_data(cfg: DictConfig, device: torch.device) -> tuple[Tensor, T
     once, with a fixed seed, for the Bernoulli likelihood), both in memory on `device`."""
     train_images, _ = load_split(cfg.data, train=True)
     test_images, _ = load_split(cfg.data, train=False)
+    if cfg.model.likelihood == "bernoulli" and train_images.shape[1] != 1:
+        raise ConfigError(f"model.likelihood=bernoulli with {train_images.shape[1]}-channel images: binarizing colour "
+                          "is no model of them; use model.likelihood=discretized_logistic or gaussian")
     if cfg.data.batch_size > len(train_images):
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}: larger than the {len(train_images)} training images")
     try:
@@ -105,6 +112,8 @@ def observe(images: Tensor, likelihood: str, generator: torch.Generator | None =
     """Turn intensities in [0, 1] into observations the likelihood can score."""
     if likelihood == "bernoulli":
         return torch.bernoulli(images, generator=generator)  # dynamic binarization
+    if likelihood == "discretized_logistic":
+        return torch.round(images * 255) / 255  # the nearest level (the data's own levels stay as they are)
     noise = torch.rand(images.shape, generator=generator, device=images.device)
     return (images * 255 + noise) / 256  # uniform dequantization to [0, 1)
 
@@ -123,13 +132,17 @@ def epoch_batches(num_data: int, batch_size: int, drop_last: bool) -> list[Tenso
     return batches
 
 
-def bits_per_dim(nats_per_image: float, image_shape: tuple[int, ...]) -> float:
-    """-log2 p per dimension of 8-bit data, from a log-density in nats of dequantized x in [0, 1).
+def bits_per_dim(nats_per_image: float, image_shape: tuple[int, ...], likelihood: str = "gaussian") -> float:
+    """-log2 P per dimension of 8-bit data, from log p(x) in nats per image.
 
-    x = level / 256 + noise, so the density of the 0..255 levels is p(x) / 256^D.
+    gaussian, logit_gaussian: log p is a density of dequantized x = (level + u) / 256 in [0, 1), whose value
+    on a level's bin of width 1/256 bounds that level's log-probability from below, after the
+    change of units: log P(level) >= log p(x) - D log 256 (Theis et al. 2016).
+    discretized_logistic: log p is already the log-probability of the levels.
     """
     num_dims = math.prod(image_shape)
-    return -(nats_per_image - num_dims * math.log(256)) / (num_dims * math.log(2))
+    to_mass = 0.0 if likelihood == "discretized_logistic" else num_dims * math.log(256)
+    return -(nats_per_image - to_mass) / (num_dims * math.log(2))
 
 
 class SyntheticImages:

@@ -6,6 +6,9 @@
 The reconstruction is estimated with one t sampled from the guide (not its mean, which would
 overstate the bound); the KL between the two diagonal Gaussians is exact. Both come from the
 same Pyro `model` and `guide` that training uses (`guide.posterior`, `model.log_joint`).
+For the likelihoods of 8-bit data the mean ELBO is also given in bits per dimension, and for a
+learned scale the share of pixels whose scale sits at its floor `model.min_scale` (a likelihood
+that rewards precision the data does not have shows up there first).
 """
 from __future__ import annotations
 
@@ -15,6 +18,10 @@ from torch.distributions import kl_divergence
 
 from guide import Encoder, posterior
 from model import Decoder, log_joint, prior
+from vae.data import bits_per_dim
+
+
+FLOOR_MARGIN = 1.01  # a scale within 1% of model.min_scale counts as at the floor
 
 
 @torch.no_grad()
@@ -23,14 +30,21 @@ def elbo_parts(x: Tensor, encoder: Encoder, decoder: Decoder) -> dict[str, Tenso
     q_t, t = posterior(x, encoder)  # q(t|x), t ~ q(t|x)
     recon, _ = log_joint(x, t, decoder)  # log p(x|t), (B,)
     kl = kl_divergence(q_t, prior(len(x), decoder.latent_dim, like=x))  # KL(q || p), (B,)
-    return {"elbo": recon - kl, "recon": recon, "kl": kl}
+    parts = {"elbo": recon - kl, "recon": recon, "kl": kl}
+    if decoder.scale in ("pixel", "shared"):  # a learned scale: how many pixels sit at the floor
+        x_scale = decoder(t)[-1]  # (B, C, H, W), or (B, C, H, W, K) for a mixture
+        parts["scale_at_floor"] = (x_scale < FLOOR_MARGIN * decoder.min_scale).flatten(1).float().mean(1)
+    return parts
 
 
 def dataset_elbo(x: Tensor, encoder: Encoder, decoder: Decoder, batch_size: int = 1000) -> dict[str, float]:
-    """Mean per-image ELBO, reconstruction and KL over all of `x`, in nats per image."""
-    totals = {"elbo": 0.0, "recon": 0.0, "kl": 0.0}
+    """Mean per-image ELBO, reconstruction and KL over all of `x`, in nats per image; for 8-bit data
+    `bits_per_dim` too, and for a learned scale `scale_at_floor` (the share of all pixels)."""
+    totals: dict[str, float] = {}
     for x_batch in x.split(batch_size):
-        parts = elbo_parts(x_batch, encoder, decoder)
-        for key in totals:
-            totals[key] += parts[key].sum().item()
-    return {key: total / len(x) for key, total in totals.items()}
+        for key, values in elbo_parts(x_batch, encoder, decoder).items():
+            totals[key] = totals.get(key, 0.0) + values.sum().item()
+    means = {key: total / len(x) for key, total in totals.items()}
+    if decoder.likelihood != "bernoulli":
+        means["bits_per_dim"] = bits_per_dim(means["elbo"], tuple(x.shape[1:]), decoder.likelihood)
+    return means

@@ -121,6 +121,10 @@ class Logbook:
             log.warning(f"test ELBO {readable(elbo)} is far below the untrained model's {readable(self.untrained_elbo)} "
                         f"(KL {readable(metrics.get('test_kl'))}): training is diverging; try a lower learning rate, "
                         "optim=clipped_adam, or a variance-reduced estimator")
+        at_floor = metrics.get("test_scale_at_floor")
+        if at_floor:  # the likelihood's scale has reached model.min_scale somewhere
+            log.warning(f"{at_floor:.2%} of the test pixels have their scale at the floor model.min_scale: "
+                        "the likelihood rewards a precision those pixels may not have")
 
     def images(self, epoch: int, **grids: tuple[Tensor, int]) -> None:
         """Each name=(images (N, C, H, W) in [0, 1], images per row) as images/<name>_NNN.png

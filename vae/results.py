@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 
 from vae.logbook import read_metrics
 from vae.provenance import read_provenance
-from vae.sweeps import nats, plot, read_failures, read_jobs, summarize
+from vae.sweeps import configuration, nats, plot, read_failures, read_jobs, summarize
 
 BLOCK = re.compile(r"(<!-- report:(\w+) -->\n).*?(<!-- /report:\2 -->)", re.DOTALL)
 # Published test NLLs on dynamically binarized MNIST (nats, K=5000), Burda et al. 2016, Table 1.
@@ -148,6 +148,8 @@ def sweep_progress(sweep: Path) -> str:
     """'' when every job of the sweep has trained all its epochs, else a sentence saying how many have."""
     jobs = [d for d in sorted(sweep.glob("*/")) if (d / ".hydra" / "config.yaml").is_file()]
     planned = {d: OmegaConf.load(d / ".hydra" / "config.yaml").trainer.epochs for d in jobs}
+    if not planned:  # no job has started
+        return ""
     done = [d for d in jobs if (last := read_metrics(d)) and last[-1]["epoch"] >= planned[d]]
     multirun = sweep / "multirun.yaml"  # the sweep's own config: how many jobs it launches
     params = OmegaConf.load(multirun).hydra.sweeper.get("params") or {} if multirun.is_file() else {}
@@ -187,6 +189,50 @@ def estimators_short(out: Outputs) -> str:
               " / ".join(nats(v) for v in row["test_elbo_seeds"]), f"{row['wall_time_mean'] / 60:.0f}"] for row in rows]
     return (table(["estimator", "epochs", "test ELBO, median of seeds", "each seed", "minutes per run"], lines)
             + sweep_progress(out.sweep("estimators")) + "\n\n" + provenance_line(out, out.sweep("estimators")))
+
+
+# --- likelihoods of gray levels ----------------------------------------------------------------
+
+def likelihood_sample_quality(out: Outputs) -> dict[str, list[float]]:
+    """{configuration label: the sample-confident share of each seed's run} from the generate
+    evaluations of `experiment=likelihoods_samples` ({} when they have not run)."""
+    shares: dict[str, list[tuple[int, float]]] = {}
+    for metrics_file in sorted(out.sweep("likelihoods_samples").glob("*/metrics.json")):
+        metrics = json.loads(metrics_file.read_text())
+        label, seed = configuration(Path(metrics["run"]))
+        shares.setdefault(label, []).append((seed, metrics["sample_confident_share"]))
+    return {label: [share for _, share in sorted(pairs)] for label, pairs in shares.items()}
+
+
+def likelihoods(out: Outputs) -> str:
+    sweep = out.sweep("likelihoods")
+    jobs = read_jobs(sweep) if sweep.is_dir() else {}
+    if not jobs:
+        raise NotRun("python train.py -m experiment=likelihoods")
+    failures = read_failures(sweep)
+    failed = {f["configuration"]: [] for f in failures}
+    for f in failures:
+        failed[f["configuration"]].append(f["seed"])
+    samples = likelihood_sample_quality(out)
+    rows = []
+    for label, seeds in jobs.items():
+        epoch = min(metrics[-1]["epoch"] for metrics in seeds)  # the last epoch every seed reached
+        at = [next(m for m in metrics if m["epoch"] == epoch) for metrics in seeds]
+        bits = [m.get("test_bits_per_dim") for m in at]
+        if any(b is None for b in bits):
+            continue
+        options = dict(o.split("=", 1) for o in label.split())
+        rows.append((statistics.median(bits), [
+            f"`{options.get('model.likelihood', '?')}`", f"`{options.get('model.scale', 'pixel')}`", epoch,
+            f"**{statistics.median(bits):.3f}**", " / ".join(f"{b:.3f}" for b in bits),
+            " / ".join(f"{m['test_kl']:.1f}" for m in at),
+            " / ".join(f"{m.get('test_scale_at_floor', 0):.1%}" for m in at) if "test_scale_at_floor" in at[0] else "",
+            " / ".join(f"{share:.0%}" for share in samples[label]) if label in samples else "",
+            ", ".join(f"seed {seed}" for seed in failed.get(label, [])) or "none"]))
+    head = ["likelihood", "scale", "epochs", "test bits/dim (ELBO): median", "each seed", "KL (nats), each seed",
+            "pixels at the scale's floor", "confident samples, each seed", "failed or diverged"]
+    return (table(head, [cells for _, cells in sorted(rows, key=lambda row: row[0])]) + sweep_progress(sweep)
+            + "\n\n" + provenance_line(out, sweep, out.sweep("likelihoods_samples")))
 
 
 # --- gradient variance -------------------------------------------------------------------------
@@ -396,7 +442,7 @@ BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "quickstart": quickstart, "training": training, "estimators": estimators, "estimators_short": estimators_short,
     "variance": variance, "likelihood": likelihood, "likelihood_short": likelihood_short, "generation": generation,
     "representation": representation, "ood": ood, "heldout": heldout, "impute": impute, "uses_short": uses_short,
-    "speed": speed, "speed_short": speed_short, "faults": faults,
+    "speed": speed, "speed_short": speed_short, "faults": faults, "likelihoods": likelihoods,
 }
 
 

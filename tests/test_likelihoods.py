@@ -1,0 +1,317 @@
+"""The likelihoods of gray levels (Gaussian on dequantized pixels, discretized logistic on the 256
+levels) and where their scale comes from; the 8-bit datasets besides MNIST on generated stand-ins in
+torchvision's layouts (Fashion-MNIST, CIFAR-10); every evaluation task with every likelihood."""
+from __future__ import annotations
+
+import logging
+import math
+import pickle
+import struct
+
+import numpy as np
+import pyro
+import pytest
+import torch
+import torchvision.datasets.cifar
+from conftest import FAST, compose_config
+
+import evaluate as evaluate_module
+from guide import Encoder
+from model import Decoder, likelihood, mean_image
+from tasks.generate import drawn_samples, prior_samples
+from train import train
+from vae.config import ConfigError, check_config
+from vae.data import bits_per_dim, load_split, observe
+from model import LEVELS, DiscretizedLogistic, DiscretizedLogisticMixture, logit_gaussian, logit_gaussian_mean
+from vae.elbo import dataset_elbo
+from vae.logbook import Logbook
+from vae.runs import load_run
+
+LEVEL_VALUES = torch.arange(LEVELS) / (LEVELS - 1)  # 0, 1/255, ..., 1
+
+
+def level_probabilities(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """P(level) (B, 256) of B discretized logistics."""
+    return DiscretizedLogistic(loc[:, None].expand(-1, LEVELS), scale[:, None].expand(-1, LEVELS)).log_prob(
+        LEVEL_VALUES.expand(len(loc), -1)).exp()
+
+
+def test_discretized_logistic_is_a_distribution_over_the_256_levels():
+    loc = torch.tensor([-0.3, 0.0, 0.2, 0.5, 0.5, 0.99, 1.4])
+    scale = torch.tensor([0.05, 1e-4, 0.3, 1e-3, 20.0, 0.01, 0.05])
+    probabilities = level_probabilities(loc, scale)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(len(loc)), atol=1e-5, rtol=0)
+    # each level's mass is the logistic CDF's increase over its bin, the end bins taking the tails
+    cdf = lambda y: torch.sigmoid((y - loc[3]) / scale[2])  # noqa: E731 (one of them, by hand)
+    by_hand = DiscretizedLogistic(loc[3], scale[2]).log_prob(torch.tensor(100 / 255)).exp()
+    torch.testing.assert_close(by_hand, cdf(torch.tensor(100.5 / 255)) - cdf(torch.tensor(99.5 / 255)))
+    assert probabilities[0, 0] > 0.99 and probabilities[6, -1] > 0.99  # loc beyond an end: its end level
+    assert probabilities[1, 0] > 0.999  # a scale far below the bin: all the mass on the nearest level
+    torch.testing.assert_close(DiscretizedLogistic(loc, scale).mean, (probabilities * LEVEL_VALUES).sum(1),
+                               atol=1e-5, rtol=0)
+
+
+def test_discretized_logistic_samples_follow_its_probabilities():
+    loc, scale = torch.tensor([0.3]), torch.tensor([0.02])
+    draws = DiscretizedLogistic(loc, scale).sample((200_000,))[:, 0]  # (S,)
+    levels = torch.round(draws * 255).long()
+    assert torch.equal(levels.float() / 255, draws)  # every draw is a level
+    frequencies = torch.bincount(levels, minlength=LEVELS).float() / len(draws)
+    expected = level_probabilities(loc, scale)[0]
+    assert (frequencies - expected).abs().max() < 4 * math.sqrt(expected.max() / len(draws))
+
+
+def test_discretized_logistic_log_prob_and_its_gradient_stay_finite_at_extremes():
+    loc = torch.tensor([-5.0, 5.0, 0.5, 0.5, 0.0, 1.0], requires_grad=True)
+    scale = torch.tensor([1e-4, 1e-4, 1e-5, 50.0, 1e-3, 1e-3], requires_grad=True)
+    value = torch.tensor([1.0, 0.0, 0.2, 0.5, 0.0, 1.0])  # far-off levels, a tiny and a huge scale, the ends
+    log_p = DiscretizedLogistic(loc, scale).log_prob(value)
+    assert torch.isfinite(log_p).all() and (log_p <= 0).all()
+    assert log_p[0] < -1e4 and log_p[4] > -0.7  # far from loc: very unlikely; at an end: likely
+    log_p.sum().backward()
+    assert torch.isfinite(loc.grad).all() and torch.isfinite(scale.grad).all()
+
+
+def test_bits_per_dim_of_a_uniform_model_is_eight():
+    shape = (1, 28, 28)
+    dims = math.prod(shape)
+    assert bits_per_dim(dims * math.log(1 / 256), shape, "discretized_logistic") == pytest.approx(8.0)
+    assert bits_per_dim(0.0, shape, "gaussian") == pytest.approx(8.0)  # the uniform density on [0, 1)
+
+
+@pytest.mark.parametrize("likelihood_name", ["gaussian", "logit_gaussian", "discretized_logistic"])
+@pytest.mark.parametrize("scale", ["pixel", "shared", "fixed"])
+def test_the_scale_comes_from_the_network_a_parameter_or_the_config(likelihood_name, scale):
+    decoder = Decoder((3, 8, 8), latent_dim=2, channels=[4], hidden_dim=8, likelihood=likelihood_name, scale=scale,
+                      min_scale=1e-3, fixed_scale=0.2)
+    t = torch.randn(5, 2)
+    x_loc, x_scale = decoder(t)
+    assert x_loc.shape == x_scale.shape == (5, 3, 8, 8)
+    if likelihood_name == "gaussian":
+        assert ((x_loc > 0) & (x_loc < 1)).all()  # a sigmoid mean
+    if scale == "fixed":
+        assert (x_scale == 0.2).all()
+        assert not any("scale" in name for name, _ in decoder.named_parameters())
+    else:
+        assert (x_scale > 1e-3).all()
+    if scale == "shared":  # one learned scale per channel, equal over images and pixels
+        assert torch.equal(x_scale, x_scale[:1, :, :1, :1].expand_as(x_scale))
+        x = observe(torch.rand(5, 3, 8, 8), likelihood_name)
+        likelihood(decoder, t).log_prob(x).sum().backward()
+        assert decoder.raw_scale.grad.abs().min() > 0  # it is trained
+
+
+def test_logit_gaussian_is_a_density_on_the_unit_interval_with_its_mean_by_quadrature():
+    y_loc, y_scale = torch.tensor([-4.0, 0.0, 1.5]), torch.tensor([0.5, 2.0, 0.05])
+    p_x = logit_gaussian(y_loc, y_scale, squeeze=1e-3)
+    grid = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000  # midpoints on (0, 1)
+    density = p_x.log_prob(grid[:, None].float()).double().exp()  # (200000, 3)
+    torch.testing.assert_close(density.mean(0), torch.ones(3, dtype=torch.float64), atol=2e-3, rtol=0)  # integrates to 1
+    u = 1e-3 + (1 - 2e-3) * grid[:, None]
+    by_hand = torch.distributions.Normal(y_loc.double(), y_scale.double()).log_prob(torch.log(u / (1 - u))) \
+        + math.log(1 - 2e-3) - torch.log(u * (1 - u))  # log N(logit u) + log |d logit u / dx|
+    torch.testing.assert_close(p_x.log_prob(grid[:, None].float()).double(), by_hand, atol=1e-3, rtol=1e-4)
+    draws = p_x.sample((200_000,))
+    torch.testing.assert_close(logit_gaussian_mean(y_loc, y_scale, 1e-3), draws.mean(0), atol=3e-3, rtol=0)
+
+
+def test_observations_follow_the_likelihood_rule():
+    intensities = torch.randint(0, LEVELS, (4, 1, 6, 6)) / 255
+    assert torch.equal(observe(intensities, "discretized_logistic"), intensities)  # the levels as they are
+    assert torch.equal(observe(torch.tensor([0.1001]), "discretized_logistic"), torch.tensor([round(0.1001 * 255) / 255]))
+    dequantized = observe(intensities, "gaussian")
+    assert ((dequantized * 256).floor() == torch.round(intensities * 255)).all()  # inside its level's bin
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """An IDX file (MNIST's format) of unsigned bytes."""
+    path.write_bytes(struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+                     + array.astype(np.uint8).tobytes())
+
+
+def fashion_mnist_standin(root, rng) -> None:
+    """Random 28x28 images in torchvision's FashionMNIST layout (root/FashionMNIST/raw/*-ubyte)."""
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for split, count in (("train", 256), ("t10k", 64)):
+        write_idx(raw / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28)))
+        write_idx(raw / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, count))
+
+
+def cifar10_standin(root, rng, monkeypatch) -> None:
+    """Random 32x32x3 images in torchvision's CIFAR10 layout (root/cifar-10-batches-py, pickled batches);
+    torchvision checks the real files' MD5 sums, which a stand-in cannot have, so that check is skipped."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        batch = {"data": rng.integers(0, 256, (40, 3 * 32 * 32), dtype=np.uint8), "labels": rng.integers(0, 10, 40).tolist()}
+        (folder / name).write_bytes(pickle.dumps(batch))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class {i}" for i in range(10)]}))
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kwargs: True)
+
+
+SMALL = ["model.channels=[8,16]", "model.hidden_dim=32", "model.latent_dim=4", "trainer.epochs=1",
+         "data.batch_size=32", "device=cpu", "data.dataset.download=false"]
+
+
+@pytest.mark.parametrize("data, shape, likelihood_name", [("fashion_mnist", (1, 28, 28), "gaussian"),
+                                                          ("cifar10", (3, 32, 32), "discretized_logistic"),
+                                                          ("cifar10", (3, 32, 32), "gaussian")])
+def test_other_datasets_train_from_torchvision_layouts(data, shape, likelihood_name, tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    if data == "cifar10":
+        cifar10_standin(tmp_path / "data", rng, monkeypatch)
+    else:
+        fashion_mnist_standin(tmp_path / "data", rng)
+    cfg = compose_config(f"data={data}", f"data.root={tmp_path / 'data'}", f"model.likelihood={likelihood_name}", *SMALL)
+    images, labels = load_split(cfg.data, train=False)
+    assert images.shape[1:] == shape and len(labels) == len(images)
+    assert torch.equal(images * 255, torch.round(images * 255))  # 8-bit levels
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["epoch"] == 1 and math.isfinite(metrics["test_elbo"])
+    assert 0 < metrics["test_bits_per_dim"] < 12  # random levels: about 8 bits each
+
+
+def test_colour_images_refuse_the_bernoulli_likelihood(tmp_path, monkeypatch):
+    cifar10_standin(tmp_path / "data", np.random.default_rng(0), monkeypatch)
+    cfg = compose_config("data=cifar10", f"data.root={tmp_path / 'data'}", *SMALL)
+    with pytest.raises(ConfigError, match="model.likelihood=bernoulli with 3-channel images"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_images_that_are_not_8_bit_are_refused():
+    cfg = compose_config(*FAST, "model.likelihood=discretized_logistic")
+    cfg.data.dataset._target_ = "test_likelihoods.FloatImages"
+    with pytest.raises(ConfigError, match="its images are torch.float32; every likelihood here reads 8-bit"):
+        load_split(cfg.data, train=True)
+
+
+class FloatImages:
+    """A dataset whose images are floats, not 8-bit levels."""
+
+    def __init__(self, root=None, train=True, download=False, **kwargs):
+        self.data = torch.rand(8, 16, 16)
+        self.targets = torch.zeros(8, dtype=torch.long)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.scale=diagonal", "model.scale='diagonal': must be one of"),
+    ("model.fixed_scale=0", "model.fixed_scale=0: must be a finite number > 0"),
+    ("model.min_scale=-1e-3", "model.min_scale=-0.001: must be a finite number > 0"),
+    ("model.squeeze=0.5", "model.squeeze=0.5: must be a number between 0 and 0.5"),
+])
+def test_bad_scale_settings_stop_before_any_work(override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_config(*FAST, "model.likelihood=gaussian", override))
+
+
+def test_a_scale_at_its_floor_is_counted_and_reported_in_the_log(tmp_path, caplog):
+    decoder = Decoder((1, 8, 8), latent_dim=2, channels=[4], hidden_dim=8, likelihood="gaussian", min_scale=1e-3)
+    encoder = Encoder((1, 8, 8), latent_dim=2, channels=[4], hidden_dim=8)
+    x = observe(torch.rand(10, 1, 8, 8), "gaussian")
+    assert dataset_elbo(x, encoder, decoder)["scale_at_floor"] == 0  # softplus(~0) is far above the floor
+    with torch.no_grad():
+        decoder.upsample[-1].bias[1] = -30.0  # the scale channel's output: softplus(-30) ~ 0, the floor alone
+    parts = dataset_elbo(x, encoder, decoder)
+    assert parts["scale_at_floor"] == 1.0
+    with caplog.at_level(logging.WARNING), Logbook(tmp_path) as logbook:
+        logbook.start(0, torch.device("cpu"), None)
+        logbook.record({"epoch": 1, "test_elbo": parts["elbo"], "test_scale_at_floor": 0.25})
+    assert "25.00% of the test pixels have their scale at the floor model.min_scale" in caplog.text
+
+
+@pytest.fixture(scope="module", params=["gaussian", "logit_gaussian", "discretized_logistic"])
+def gray_run(request, tmp_path_factory):
+    """A small VAE of each gray-level likelihood on the synthetic disks, label 0 held out: 64 steps."""
+    out_dir = tmp_path_factory.mktemp(request.param)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    train(compose_config(*FAST, f"model.likelihood={request.param}", "data.subset=null", "optim.optim_args.lr=3e-3",
+                         "data.exclude_classes=[0]"), out_dir)
+    return out_dir, request.param
+
+
+def evaluate(run_dir, out_dir, task, *overrides):
+    cfg = compose_config(f"run={run_dir}", f"task={task}", "device=cpu", *overrides, config_name="evaluate")
+    return evaluate_module.evaluate(cfg, out_dir)
+
+
+def test_likelihood_task_gives_bits_per_dim(gray_run, tmp_path):
+    run_dir, name = gray_run
+    metrics = evaluate(run_dir, tmp_path, "likelihood", "task.num_particles=20", "task.max_images=64")
+    assert metrics["nll"] < -metrics["elbo_k_samples"]  # the IW bound is tighter than the ELBO
+    assert metrics["bits_per_dim"] == pytest.approx(bits_per_dim(-metrics["nll"], (1, 16, 16), name))
+    assert 0 < metrics["bits_per_dim"] < 8  # better than a uniform distribution over the levels
+
+
+def test_generate_task_draws_digits_of_every_likelihood(gray_run, tmp_path):
+    run_dir, name = gray_run
+    metrics = evaluate(run_dir, tmp_path, "generate", "task.scored_samples=200")
+    assert all((tmp_path / metrics[name]).is_file() for name in ("samples", "samples_drawn", "reconstructions"))
+    decoder = load_run(run_dir, "cpu").decoder
+    drawn, mean = drawn_samples(decoder, 1000, seed=1), prior_samples(decoder, 1000, seed=1)
+    assert ((drawn >= 0) & (drawn <= 1)).all()
+    if name == "discretized_logistic":  # a draw is one of the levels, and the draws average to E[x|t]
+        assert torch.equal(drawn * 255, torch.round(drawn * 255))
+        assert (drawn.mean(0) - mean.mean(0)).abs().max() < 0.05
+    assert 0 <= metrics["sample_confident_share"] <= 1 and metrics["classifier_test_accuracy"] > 0.5
+
+
+def test_represent_task_of_every_likelihood(gray_run, tmp_path):
+    run_dir, _ = gray_run
+    metrics = evaluate(run_dir, tmp_path, "represent", "task.max_iter=50")
+    assert 0.3 < metrics["linear_probe_accuracy"] <= 1  # chance is about 0.1
+
+
+def test_anomaly_task_of_every_likelihood(gray_run, tmp_path):
+    run_dir, _ = gray_run
+    metrics = evaluate(run_dir, tmp_path, "anomaly", "task.num_particles=10", "task.max_images=100")
+    rows = {row["anomalies"]: row for row in metrics["detection"]}
+    assert rows["noise"]["iw_nll"]["auroc"] > 0.99 and rows["inverted"]["iw_nll"]["auroc"] > 0.95, rows
+
+
+def test_impute_task_of_every_likelihood(gray_run, tmp_path):
+    run_dir, _ = gray_run
+    metrics = evaluate(run_dir, tmp_path, "impute", "task.max_images=32", "task.steps=4", "task.burn_in=1",
+                       "task.num_particles=10", "task.fit_steps=10", "task.batch_size=32", "task.masks=[top_half]")
+    errors = metrics["errors"]["top_half"]
+    assert all(0 < e["mse"] < 1 for e in errors.values()), errors
+    assert errors["one_pass"]["mse"] < errors["mean_image"]["mse"] * 1.5, errors  # the model is no worse than blind
+
+
+def test_a_mixture_of_discretized_logistics_is_a_distribution_over_the_levels():
+    logits = torch.tensor([[0.0, 0.0], [2.0, -1.0], [0.3, 0.1]])  # 3 pixels, 2 components
+    loc, scale = torch.tensor([[-0.1, 1.1], [0.4, 0.6], [0.2, 0.2]]), torch.tensor([[0.01, 0.01], [0.05, 0.1], [0.03, 0.03]])
+    mixture = DiscretizedLogisticMixture(logits[:, None].expand(-1, LEVELS, -1), loc[:, None].expand(-1, LEVELS, -1),
+                                         scale[:, None].expand(-1, LEVELS, -1))
+    probabilities = mixture.log_prob(LEVEL_VALUES.expand(3, -1)).exp()  # (3, 256)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(3), atol=1e-5, rtol=0)
+    weights = torch.softmax(logits, 1)
+    by_hand = (weights[:, :, None] * torch.stack([level_probabilities(loc[:, k], scale[:, k]) for k in range(2)], 1)).sum(1)
+    torch.testing.assert_close(probabilities, by_hand, atol=1e-6, rtol=1e-4)  # sum_k w_k P_k(level)
+    assert probabilities[0, 0] == pytest.approx(0.5, abs=1e-3) and probabilities[0, -1] == pytest.approx(0.5, abs=1e-3)
+    torch.testing.assert_close(probabilities[2], level_probabilities(loc[2:, 0], scale[2:, 0])[0])  # equal components: one
+    single = DiscretizedLogisticMixture(logits, loc, scale)
+    torch.testing.assert_close(single.mean, (probabilities * LEVEL_VALUES).sum(1), atol=1e-5, rtol=0)
+    draws = single.sample((100_000,))  # (S, 3)
+    assert (draws[:, 0] == 0).float().mean() == pytest.approx(0.5, abs=0.01)  # half black, half white
+    torch.testing.assert_close(draws.mean(0), single.mean, atol=5e-3, rtol=0)
+
+
+def test_a_mixture_decoder_trains_and_is_refused_where_it_does_not_apply():
+    decoder = Decoder((1, 8, 8), latent_dim=2, channels=[4], hidden_dim=8, likelihood="discretized_logistic",
+                      components=3)
+    logits, x_loc, x_scale = decoder(torch.randn(5, 2))
+    assert logits.shape == x_loc.shape == x_scale.shape == (5, 1, 8, 8, 3)
+    x = observe(torch.rand(5, 1, 8, 8), "discretized_logistic")
+    log_p = likelihood(decoder, torch.randn(5, 2)).log_prob(x)
+    assert log_p.shape == (5,) and torch.isfinite(log_p).all()
+    log_p.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in decoder.parameters())
+    with pytest.raises(ValueError, match="model.components=3: a mixture needs model.likelihood=discretized_logistic"):
+        Decoder((1, 8, 8), latent_dim=2, channels=[4], hidden_dim=8, likelihood="gaussian", components=3)
+    with pytest.raises(ConfigError, match="model.components=2: a mixture needs"):
+        check_config(compose_config(*FAST, "model.likelihood=discretized_logistic", "model.scale=shared",
+                                    "model.components=2"))
