@@ -98,7 +98,7 @@ def sample_quality(run: TrainedRun, scored_samples: int, sample_seed: int, epoch
     sample_share, sample_classes = confident_share(
         classifier, prior_samples(run.decoder, scored_samples, sample_seed), CONFIDENCE_THRESHOLD)
     return {"classifier_test_accuracy": accuracy(classifier, test_images, test_labels),
-            "test_confident_share": test_share, "sample_confident_share": sample_share,
+            "test_confident_share": test_share, "scored_samples": scored_samples, "sample_confident_share": sample_share,
             "sample_confident_classes": sample_classes.tolist(), "confidence_threshold": CONFIDENCE_THRESHOLD}
 
 

@@ -219,3 +219,18 @@ def test_likelihoods_table_ranks_by_bits_per_dim_with_floor_samples_and_failures
     assert rows == ["| `discretized_logistic` | `pixel` | 1 | **1.510** | 1.520 / 1.500 | 30.0 / 31.0 | 0.0% / 0.0% "
                     "| 30% / 40% | none |",
                     "| `gaussian` | `pixel` | 1 | **3.750** | 3.600 / 3.900 | 30.0 / 31.0 | 9.0% / 2.0% | 10% / 20% | seed 1 |"]
+
+
+def test_generation_block_gives_the_classifiers_judgement_of_the_samples(tmp_path):
+    directory = tmp_path / "multirun" / "uses" / "generate"
+    directory.mkdir(parents=True)
+    (directory / "samples.png").write_bytes(b"")
+    (directory / "metrics.json").write_text(json.dumps({
+        "classifier_test_accuracy": 0.983, "test_confident_share": 0.957, "scored_samples": 1000,
+        "sample_confident_share": 0.49, "sample_confident_classes": [51, 31, 36, 51, 32, 44, 26, 64, 89, 66],
+        "confidence_threshold": 0.9}))
+    block = fill("<!-- report:generation -->\n<!-- /report:generation -->\n",
+                 Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False))
+    assert ("A small digit classifier (test accuracy 98.3%) is confident (p > 0.9) on **49.0%** of 1,000 decoded prior "
+            "samples, against 95.7% of the real test digits; the confident samples fall in 10 of the 10 classes "
+            "(from 26 to 89 samples each).") in block

@@ -313,7 +313,16 @@ def generation(out: Outputs) -> str:
         raise NotRun(USES)
     for name in ("interpolations", "traversals"):  # its prior samples are those of the README's picture
         copy_figure(directory / f"{name}.png", out.figures / f"generate_{name}.png")
-    return provenance_line(out, directory)
+    metrics = use(out, "generate")
+    quality = ""
+    if "sample_confident_share" in metrics:  # the digit classifier's judgement (vae/classifier.py)
+        classes = metrics["sample_confident_classes"]
+        quality = (f"A small digit classifier (test accuracy {metrics['classifier_test_accuracy']:.1%}) is confident "
+                   f"(p > {metrics['confidence_threshold']}) on **{metrics['sample_confident_share']:.1%}** of {metrics['scored_samples']:,} decoded "
+                   f"prior samples, against {metrics['test_confident_share']:.1%} of the real test digits; the confident "
+                   f"samples fall in {sum(c > 0 for c in classes)} of the {len(classes)} classes "
+                   f"(from {min(classes)} to {max(classes)} samples each).\n\n")
+    return quality + provenance_line(out, directory)
 
 
 def representation(out: Outputs) -> str:
