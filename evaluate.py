@@ -5,6 +5,7 @@
     task=represent   latent means per split to .npz, linear-probe accuracy, 2-d scatter
     task=anomaly     AUROC / AUPRC of likelihood-based scores, held-out class and OOD sets
     task=impute      imputation of masked pixels against baselines
+    task=pixels      where the likelihood spends its bits: background, edge and ink pixels
 
 Each task is a function `task(run, out_dir, **options)` in tasks/<task>.py, named by `_target_` in
 conf/task/<task>.yaml; it returns its numbers, which are written to metrics.json in the evaluation's

@@ -315,3 +315,21 @@ def test_a_mixture_decoder_trains_and_is_refused_where_it_does_not_apply():
     with pytest.raises(ConfigError, match="model.components=2: a mixture needs"):
         check_config(compose_config(*FAST, "model.likelihood=discretized_logistic", "model.scale=shared",
                                     "model.components=2"))
+
+
+def test_pixels_task_splits_the_bits_by_level(gray_run, tmp_path):
+    run_dir, name = gray_run
+    metrics = evaluate(run_dir, tmp_path, "pixels", "task.max_images=100", "task.batch_size=40")
+    groups = metrics["groups"]
+    assert sum(g["share_of_pixels"] for g in groups.values()) == pytest.approx(1.0)
+    assert sum(g["share_of_bits"] for g in groups.values()) == pytest.approx(1.0, abs=1e-4)
+    by_group = sum(g["share_of_pixels"] * g["bits_per_pixel"] for g in groups.values() if g["share_of_pixels"] > 0)
+    assert by_group == pytest.approx(metrics["bits_per_dim"], rel=1e-4)  # the groups partition the pixels
+    run = load_run(run_dir, "cpu")
+    x, _ = run.split(train=False)
+    with torch.no_grad():  # the same bits as the likelihood of the mean code, image by image
+        log_p = likelihood(run.decoder, run.encoder(x[:100])[0]).log_prob(x[:100])
+    assert metrics["bits_per_dim"] == pytest.approx(bits_per_dim(log_p.mean().item(), (1, 16, 16), name), rel=1e-4)
+    background = groups["background"]
+    assert 0 < background["median_scale"] and 0 <= background["at_floor"] <= 1 and background["mean_gradient_weight"] > 0
+    assert "| background |" in (tmp_path / "pixels.md").read_text()

@@ -234,3 +234,20 @@ def test_generation_block_gives_the_classifiers_judgement_of_the_samples(tmp_pat
     assert ("A small digit classifier (test accuracy 98.3%) is confident (p > 0.9) on **49.0%** of 1,000 decoded prior "
             "samples, against 95.7% of the real test digits; the confident samples fall in 10 of the 10 classes "
             "(from 26 to 89 samples each).") in block
+
+
+def test_likelihood_pixels_block_compares_background_and_edges(tmp_path):
+    run = tmp_path / "multirun" / "likelihoods" / "0"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model.likelihood=gaussian", "model.scale=pixel",
+                                                                   "seed=0"]))
+    job = tmp_path / "multirun" / "likelihoods_pixels" / "0"
+    job.mkdir(parents=True)
+    group = lambda share, bits, scale: {"share_of_pixels": share, "bits_per_pixel": bits, "share_of_bits": 0.5,  # noqa: E731
+                                        "median_scale": scale, "at_floor": 0.115, "mean_gradient_weight": 1 / scale**2}
+    (job / "metrics.json").write_text(json.dumps({"run": str(run), "num_images": 1000, "bits_per_dim": 3.287, "groups": {
+        "background": group(0.821, 2.033, 0.001), "edge": group(0.173, 9.035, 0.4), "ink": group(0.006, 9.448, 0.45)}}))
+    block = fill("<!-- report:likelihood_pixels -->\n<!-- /report:likelihood_pixels -->\n",
+                 Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False))
+    assert "background (level 0) is 82.1% of the pixels, edge (1 to 254) 17.3%, ink (255) 0.6%." in block
+    assert "| `gaussian` | `pixel` | 3.287 | 2.03 | 9.04 | 9.45 | 0.0010 / 0.4000 | 11.5% | 1.6e+05 |" in block

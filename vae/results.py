@@ -235,6 +235,38 @@ def likelihoods(out: Outputs) -> str:
             + "\n\n" + provenance_line(out, sweep, out.sweep("likelihoods_samples")))
 
 
+def likelihood_pixels(out: Outputs) -> str:
+    """Where each likelihood spends its bits (seed 0 of each configuration): `task=pixels`."""
+    results = {}
+    for metrics_file in sorted(out.sweep("likelihoods_pixels").glob("*/metrics.json")):
+        metrics = json.loads(metrics_file.read_text())
+        label, seed = configuration(Path(metrics["run"]))
+        if seed == 0:
+            results[label] = metrics
+    if not results:
+        raise NotRun("python evaluate.py -m experiment=likelihoods_pixels")
+    rows = []
+    for label, metrics in sorted(results.items(), key=lambda item: item[1]["bits_per_dim"]):
+        options = dict(o.split("=", 1) for o in label.split())
+        groups = metrics["groups"]
+        cells = [f"`{options.get('model.likelihood', '?')}`", f"`{options.get('model.scale', 'pixel')}`",
+                 f"{metrics['bits_per_dim']:.3f}", *(f"{groups[g]['bits_per_pixel']:.2f}" for g in ("background", "edge", "ink"))]
+        if "median_scale" in groups["background"]:
+            cells += [f"{groups['background']['median_scale']:.4f} / {groups['edge']['median_scale']:.4f}",
+                      f"{groups['background']['at_floor']:.1%}",
+                      f"{groups['background']['mean_gradient_weight'] / groups['edge']['mean_gradient_weight']:.3g}"]
+        else:
+            cells += ["", "", ""]
+        rows.append(cells)
+    shares = next(iter(results.values()))["groups"]
+    head = ["likelihood", "scale", "bits/dim at t_loc(x)", "background: bits per pixel", "edge", "ink",
+            "median scale: background / edge", "background at the floor", "1/scale^2: background over edge"]
+    return (f"The first {next(iter(results.values()))['num_images']:,} test images, seed 0 of each configuration; "
+            f"background (level 0) is {shares['background']['share_of_pixels']:.1%} of the pixels, edge (1 to 254) "
+            f"{shares['edge']['share_of_pixels']:.1%}, ink (255) {shares['ink']['share_of_pixels']:.1%}.\n\n"
+            + table(head, rows) + "\n\n" + provenance_line(out, out.sweep("likelihoods_pixels")))
+
+
 # --- gradient variance -------------------------------------------------------------------------
 
 def variance(out: Outputs) -> str:
@@ -452,6 +484,7 @@ BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "variance": variance, "likelihood": likelihood, "likelihood_short": likelihood_short, "generation": generation,
     "representation": representation, "ood": ood, "heldout": heldout, "impute": impute, "uses_short": uses_short,
     "speed": speed, "speed_short": speed_short, "faults": faults, "likelihoods": likelihoods,
+    "likelihood_pixels": likelihood_pixels,
 }
 
 
