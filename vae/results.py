@@ -427,6 +427,11 @@ def uses_short(out: Outputs) -> str:
             ["missing data: fitted importance sampling against the better baseline, MSE", "; ".join(
                 f"{kind.replace('_', ' ')} **{e['fitted_importance']['mse']:.3f}** vs {min(e[b]['mse'] for b in baselines):.3f}"
                 for kind, e in errors.items())]]
+    generated = use(out, "generate")
+    if "sample_confident_share" in generated:
+        rows.insert(0, [f"generation: prior samples a digit classifier is confident about (p > {generated['confidence_threshold']})",
+                        f"**{generated['sample_confident_share']:.1%}** of samples, {generated['test_confident_share']:.1%} "
+                        "of real test digits"])
     try:
         held = [(digit, next(r for r in result["detection"] if r["anomalies"].startswith("held-out"))["neg_elbo"]["auroc"])
                 for digit, result, _ in heldout_rows(out)]
