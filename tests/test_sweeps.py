@@ -212,9 +212,15 @@ def test_likelihoods_table_ranks_by_bits_per_dim_with_floor_samples_and_failures
         (sweep / job / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
         (samples / job).mkdir(parents=True)
         (samples / job / "metrics.json").write_text(json.dumps({"run": str(sweep / job), "sample_confident_share": 0.1 * (int(job) + 1)}))
+        (samples / job / "samples.png").write_bytes(b"png")
+        (samples / job / "samples_drawn.png").write_bytes(b"png")
     (sweep / "1" / "failed.json").write_text(json.dumps({"error": "TrainingDiverged", "message": "NaN"}))
     block = fill("<!-- report:likelihoods -->\n<!-- /report:likelihoods -->\n",
                  Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False))
+    assert "![gaussian_pixel: E[x|t]](likelihoods_gaussian_pixel_samples.png)" in block  # seed 0's grids
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == [
+        f"likelihoods_{name}_{kind}.png" for name in ("discretized_logistic_pixel", "gaussian_pixel")
+        for kind in ("samples", "samples_drawn")]
     rows = [line for line in block.splitlines() if line.startswith("| `")]
     assert rows == ["| `discretized_logistic` | `pixel` | 1 | **1.510** | 1.520 / 1.500 | 30.0 / 31.0 | 0.0% / 0.0% "
                     "| 30% / 40% | none |",

@@ -193,15 +193,26 @@ def estimators_short(out: Outputs) -> str:
 
 # --- likelihoods of gray levels ----------------------------------------------------------------
 
-def likelihood_sample_quality(out: Outputs) -> dict[str, list[float]]:
-    """{configuration label: the sample-confident share of each seed's run} from the generate
-    evaluations of `experiment=likelihoods_samples` ({} when they have not run)."""
+def likelihood_sample_quality(out: Outputs) -> tuple[dict[str, list[float]], str]:
+    """({configuration label: the sample-confident share of each seed's run}, the seed-0 sample grids
+    side by side, E[x|t] above x ~ p(x|t), copied into the figures) from the generate evaluations of
+    `experiment=likelihoods_samples` (({}, '') when they have not run)."""
     shares: dict[str, list[tuple[int, float]]] = {}
+    grids = []
     for metrics_file in sorted(out.sweep("likelihoods_samples").glob("*/metrics.json")):
         metrics = json.loads(metrics_file.read_text())
         label, seed = configuration(Path(metrics["run"]))
         shares.setdefault(label, []).append((seed, metrics["sample_confident_share"]))
-    return {label: [share for _, share in sorted(pairs)] for label, pairs in shares.items()}
+        if seed == 0:
+            options = dict(o.split("=", 1) for o in label.split())
+            name = f"{options.get('model.likelihood', 'x')}_{options.get('model.scale', 'pixel')}"
+            for kind in ("samples", "samples_drawn"):
+                copy_figure(metrics_file.parent / f"{kind}.png", out.figures / f"likelihoods_{name}_{kind}.png")
+            grids.append((name, f"![{name}: E[x|t]](likelihoods_{name}_samples.png) "
+                                f"![{name}: x ~ p(x|t)](likelihoods_{name}_samples_drawn.png)"))
+    pictures = "".join(f"\n\n`{name}` (seed 0): E[x|t] of 64 prior samples, and a draw x ~ p(x|t) of each\n\n{images}"
+                       for name, images in sorted(grids))
+    return {label: [share for _, share in sorted(pairs)] for label, pairs in shares.items()}, pictures
 
 
 def likelihoods(out: Outputs) -> str:
@@ -213,7 +224,7 @@ def likelihoods(out: Outputs) -> str:
     failed = {f["configuration"]: [] for f in failures}
     for f in failures:
         failed[f["configuration"]].append(f["seed"])
-    samples = likelihood_sample_quality(out)
+    samples, pictures = likelihood_sample_quality(out)
     rows = []
     for label, seeds in jobs.items():
         epoch = min(metrics[-1]["epoch"] for metrics in seeds)  # the last epoch every seed reached
@@ -232,7 +243,7 @@ def likelihoods(out: Outputs) -> str:
     head = ["likelihood", "scale", "epochs", "test bits/dim (ELBO): median", "each seed", "KL (nats), each seed",
             "pixels at the scale's floor", "confident samples, each seed", "failed or diverged"]
     return (table(head, [cells for _, cells in sorted(rows, key=lambda row: row[0])]) + sweep_progress(sweep)
-            + "\n\n" + provenance_line(out, sweep, out.sweep("likelihoods_samples")))
+            + "\n\n" + provenance_line(out, sweep, out.sweep("likelihoods_samples")) + pictures)
 
 
 def likelihood_pixels(out: Outputs) -> str:
