@@ -244,6 +244,10 @@ def test_likelihood_task_gives_bits_per_dim(gray_run, tmp_path):
     assert metrics["nll"] < -metrics["elbo_k_samples"]  # the IW bound is tighter than the ELBO
     assert metrics["bits_per_dim"] == pytest.approx(bits_per_dim(-metrics["nll"], (1, 16, 16), name))
     assert 0 < metrics["bits_per_dim"] < 8  # better than a uniform distribution over the levels
+    whole = evaluate(run_dir, tmp_path / "whole", "likelihood", "task.num_particles=20", "task.max_images=64",
+                     "task.sample_seed=0", "task.whole_split_particles=10")
+    assert whole["whole_split_bits_per_dim"] == pytest.approx(bits_per_dim(-whole["whole_split_nll"], (1, 16, 16), name))
+    assert 0 < whole["whole_split_bits_per_dim_standard_error"] < whole["bits_per_dim_standard_error"]
 
 
 def test_generate_task_draws_digits_of_every_likelihood(gray_run, tmp_path):

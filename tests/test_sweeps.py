@@ -257,3 +257,22 @@ def test_likelihood_pixels_block_compares_background_and_edges(tmp_path):
                  Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False))
     assert "background (level 0) is 82.1% of the pixels, edge (1 to 254) 17.3%, ink (255) 0.6%." in block
     assert "| `gaussian` | `pixel` | 3.287 | 2.03 | 9.04 | 9.45 | 0.0010 / 0.4000 | 11.5% | 1.6e+05 |" in block
+
+
+def test_one_hour_gray_block_gives_each_seed_and_the_k5000_bits_per_dim(tmp_path):
+    sweep = tmp_path / "multirun" / "one_hour_gray"
+    for seed, bits in ((0, 1.31), (1, 1.33)):
+        fake_job(sweep / str(seed), [f"seed={seed}", "experiment=one_hour_gray"], [-900, -800])
+        lines = [json.loads(line) for line in (sweep / str(seed) / "metrics.jsonl").read_text().splitlines()]
+        for m in lines:
+            m["test_bits_per_dim"] = bits + (1 if m["epoch"] == 0 else 0)
+        (sweep / str(seed) / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    nll = tmp_path / "outputs" / "one_hour_gray_likelihood"
+    nll.mkdir(parents=True)
+    (nll / "metrics.json").write_text(json.dumps({"num_particles": 5000, "num_images": 1000, "whole_split_bits_per_dim": 1.2912,
+                                                  "whole_split_bits_per_dim_standard_error": 0.0021}))
+    block = fill("<!-- report:one_hour_gray -->\n<!-- /report:one_hour_gray -->\n",
+                 Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False))
+    assert "| ELBO after each seed's last epoch (1 / 1 epochs) | 1.310 / 1.330 |" in block
+    assert "| seeds that failed or diverged | none |" in block
+    assert "1,000 random images | **1.291 ± 0.002** |" in block and "| RealNVP (Dinh et al. 2017) | 1.06 |" in block
