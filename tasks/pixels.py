@@ -14,14 +14,14 @@ the groups unlike their pixels' share, and gradient weights thousands of times a
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from model import likelihood
-from vae.data import load_split, observe_test_set
+from vae.data import bits_per_dim, load_split, observe_test_set
+from vae.elbo import FLOOR_MARGIN
 from vae.runs import TrainedRun
 
 GROUPS = {"background": (0, 0), "edge": (1, 254), "ink": (255, 255)}  # inclusive ranges of levels
@@ -32,12 +32,13 @@ def pixel_costs(run: TrainedRun, x: Tensor) -> tuple[Tensor, Tensor | None]:
     """(bits per pixel of -log p(x_pixel|t_loc(x)), (B, C, H, W); the pixels' scales or None)."""
     t_loc, _ = run.encoder(x)
     p_x = likelihood(run.decoder, t_loc).base_dist  # per pixel: batch (B, C, H, W), no event
-    to_mass = math.log(256) if run.cfg.model.likelihood in ("gaussian", "logit_gaussian") else 0.0
-    bits = -(p_x.log_prob(x) - to_mass) / math.log(2)
-    scale = run.decoder(t_loc)[-1] if run.decoder.scale in ("pixel", "shared") else None
-    if scale is not None and scale.dim() > x.dim():  # a mixture: the scale of its heaviest component
-        weights = run.decoder(t_loc)[0]
-        scale = scale.gather(-1, weights.argmax(-1, keepdim=True)).squeeze(-1)
+    bits = bits_per_dim(p_x.log_prob(x), (1,), run.cfg.model.likelihood)  # one pixel at a time
+    if run.decoder.scale not in ("pixel", "shared"):
+        return bits, None
+    params = run.decoder(t_loc)  # (x_loc, x_scale), or (logits, x_loc, x_scale) of a mixture
+    scale = params[-1]
+    if scale.dim() > x.dim():  # a mixture: the scale of its heaviest component
+        scale = scale.gather(-1, params[0].argmax(-1, keepdim=True)).squeeze(-1)
     return bits, scale
 
 
@@ -58,7 +59,7 @@ def pixels(run: TrainedRun, out_dir: Path, max_images: int = 1000, batch_size: i
                "share_of_bits": (bits[inside].sum() / bits.sum()).item()}
         if scale is not None and inside.any():
             row.update(median_scale=scale[inside].median().item(),
-                       at_floor=(scale[inside] < 1.01 * run.decoder.min_scale).float().mean().item(),
+                       at_floor=(scale[inside] < FLOOR_MARGIN * run.decoder.min_scale).float().mean().item(),
                        mean_gradient_weight=scale[inside].pow(-2).mean().item())
         groups[name] = row
     result = {"num_images": len(x), "bits_per_dim": bits.mean().item(), "groups": groups}

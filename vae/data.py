@@ -25,6 +25,7 @@ from model import check_image_shape
 from vae.config import ConfigError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+DEQUANTIZED = ("gaussian", "logit_gaussian")  # the likelihoods that are densities of dequantized pixels
 TEST_SET_SEED = 0  # fixes the test set's binarization / dequantization noise
 
 
@@ -132,16 +133,16 @@ def epoch_batches(num_data: int, batch_size: int, drop_last: bool) -> list[Tenso
     return batches
 
 
-def bits_per_dim(nats_per_image: float, image_shape: tuple[int, ...], likelihood: str = "gaussian") -> float:
-    """-log2 P per dimension of 8-bit data, from log p(x) in nats per image.
+def bits_per_dim(nats_per_image: float, image_shape: tuple[int, ...], likelihood: str) -> float:
+    """-log2 P per dimension, from log p(x) in nats per image (or per pixel, image_shape (1,)).
 
     gaussian, logit_gaussian: log p is a density of dequantized x = (level + u) / 256 in [0, 1), whose value
     on a level's bin of width 1/256 bounds that level's log-probability from below, after the
     change of units: log P(level) >= log p(x) - D log 256 (Theis et al. 2016).
-    discretized_logistic: log p is already the log-probability of the levels.
+    discretized_logistic (and bernoulli, of binarized pixels): log p is already a log-probability.
     """
     num_dims = math.prod(image_shape)
-    to_mass = 0.0 if likelihood == "discretized_logistic" else num_dims * math.log(256)
+    to_mass = num_dims * math.log(256) if likelihood in DEQUANTIZED else 0.0
     return -(nats_per_image - to_mass) / (num_dims * math.log(2))
 
 

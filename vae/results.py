@@ -193,21 +193,35 @@ def estimators_short(out: Outputs) -> str:
 
 # --- likelihoods of gray levels ----------------------------------------------------------------
 
+def run_evaluations(sweep: Path) -> list[tuple[str, int, dict[str, Any], Path]]:
+    """(the evaluated run's configuration label, its seed, the metrics, the evaluation's directory)
+    for every job of an evaluation sweep over the runs of another sweep."""
+    evaluations = []
+    for metrics_file in sorted(sweep.glob("*/metrics.json")):
+        metrics = json.loads(metrics_file.read_text())
+        label, seed = configuration(Path(metrics["run"]))
+        evaluations.append((label, seed, metrics, metrics_file.parent))
+    return evaluations
+
+
+def likelihood_options(label: str) -> tuple[str, str]:
+    """(model.likelihood, model.scale) of a configuration label of experiment=likelihoods."""
+    options = dict(o.split("=", 1) for o in label.split())
+    return options.get("model.likelihood", "?"), options.get("model.scale", "pixel")
+
+
 def likelihood_sample_quality(out: Outputs) -> tuple[dict[str, list[float]], str]:
     """({configuration label: the sample-confident share of each seed's run}, the seed-0 sample grids
     side by side, E[x|t] above x ~ p(x|t), copied into the figures) from the generate evaluations of
     `experiment=likelihoods_samples` (({}, '') when they have not run)."""
     shares: dict[str, list[tuple[int, float]]] = {}
     grids = []
-    for metrics_file in sorted(out.sweep("likelihoods_samples").glob("*/metrics.json")):
-        metrics = json.loads(metrics_file.read_text())
-        label, seed = configuration(Path(metrics["run"]))
+    for label, seed, metrics, directory in run_evaluations(out.sweep("likelihoods_samples")):
         shares.setdefault(label, []).append((seed, metrics["sample_confident_share"]))
         if seed == 0:
-            options = dict(o.split("=", 1) for o in label.split())
-            name = f"{options.get('model.likelihood', 'x')}_{options.get('model.scale', 'pixel')}"
+            name = "_".join(likelihood_options(label))
             for kind in ("samples", "samples_drawn"):
-                copy_figure(metrics_file.parent / f"{kind}.png", out.figures / f"likelihoods_{name}_{kind}.png")
+                copy_figure(directory / f"{kind}.png", out.figures / f"likelihoods_{name}_{kind}.png")
             grids.append((name, f"![{name}: E[x|t]](likelihoods_{name}_samples.png) "
                                 f"![{name}: x ~ p(x|t)](likelihoods_{name}_samples_drawn.png)"))
     pictures = "".join(f"\n\n`{name}` (seed 0): E[x|t] of 64 prior samples, and a draw x ~ p(x|t) of each\n\n{images}"
@@ -220,10 +234,9 @@ def likelihoods(out: Outputs) -> str:
     jobs = read_jobs(sweep) if sweep.is_dir() else {}
     if not jobs:
         raise NotRun("python train.py -m experiment=likelihoods")
-    failures = read_failures(sweep)
-    failed = {f["configuration"]: [] for f in failures}
-    for f in failures:
-        failed[f["configuration"]].append(f["seed"])
+    failed: dict[str, list[int]] = {}
+    for failure in read_failures(sweep):
+        failed.setdefault(failure["configuration"], []).append(failure["seed"])
     samples, pictures = likelihood_sample_quality(out)
     rows = []
     for label, seeds in jobs.items():
@@ -232,9 +245,8 @@ def likelihoods(out: Outputs) -> str:
         bits = [m.get("test_bits_per_dim") for m in at]
         if any(b is None for b in bits):
             continue
-        options = dict(o.split("=", 1) for o in label.split())
         rows.append((statistics.median(bits), [
-            f"`{options.get('model.likelihood', '?')}`", f"`{options.get('model.scale', 'pixel')}`", epoch,
+            *(f"`{option}`" for option in likelihood_options(label)), epoch,
             f"**{statistics.median(bits):.3f}**", " / ".join(f"{b:.3f}" for b in bits),
             " / ".join(f"{m['test_kl']:.1f}" for m in at),
             " / ".join(f"{m.get('test_scale_at_floor', 0):.1%}" for m in at) if "test_scale_at_floor" in at[0] else "",
@@ -248,20 +260,15 @@ def likelihoods(out: Outputs) -> str:
 
 def likelihood_pixels(out: Outputs) -> str:
     """Where each likelihood spends its bits (seed 0 of each configuration): `task=pixels`."""
-    results = {}
-    for metrics_file in sorted(out.sweep("likelihoods_pixels").glob("*/metrics.json")):
-        metrics = json.loads(metrics_file.read_text())
-        label, seed = configuration(Path(metrics["run"]))
-        if seed == 0:
-            results[label] = metrics
+    evaluations = run_evaluations(out.sweep("likelihoods_pixels"))
+    results = {label: metrics for label, seed, metrics, _ in evaluations if seed == 0}
     if not results:
         raise NotRun("python evaluate.py -m experiment=likelihoods_pixels")
     rows = []
     for label, metrics in sorted(results.items(), key=lambda item: item[1]["bits_per_dim"]):
-        options = dict(o.split("=", 1) for o in label.split())
         groups = metrics["groups"]
-        cells = [f"`{options.get('model.likelihood', '?')}`", f"`{options.get('model.scale', 'pixel')}`",
-                 f"{metrics['bits_per_dim']:.3f}", *(f"{groups[g]['bits_per_pixel']:.2f}" for g in ("background", "edge", "ink"))]
+        cells = [*(f"`{option}`" for option in likelihood_options(label)), f"{metrics['bits_per_dim']:.3f}",
+                 *(f"{groups[g]['bits_per_pixel']:.2f}" for g in ("background", "edge", "ink"))]
         if "median_scale" in groups["background"]:
             cells += [f"{groups['background']['median_scale']:.4f} / {groups['edge']['median_scale']:.4f}",
                       f"{groups['background']['at_floor']:.1%}",
@@ -393,7 +400,8 @@ def generation(out: Outputs) -> str:
     if "sample_confident_share" in metrics:  # the digit classifier's judgement (vae/classifier.py)
         classes = metrics["sample_confident_classes"]
         quality = (f"A small digit classifier (test accuracy {metrics['classifier_test_accuracy']:.1%}) is confident "
-                   f"(p > {metrics['confidence_threshold']}) on **{metrics['sample_confident_share']:.1%}** of {metrics['scored_samples']:,} decoded "
+                   f"(p > {metrics['confidence_threshold']}) on **{metrics['sample_confident_share']:.1%}** "
+                   f"of {metrics['scored_samples']:,} decoded "
                    f"prior samples, against {metrics['test_confident_share']:.1%} of the real test digits; the confident "
                    f"samples fall in {sum(c > 0 for c in classes)} of the {len(classes)} classes "
                    f"(from {min(classes)} to {max(classes)} samples each).\n\n")
