@@ -8,7 +8,7 @@
     task=pixels      where the likelihood spends its bits: background, edge and ink pixels
 
 Each task is a function `task(run, out_dir, **options)` in tasks/<task>.py, named by `_target_` in
-conf/task/<task>.yaml; it returns its numbers, which are written to metrics.json in the evaluation's
+tasks/conf/task/<task>.yaml; it returns its numbers, which are written to metrics.json in the evaluation's
 own Hydra directory (outputs/evaluate/<date>/<time>-<task>/) beside its figures, its arrays and
 provenance.jsonl.
 """

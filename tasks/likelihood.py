@@ -1,7 +1,7 @@
 """The likelihood task: test NLL = -(1/N) sum_i log p(x_i) by the importance-weighted bound
 (vae/importance.py), with its standard error, beside the ELBO; bits/dim for the Gaussian likelihood.
 
-`python evaluate.py run=<run dir> task=likelihood` (conf/task/likelihood.yaml).
+`python evaluate.py run=<run dir> task=likelihood` (tasks/conf/task/likelihood.yaml).
 """
 from __future__ import annotations
 

@@ -3,20 +3,22 @@ from __future__ import annotations
 
 import inspect
 import re
+import subprocess
+import sys
 
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from conftest import CONF_DIR, compose_config
+from conftest import CONF_DIR, PROJECT_DIR, compose_config
 from vae.config import check_config
 
 OPTIONS = sorted(
-    (path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml") if path.parent.name not in ("task", "experiment")
+    (path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml") if path.parent.name != "experiment"
 )  # (group, option) for every training file: a new file is tested without editing this test
-# (conf/task/ belongs to evaluate.yaml: tests/test_evaluate.py composes those; conf/experiment/ holds
-# recipes for every entry point: composed below, each with its own)
+# (conf/experiment/ holds recipes for every entry point: composed below, each with its own; the task
+# group of evaluate.py is in tasks/conf/task/, and tests/test_evaluate.py composes those)
 
 
 def test_every_group_has_options():
@@ -99,4 +101,20 @@ def test_estimators_recipe_sweeps_every_estimator_over_three_seeds():
     params = cfg.hydra.sweeper.params
     estimators = {path.stem for path in (CONF_DIR / "estimator").glob("*.yaml")}
     assert set(params.estimator.split(",")) == estimators and params.seed == "0,1,2"
-    assert cfg.trainer.epochs == 20 and cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert cfg.trainer.epochs == 3 and cfg.hydra.launcher._target_.endswith("JoblibLauncher")
+
+
+def test_help_lists_each_entry_points_own_groups():
+    """`python train.py --help` lists the training groups; the task group is evaluate.py's alone, and
+    evaluate.py's help (its own template: Hydra does not list a searchpath's groups) names every task."""
+    def groups(script: str) -> set[str]:
+        text = subprocess.run([sys.executable, script, "--help"], cwd=PROJECT_DIR, capture_output=True,
+                              text=True, timeout=120, check=True).stdout
+        listing = text.split("== Configuration groups ==")[1].split("== Config ==")[0]
+        return {line.split(":")[0] for line in listing.splitlines()[2:] if ":" in line}
+
+    assert groups("train.py") == {"data", "estimator", "experiment", "model", "optim", "trainer"}
+    tasks = {path.stem for path in (PROJECT_DIR / "tasks" / "conf" / "task").glob("*.yaml")}
+    listing = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=PROJECT_DIR, capture_output=True,
+                             text=True, timeout=120, check=True).stdout
+    assert f"task: {', '.join(sorted(tasks))}\n" in listing and "estimator:" not in listing

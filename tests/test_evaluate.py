@@ -12,7 +12,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from conftest import CONF_DIR, FAST, PROJECT_DIR, compose_config
+from conftest import FAST, PROJECT_DIR, compose_config
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -32,7 +32,7 @@ from vae.elbo import dataset_elbo
 from vae.importance import dataset_iw
 from vae.runs import RunError, load_run
 
-TASKS = sorted(path.stem for path in (CONF_DIR / "task").glob("*.yaml"))
+TASKS = sorted(path.stem for path in (PROJECT_DIR / "tasks" / "conf" / "task").glob("*.yaml"))
 
 
 @pytest.fixture(scope="module")

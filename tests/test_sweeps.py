@@ -170,6 +170,9 @@ def test_a_diverging_trial_does_not_end_the_optuna_study(tmp_path):
     assert failed and finished and len(failed) + len(finished) == 3, (failed, finished)
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert best["best_params"]["optim.optim_args.lr"] == 1e-3 and best["best_value"] < 0
+    output = result.stdout + result.stderr  # Optuna's lines come through Hydra's log, plain
+    assert "A new study created in memory with name: lr_latent" in output
+    assert "\x1b[" not in output and "setup plugin" not in output
 
 
 def test_report_of_a_missing_sweep_is_one_line_and_creates_nothing(tmp_path):

@@ -144,7 +144,7 @@ def positive_int(value: object) -> bool:
     return is_int(value) and value > 0
 
 
-# Every option of an evaluation task (conf/task/*.yaml), by name: what it must be.
+# Every option of an evaluation task (tasks/conf/task/*.yaml), by name: what it must be.
 TASK_RULES = {
     **{key: (positive_int, "a positive integer") for key in (
         "num_particles", "batch_size", "particles_per_chunk", "steps", "fit_steps", "num_samples", "num_images",

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
 from torch import Tensor
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid, save_image
@@ -156,3 +158,14 @@ def record_failure(run_dir: Path, error: BaseException) -> None:
 def clear_failure(run_dir: Path) -> None:
     """Forget an earlier failure of this run directory: it is being run again."""
     (Path(run_dir) / FAILED_NAME).unlink(missing_ok=True)
+
+
+class OptunaLogThroughHydra(Callback):
+    """A Hydra callback for the Optuna sweeper: Optuna logs through its own coloured handler, so its
+    lines carry escape codes into files and ignore Hydra's format; send them through Hydra's log."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import optuna
+
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
