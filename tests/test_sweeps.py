@@ -200,6 +200,22 @@ def test_a_sweep_in_progress_says_how_many_jobs_are_done(tmp_path):
     assert sweep_progress(sweep) == ""  # every job that exists is done
 
 
+def test_estimators_table_reads_every_seed_at_the_epoch_all_reached(tmp_path):
+    """A seed that trained further than the others (a shortened recipe, a sweep in progress) is shown
+    at the common epoch in every column: its test ELBO, its best epoch up to there, its KL there."""
+    sweep = tmp_path / "multirun" / "estimators"
+    for seed, elbos, kls in ((0, [-500, -110, -100, -90], [2, 20, 24, 40]), (1, [-500, -106, -101], [2, 21, 25])):
+        job = sweep / str(seed)
+        fake_job(job, ["estimator=reparam", f"seed={seed}"], elbos)
+        lines = [{**json.loads(line), "test_kl": kl} for line, kl in zip((job / "metrics.jsonl").read_text().splitlines(), kls)]
+        (job / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    (tmp_path / "figures").mkdir()
+    text = fill("<!-- report:estimators -->\n<!-- /report:estimators -->",
+                Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False))
+    row = next(line for line in text.splitlines() if line.startswith("| `reparam`"))
+    assert "| 2 | 2 | **-100.50** |" in row and "| -100.00 / -101.00 | -100.00 / -101.00 | 24.00 / 25.00 |" in row
+
+
 def test_likelihoods_table_ranks_by_bits_per_dim_with_floor_samples_and_failures(tmp_path):
     """docs' likelihoods block: one row per (likelihood, scale), the seeds at their last common epoch,
     best bits/dim first, the floor share, each seed's confident samples, and the failed seeds."""

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_module
-from conftest import FAST, PROJECT_DIR, mnist_root
+from conftest import FAST, PROJECT_DIR, compose_config, mnist_root
 from train import TrainingDiverged, train
 from vae import build
 from vae import checkpoint as checkpoint_module
@@ -359,6 +359,19 @@ def test_resume_takes_a_new_learning_rate_and_a_new_optimizer(fast_config, tmp_p
     assert all(torch.equal(v, param_snapshot()[k]) for k, v in weights["same"].items())  # nothing changed: exact
     for name in ("lr", "clipped"):
         assert any(not torch.equal(v, weights["same"][k]) for k, v in weights[name].items()), name
+
+
+def test_a_sweep_run_again_goes_on_with_its_recipe_as_it_is_now(fast_config, tmp_path):
+    """A sweep's job run again with `experiment=NAME` takes the keys that the recipe sets now (an
+    edited recipe: fewer epochs, one thread) over the run's saved config; nothing else changes, and
+    without the recipe on the command line the saved value stays."""
+    train(fast_config("trainer.epochs=1", "threads=2"), tmp_path)
+    saved = checkpoint_module.saved_config(checkpoint_module.read(tmp_path / "checkpoint.pt"))
+    now = compose_config("experiment=estimators")  # trainer.epochs: 3, threads: 1
+    resumed = checkpoint_module.resumed_config(now, ["experiment=estimators"], tmp_path)
+    assert (resumed.trainer.epochs, resumed.threads) == (now.trainer.epochs, now.threads) == (3, 1)
+    assert resumed.data == saved.data and resumed.model == saved.model and resumed.estimator == saved.estimator
+    assert checkpoint_module.resumed_config(now, [], tmp_path).trainer.epochs == 1
 
 
 def test_resume_refuses_a_change_of_the_runs_identity(fast_config, tmp_path):

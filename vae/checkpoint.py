@@ -28,7 +28,10 @@ from omegaconf import DictConfig, OmegaConf
 from pyro.optim import PyroOptim
 from torch import Tensor, nn
 
+from vae.provenance import PROJECT_DIR
+
 log = logging.getLogger(__name__)
+CONF_DIR = PROJECT_DIR / "conf"
 CHECKPOINT_NAME = "checkpoint.pt"
 # The config keys (and everything under them) that may change when a run is resumed; every other
 # key is the run's identity. data.root and data.dataset.download say where the files are, not what
@@ -192,20 +195,42 @@ def saved_config(contents: dict[str, Any]) -> DictConfig:
 
 def resumed_config(cfg: DictConfig, overrides: list[str], out_dir: Path) -> DictConfig:
     """The config to go on with: `cfg` for a new run; for a run that continues (`cfg.resume`, or
-    the checkpoint in `out_dir` of a requeued job), the run's saved config, changed only where the
-    command line's `overrides` (key=value, group=option) set a key, to that key's value in the
-    composed `cfg`. `load` then refuses what may not change."""
+    the checkpoint in `out_dir` of a requeued job or of a sweep's job run again), the run's saved
+    config, changed only where the command line's `overrides` (key=value, group=option, and the keys
+    of a recipe it names) set a key, to that key's value in the composed `cfg`. `load` then refuses
+    what may not change."""
     resume_from = to_resume(cfg, out_dir)
     if resume_from is None:
         return cfg
     resumed, absent = saved_config(read(resume_from)), object()
-    for override in overrides:
-        key = override.split("=", 1)[0].lstrip("+~")
+    keys = [override.split("=", 1)[0].lstrip("+~") for override in overrides]
+    keys += [key for override in overrides for key in recipe_keys(override)]
+    for key in keys:
         value = OmegaConf.select(cfg, key, default=absent)
         if key.startswith("hydra.") or value is absent:
             continue  # Hydra's own settings; a recipe's name (experiment=...), which is no key
         OmegaConf.update(resumed, key, value, merge=False, force_add=True)
     return resumed
+
+
+def recipe_keys(override: str) -> list[str]:
+    """The keys that `experiment=NAME` on the command line sets (its conf/experiment/NAME.yaml,
+    `# @package _global_`), as dotted paths to their values; [] for any other override. A sweep
+    continued with an edited recipe (say, fewer epochs) thus goes on with the recipe as it is now."""
+    group, _, option = override.partition("=")
+    path = CONF_DIR / "experiment" / f"{option}.yaml"
+    if group.lstrip("+~") != "experiment" or not path.is_file():
+        return []
+    recipe = OmegaConf.to_container(OmegaConf.load(path))
+    recipe.pop("defaults", None)
+    recipe.pop("hydra", None)
+
+    def leaves(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict) and node:
+            return [key for name, child in node.items() for key in leaves(child, f"{prefix}{name}.")]
+        return [prefix[:-1]]
+
+    return leaves(recipe, "")
 
 
 def restore(contents: dict[str, Any], optimizer: PyroOptim, cfg: DictConfig, device: torch.device,

@@ -168,15 +168,15 @@ def estimators(out: Outputs) -> str:
     rows, jobs = estimator_rows(out)
     lines = []
     for row in rows:
-        seeds = jobs[row["configuration"]]
+        seeds = [[m for m in metrics if m["epoch"] <= row["epoch"]] for metrics in jobs[row["configuration"]]]
         best = [max(m["test_elbo"] for m in metrics if m.get("test_elbo") is not None) for metrics in seeds]
-        kl = [metrics[-1]["test_kl"] for metrics in seeds]
+        kl = [metrics[-1]["test_kl"] for metrics in seeds]  # at the row's epoch, as its test ELBO
         lines.append([estimator_name(row), row["seeds"], row["epoch"], f"**{nats(row['test_elbo_median'])}**",
                       f"{nats(row['test_elbo_mean'])} ± {nats(row['test_elbo_spread'])}",
                       " / ".join(nats(v) for v in row["test_elbo_seeds"]), " / ".join(nats(v) for v in best),
                       " / ".join(nats(v) for v in kl), f"{row['wall_time_mean']:.0f}"])
     head = ["estimator", "seeds", "epochs", "test ELBO: median", "mean ± sd", "each seed (0 / 1 / 2)",
-            "best epoch, each seed", "final KL(q ‖ p), each seed", "wall time (s), mean"]
+            "best epoch, each seed", "KL(q ‖ p) at that epoch, each seed", "wall time (s), mean"]
     failures = "".join(f"\n\nFailed: `{f['configuration']}` seed {f['seed']}: {f['message']}"
                        for f in read_failures(out.sweep("estimators")))
     return (table(head, lines) + sweep_progress(out.sweep("estimators")) + failures + "\n\n"
