@@ -207,6 +207,7 @@ def test_the_log_says_where_a_resumed_run_continues():
     assert RunState(epoch=3, batches=batches, next_batch=4).position(20) == "at epoch 3, batch 5 of 10"
     assert RunState(epoch=4, batches=None, next_batch=10).position(20) == "at the start of epoch 4"
     assert "nothing to train" in RunState(epoch=21, batches=None, next_batch=10).position(20)
+    assert "nothing to train" in RunState(epoch=6, batches=batches, next_batch=4).position(3)  # a lowered budget
 
 
 def test_bf16_runs_the_layers_in_bfloat16_and_keeps_log_densities_float32(fast_config, tmp_path):

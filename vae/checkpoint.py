@@ -66,10 +66,10 @@ class RunState:
 
     def position(self, epochs: int) -> str:
         """Where a resumed run continues, for the log: inside an epoch, at an epoch's start, or done."""
+        if self.epoch > epochs:  # done, or stopped inside an epoch beyond a since-lowered trainer.epochs
+            return f"after epoch {self.epoch - 1}: trainer.epochs={epochs} are done, nothing to train"
         if self.batches is not None:
             return f"at epoch {self.epoch}, batch {self.next_batch + 1} of {len(self.batches)}"
-        if self.epoch > epochs:
-            return f"after epoch {self.epoch - 1}: trainer.epochs={epochs} are done, nothing to train"
         return f"at the start of epoch {self.epoch}"
 
     def epochs_done(self) -> float:
