@@ -1,14 +1,17 @@
 """Kill trainings at random moments and count what was lost: `python faults.py`.
 
 Each of `faults.runs` short trainings (conf/faults.yaml: synthetic data by default) is started in
-a scratch directory, stopped after a random while by SIGKILL (no chance to save) or SIGTERM (the
-clean stop), and started again with the same command, which continues from whatever checkpoint the
-directory holds, until `faults.kills` SIGKILLs and `faults.terms` SIGTERMs have been sent in all;
-then every run finishes. Against one uninterrupted run of the same command, each run must end with
-the same weights and the same metrics, each epoch's line once and in order. At each signal the
-script notes what the run was doing, read from its files: starting up, training, or writing a
-checkpoint (a checkpoint.pt.tmp present). Writes faults.json and faults.png (signals by moment,
-and the outcome per run) into the Hydra run directory.
+a scratch directory and stopped at a random moment of its training by SIGKILL (no chance to save)
+or SIGTERM (the clean stop): U(0, `faults.max_seconds` x the uninterrupted run's training time)
+after it has begun training (data loaded, checkpoint read: its provenance line written), where
+there is something to lose; before that a process has touched nothing. It is started again with
+the same command, which continues from whatever checkpoint the directory holds, until
+`faults.kills` SIGKILLs and `faults.terms` SIGTERMs have been sent in all; then every run
+finishes. Against one uninterrupted run of the same command, each run must end with the same
+weights and the same metrics, each epoch's line once and in order. At each signal the script
+notes what the run was doing, read from its files: training, writing a checkpoint (a
+checkpoint.pt.tmp present), or it had finished first. Writes faults.json and faults.png (signals
+by moment, and the outcome per run) into the Hydra run directory.
 """
 from __future__ import annotations
 
@@ -46,26 +49,43 @@ def starts(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def moment(run_dir: Path, started_before: int) -> str:
-    """What the run was doing, as its files show: writing a checkpoint, training, or starting up."""
-    if any(run_dir.glob("*.tmp")):
-        return "writing a checkpoint"
-    return "training" if starts(run_dir) > started_before else "starting up"
+def moment(run_dir: Path) -> str:
+    """What a run that has begun training was doing, as its files show: writing a checkpoint or training."""
+    return "writing a checkpoint" if any(run_dir.glob("*.tmp")) else "training"
+
+
+def wait_for_training(process: subprocess.Popen, run_dir: Path, started_before: int) -> bool:
+    """Wait until the process has begun training in run_dir (its provenance line is written: data
+    loaded, checkpoint read) or has ended; True if it is training."""
+    while starts(run_dir) <= started_before and process.poll() is None:
+        time.sleep(0.01)
+    return process.poll() is None
 
 
 def interrupt(settings: list[str], run_dir: Path, signum: int, seconds: float) -> tuple[str, int]:
-    """Start (or continue) the run, send `signum` after `seconds`; (what it was doing, exit code).
-    A run that ends first is not interrupted ('finished first')."""
+    """Start (or continue) the run and send `signum` `seconds` after it has begun training; (what it
+    was doing, exit code). A run that ends first is not interrupted ('finished first')."""
     before = starts(run_dir)
     process = subprocess.Popen(command(settings, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and process.poll() is None:
-        time.sleep(0.01)
+    if wait_for_training(process, run_dir, before):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.01)
     if process.poll() is not None:
         return "finished first", process.returncode
-    doing = moment(run_dir, before)
+    doing = moment(run_dir)
     process.send_signal(signum)
     return doing, process.wait(timeout=300)
+
+
+def training_seconds(settings: list[str], run_dir: Path) -> float:
+    """Run the command uninterrupted; the seconds from the start of its training to its end."""
+    process = subprocess.Popen(command(settings, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for_training(process, run_dir, 0)
+    started = time.perf_counter()
+    if process.wait() != 0:
+        raise SystemExit(f"error: the uninterrupted run failed (exit {process.returncode}): {' '.join(command(settings, run_dir))}")
+    return time.perf_counter() - started
 
 
 def outcome(run_dir: Path, reference: Path) -> dict[str, Any]:
@@ -87,16 +107,14 @@ def faults(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     settings, plan = list(cfg.faults.settings), cfg.faults
     scratch = out_dir / "runs"
     reference = scratch / "uninterrupted"
-    started = time.perf_counter()
-    subprocess.run(command(settings, reference), check=True, capture_output=True)
-    reference_seconds = time.perf_counter() - started
+    reference_seconds = training_seconds(settings, reference)
     chance = random.Random(plan.seed)
     signals = [signal.SIGKILL] * plan.kills + [signal.SIGTERM] * plan.terms
     chance.shuffle(signals)
     events = []
     for i, signum in enumerate(signals):
         run_dir = scratch / f"run_{i % plan.runs}"
-        seconds = chance.uniform(0.5, plan.max_seconds * reference_seconds)
+        seconds = chance.uniform(0.0, plan.max_seconds * reference_seconds)  # after training has begun
         doing, code = interrupt(settings, run_dir, signum, seconds)
         events.append({"run": run_dir.name, "signal": signal.Signals(signum).name, "after_seconds": seconds,
                        "moment": doing, "exit_code": code})
@@ -108,7 +126,7 @@ def faults(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
         finished = subprocess.run(command(settings, run_dir), capture_output=True, text=True)
         runs[run_dir.name] = {"final_exit_code": finished.returncode, "starts": starts(run_dir),
                               **(outcome(run_dir, reference) if finished.returncode == 0 else {})}
-    summary = {"runs": plan.runs, "kills": plan.kills, "terms": plan.terms,
+    summary = {"runs": plan.runs, "kills": plan.kills, "terms": plan.terms, "training_seconds": reference_seconds,
                "runs_resumed_to_the_end": sum(r["final_exit_code"] == 0 for r in runs.values()),
                "epochs_lost": sum(r.get("epochs_lost", 0) for r in runs.values()),
                "epochs_duplicated": sum(r.get("epochs_duplicated", 0) for r in runs.values()),

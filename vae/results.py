@@ -531,7 +531,11 @@ def faults(out: Outputs) -> str:
             ["runs ending with the uninterrupted run's weights and metrics", f"{s['runs_equal_to_uninterrupted']} of {s['runs']}"],
             ["epochs lost / duplicated in metrics.jsonl", f"{s['epochs_lost']} / {s['epochs_duplicated']}"],
             ["exit codes after SIGTERM", ", ".join(f"{code}: {n}" for code, n in sorted(s["sigterm_exit_codes"].items()))]]
-    rows += [[f"signals while {moment}", n] for moment, n in sorted(s["moments"].items())]
+    for key, n in sorted(s["moments"].items()):  # "SIGKILL, training": what the run was doing at the signal
+        signal, moment = key.split(", ", 1)
+        rows.append([f"{signal}s {'that came after the run had ended' if moment == 'finished first' else 'while ' + moment}", n])
+    if "training_seconds" in s:
+        rows.append(["the uninterrupted run's training time, s", f"{s['training_seconds']:.1f}"])
     return table(["", "count"], rows) + "\n\n" + provenance_line(out, directory)
 
 
