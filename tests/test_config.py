@@ -99,7 +99,8 @@ def test_estimators_recipe_sweeps_every_estimator_over_three_seeds():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=estimators"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
-    estimators = {path.stem for path in (CONF_DIR / "estimator").glob("*.yaml")}
+    # every gradient estimator of the ELBO; iwae trains a different (tighter) bound, compared on its own
+    estimators = {path.stem for path in (CONF_DIR / "estimator").glob("*.yaml")} - {"iwae"}
     assert set(params.estimator.split(",")) == estimators and params.seed == "0,1,2"
     assert cfg.trainer.epochs == 3 and cfg.hydra.launcher._target_.endswith("JoblibLauncher")
 

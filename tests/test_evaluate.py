@@ -52,7 +52,7 @@ def evaluate(run_dir, tmp_path, task, *overrides):
 
 # Probabilistic PCA: p(t) = N(0, I), p(x|t) = N(W t + b, sigma^2 I), so p(x) = N(b, W W^T + sigma^2 I).
 class LinearGaussianDecoder(nn.Module):
-    """t (B, L) -> (x_loc, x_scale) (B, 1, 4, 4), the interface `model.likelihood` expects."""
+    """t (..., L) -> (x_loc, x_scale) (..., 1, 4, 4), the interface `model.likelihood` expects."""
 
     likelihood = "gaussian"
     scale = "fixed"  # sigma, not learned
@@ -65,7 +65,7 @@ class LinearGaussianDecoder(nn.Module):
         self.sigma = sigma
 
     def forward(self, t):
-        x_loc = (t @ self.weight.T + self.bias).reshape(-1, 1, 4, 4)
+        x_loc = (t @ self.weight.T + self.bias).reshape(*t.shape[:-1], 1, 4, 4)  # any leading dims (particles)
         return x_loc, torch.full_like(x_loc, self.sigma)
 
 

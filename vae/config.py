@@ -15,6 +15,7 @@ from pyro.infer import (JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, Ji
                         TraceGraph_ELBO, TraceMeanField_ELBO)
 
 from model import LIKELIHOODS, SCALES
+from vae.iwae import IWAE_ELBO
 
 POSITIVE_INTS = ("model.latent_dim", "model.hidden_dim", "data.batch_size", "trainer.epochs",
                  "trainer.test_every", "trainer.num_grid_images", "estimator.elbo.num_particles")
@@ -96,6 +97,9 @@ def check_estimator(cfg: DictConfig) -> None:
     if score and issubclass(elbo_class, TraceMeanField_ELBO):
         raise ConfigError(f"estimator.elbo._target_={target} with estimator.reparameterized=false: an "
                           "analytic-KL ELBO needs a reparameterized guide; use estimator=reparam or a Trace ELBO")
+    if score and issubclass(elbo_class, IWAE_ELBO):
+        raise ConfigError(f"estimator.elbo._target_={target} with estimator.reparameterized=false: the importance-"
+                          "weighted bound is trained through reparameterized samples; use estimator=iwae as it is")
     baseline_keys = [f"estimator.{key}" for key in ("baseline", "baseline_net") if cfg.estimator.get(key)]
     if baseline_keys and not (score and issubclass(elbo_class, TraceGraph_ELBO)):
         raise ConfigError(f"{' and '.join(baseline_keys)} with estimator.elbo._target_={target}, estimator."
