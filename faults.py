@@ -3,8 +3,9 @@
 Each of `faults.runs` short trainings (conf/faults.yaml: synthetic data by default) is started in
 a scratch directory and stopped at a random moment of its training by SIGKILL (no chance to save)
 or SIGTERM (the clean stop): U(0, `faults.max_seconds` x the uninterrupted run's training time)
-after it has begun training (data loaded, checkpoint read: its provenance line written), where
-there is something to lose; before that a process has touched nothing. It is started again with
+after it has begun training (data loaded, checkpoint read, metrics.jsonl cut back to the checkpoint
+by an atomic rename: its provenance line written), where each step and checkpoint is at stake; the
+start-up before it is not aimed at. It is started again with
 the same command, which continues from whatever checkpoint the directory holds, until
 `faults.kills` SIGKILLs and `faults.terms` SIGTERMs have been sent in all; then every run
 finishes. Against one uninterrupted run of the same command, each run must end with the same

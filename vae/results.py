@@ -176,7 +176,7 @@ def estimators(out: Outputs) -> str:
                       " / ".join(nats(v) for v in row["test_elbo_seeds"]), " / ".join(nats(v) for v in best),
                       " / ".join(nats(v) for v in kl), f"{row['wall_time_mean']:.0f}"])
     head = ["estimator", "seeds", "epochs", "test ELBO: median", "mean ± sd", "each seed (0 / 1 / 2)",
-            "best epoch, each seed", "KL(q ‖ p) at that epoch, each seed", "wall time (s), mean: two jobs at a time beside other work"]
+            "best epoch, each seed", "KL(q ‖ p) at that epoch, each seed", "wall time (s), mean, two jobs at a time"]
     failures = "".join(f"\n\nFailed: `{f['configuration']}` seed {f['seed']}: {f['message']}"
                        for f in read_failures(out.sweep("estimators")))
     return (table(head, lines) + sweep_progress(out.sweep("estimators")) + failures + "\n\n"
