@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 def raw_step(encoder, decoder, optimizer: torch.optim.Optimizer, x: torch.Tensor, num_data: int) -> float:
     """(a): one gradient step on the reparameterized minibatch ELBO, written out by hand."""
-    t_loc, t_scale = encoder(x)  # (B, latent_dim) each
+    t_loc, t_scale, _ = encoder(x)  # (B, latent_dim) each
     t = t_loc + t_scale * torch.randn_like(t_scale)  # t ~ q(t|x), reparameterized
     log_p_x = likelihood(decoder, t).log_prob(x)  # log p(x|t), (B,)
     log_p_t = torch.distributions.Normal(0.0, 1.0).log_prob(t).sum(-1)  # log p(t), (B,)

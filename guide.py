@@ -1,4 +1,4 @@
-"""The amortized guide q(t|x) = N(t_loc(x), diag t_scale(x)^2).
+"""The amortized guide q(t|x) = N(t_loc(x), diag t_scale(x)^2), optionally followed by flows.
 
 One `Encoder` network serves every image (amortization): instead of fitting a separate
 (t_loc_i, t_scale_i) for each image i, it learns the map x -> (t_loc, t_scale), so the guide
@@ -18,7 +18,20 @@ With `TraceGraph_ELBO`, `baseline` and `baseline_net` subtract a baseline b(x) f
 learning signal, which keeps the estimate unbiased (E_q[grad log q(t|x)] = 0) and cuts its
 variance:  grad ELBO = E_q[(log p(x, t) - log q(t|x) - b(x)) * grad log q(t|x)]
 
-`posterior` reads q(t|x) and one sample t ~ q(t|x) off that same program, for evaluation.
+With `model.flows` = F > 0 the Gaussian is only the start (Kingma et al. 2016, inverse
+autoregressive flow): t_0 ~ N(t_loc, diag t_scale^2), then t_f = f_f(t_{f-1}; h), f = 1..F, each
+the gated affine map t_f,d = s_d * t_{f-1,d} + (1 - s_d) * m_d, where (m_d, logit s_d) come from a
+MADE network that reads t_{f-1,<d} (autoregressive) and the encoder's features h, so
+
+    log q(t_F|x) = log N(t_0; t_loc, diag t_scale^2) - sum_f sum_d log s_d       (change of variables)
+
+Sampling is one network pass per flow, and so is log q of a sample just drawn (Pyro's transforms
+cache t_{f-1}); log q of any other t inverts the flows, one pass per dimension. The flows need the
+reparameterized estimators (vae/config.py refuses the score function: its surrogate would read
+the cached inverse as a constant).
+
+`posterior` reads q(t|x) and one sample t ~ q(t|x) off that same program, and `code` a point
+t(x) for the uses that take one latent per image, for evaluation.
 """
 from __future__ import annotations
 
@@ -29,6 +42,8 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from pyro.distributions.transforms import ConditionalAffineAutoregressive
+from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -50,10 +65,13 @@ class ScoreFunctionNormal(dist.Normal):
 
 
 class Encoder(nn.Module):
-    """x (B, C, H, W) -> (t_loc, t_scale), each (B, latent_dim), the parameters of q(t|x).
+    """x (B, C, H, W) -> (t_loc, t_scale, h): the Gaussian of q(t|x), each (B, latent_dim), and the
+    features h (B, hidden_dim) that the `flows` (F conditional IAF steps; none by default) read.
 
     Each stride-2 convolution halves height and width; a dense layer then reads the features.
-    ELU activations, as in the decoder.
+    ELU activations, as in the decoder. The flows' MADE networks have `flow_hidden_dims` hidden
+    units and a fixed order of the latent dimensions, reversed from one flow to the next, so the
+    same config always builds the same masks (they are buffers, not trained parameters).
     """
 
     def __init__(
@@ -62,6 +80,8 @@ class Encoder(nn.Module):
         latent_dim: int,
         channels: list[int],
         hidden_dim: int,
+        flows: int = 0,
+        flow_hidden_dims: list[int] | None = None,
     ) -> None:
         super().__init__()
         check_image_shape(image_shape, channels)
@@ -77,12 +97,20 @@ class Encoder(nn.Module):
         )
         self.t_loc = nn.Linear(hidden_dim, latent_dim)
         self.t_scale = nn.Linear(hidden_dim, latent_dim)
+        order = torch.arange(latent_dim)
+        self.flows = nn.ModuleList(
+            ConditionalAffineAutoregressive(  # Kingma et al.'s gated ("stable") update
+                ConditionalAutoRegressiveNN(latent_dim, hidden_dim, list(flow_hidden_dims or [hidden_dim, hidden_dim]),
+                                            permutation=order if f % 2 == 0 else order.flip(0)),
+                stable=True)
+            for f in range(flows)
+        )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = self.features(x)  # (B, hidden_dim)
         t_loc = self.t_loc(h)  # (B, latent_dim)
         t_scale = MIN_T_SCALE + F.softplus(self.t_scale(h))  # (B, latent_dim), > 0
-        return t_loc, t_scale
+        return t_loc, t_scale, h
 
 
 class BaselineNet(nn.Module):
@@ -127,14 +155,16 @@ def guide(
     if baseline_net is not None:  # restored weights in the param store win over fresh ones
         pyro.module("baseline", baseline_net, update_module_params=True)
     with pyro.plate("data", size=num_data, subsample=index):
-        t_loc, t_scale = encoder(x)  # (B, latent_dim) each
+        t_loc, t_scale, h = encoder(x)  # (B, latent_dim) each; the features h (B, hidden_dim)
         if reparameterized:
-            q_t = dist.Normal(t_loc, t_scale)  # t = t_loc + t_scale * eps
+            q_t = dist.Normal(t_loc, t_scale).to_event(1)  # t = t_loc + t_scale * eps
         else:
-            q_t = ScoreFunctionNormal(t_loc, t_scale)  # E_q[(log p - log q) * grad log q]
+            q_t = ScoreFunctionNormal(t_loc, t_scale).to_event(1)  # E_q[(log p - log q) * grad log q]
+        if len(encoder.flows):  # t = f_F(...f_1(t_0; h)...; h), log q(t|x) by the change of variables
+            q_t = dist.TransformedDistribution(q_t, [flow.condition(h) for flow in encoder.flows])
         if baseline_net is not None:
             options["baseline_value"] = num_data / x.shape[0] * baseline_net(x)  # N/B * b(x) (B,)
-        pyro.sample("t", q_t.to_event(1), infer={"baseline": options} if options else {})  # log q(t|x)
+        pyro.sample("t", q_t, infer={"baseline": options} if options else {})  # log q(t|x)
 
 
 def posterior(x: Tensor, encoder: Encoder) -> tuple[dist.Distribution, Tensor]:
@@ -146,3 +176,14 @@ def posterior(x: Tensor, encoder: Encoder) -> tuple[dist.Distribution, Tensor]:
     index = torch.arange(x.shape[0], device=x.device)
     site = poutine.trace(guide).get_trace(x, index, encoder, x.shape[0]).nodes["t"]
     return site["fn"], site["value"]  # q(t|x), t
+
+
+@torch.no_grad()
+def code(x: Tensor, encoder: Encoder) -> Tensor:
+    """One latent point per image (B, latent_dim), for the uses that take one (reconstructions,
+    interpolations, the linear probe): t_loc(x), the mean of the Gaussian q(t|x); with flows, the
+    flows' image of it, f_F(...f_1(t_loc; h)...; h) (a central point of q, not its mean)."""
+    t, _, h = encoder(x)
+    for flow in encoder.flows:
+        t = flow.condition(h)(t)
+    return t

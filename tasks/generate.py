@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import save_image
 
+from guide import code
 from model import likelihood, mean_image
 from vae.classifier import accuracy, confident_share, train_classifier
 from vae.data import load_split
@@ -59,9 +60,10 @@ def drawn_samples(decoder: nn.Module, num_samples: int, seed: int) -> Tensor:
 
 @torch.no_grad()
 def interpolate(encoder: nn.Module, decoder: nn.Module, x_a: Tensor, x_b: Tensor, steps: int) -> Tensor:
-    """E[x|t] (P, steps, C, H, W) along the line from t_loc(x_a) to t_loc(x_b), for P pairs."""
-    t_a, _ = encoder(x_a)  # (P, L)
-    t_b, _ = encoder(x_b)  # (P, L)
+    """E[x|t] (P, steps, C, H, W) along the line from t(x_a) to t(x_b), the codes of `guide.code`
+    (t_loc for the Gaussian q), for P pairs."""
+    t_a = code(x_a, encoder)  # (P, L)
+    t_b = code(x_b, encoder)  # (P, L)
     a = torch.linspace(0, 1, steps, device=t_a.device)[None, :, None]  # (1, steps, 1)
     t = (1 - a) * t_a[:, None] + a * t_b[:, None]  # (P, steps, L)
     return mean_image(decoder, t.flatten(0, 1)).unflatten(0, t.shape[:2])
@@ -118,7 +120,7 @@ def generate(
     save_image(drawn_samples(decoder, num_samples, sample_seed), files["samples_drawn"], nrow=int(num_samples**0.5))
     with torch.no_grad():
         x_shown = x_test[:num_images]
-        reconstruction = mean_image(decoder, encoder(x_shown)[0])
+        reconstruction = mean_image(decoder, code(x_shown, encoder))
     save_image(torch.cat([x_shown, reconstruction]), files["reconstructions"], nrow=num_images)
     x_a, x_b = x_test[: 2 * num_pairs : 2], x_test[1 : 2 * num_pairs : 2]
     save_image(interpolate(encoder, decoder, x_a, x_b, steps).flatten(0, 1), files["interpolations"], nrow=steps)

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.utils import save_image
 
-from guide import posterior
+from guide import code, posterior
 from model import likelihood, log_joint, mean_image, model
 from vae.data import load_split
 from vae.importance import repeat
@@ -71,9 +71,9 @@ def fill(x: Tensor, mask: Tensor, value: Tensor | float) -> Tensor:
 
 @torch.no_grad()
 def impute_one_pass(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module, fill_value: Tensor) -> Tensor:
-    """E[x|t_loc(x~)] (N, C, H, W): one encoder and decoder pass on the filled-in image x~."""
-    t_loc, _ = encoder(fill(x, mask, fill_value))
-    return mean_image(decoder, t_loc)
+    """E[x|t(x~)] (N, C, H, W): one encoder and decoder pass on the filled-in image x~ (t_loc, or
+    its image through the flows: `guide.code`)."""
+    return mean_image(decoder, code(fill(x, mask, fill_value), encoder))
 
 
 @torch.no_grad()
@@ -103,7 +103,12 @@ def fit_posterior(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Modul
                   steps: int = 200, lr: float = 0.05) -> dist.Distribution:
     """r_i(t) = N(loc_i, diag scale_i^2) for each image, fit to p(t|x_o) by SVI: maximize the masked
     ELBO E_r[log p(x_o|t) + log p(t) - log r_i(t)] over (loc_i, scale_i) only, from q(t|x~)."""
-    start = posterior(fill(x, mask, fill_value), encoder)[0].base_dist  # q(t|x~)
+    q_t, _ = posterior(fill(x, mask, fill_value), encoder)  # q(t|x~)
+    if len(encoder.flows):  # not Gaussian: start from the mean and spread of its samples
+        draws = q_t.sample((256,))  # (256, N, L)
+        start = dist.Normal(draws.mean(0), draws.std(0))
+    else:
+        start = q_t.base_dist
     num_images = x.shape[0]
     index = torch.arange(num_images, device=x.device)
 

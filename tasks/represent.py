@@ -1,6 +1,8 @@
-"""The latent code as a representation: t_loc(x), the mean of q(t|x), for every image.
+"""The latent code as a representation: t_loc(x), the mean of q(t|x), for every image (with flows
+in the guide, the code of `guide.code`: the flows' image of the Gaussian's mean).
 
-    export        latents_<split>.npz per split: t_loc (N, latent_dim), t_scale (N, latent_dim), labels (N,)
+    export        latents_<split>.npz per split: t_loc (N, latent_dim) that code, t_scale (N, latent_dim)
+                  the Gaussian's scale (with flows: before them), labels (N,)
     linear probe  multinomial logistic regression p(y|t_loc) = softmax(A t_loc + c), fitted on the
                   training split and scored on the test split: accuracy is the number for how
                   linearly the labels can be read off the code (no labels were used to train it)
@@ -21,14 +23,16 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
+from guide import code
 from vae.runs import TrainedRun
 
 
 @torch.no_grad()
 def latent_means(encoder: nn.Module, x: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
-    """(t_loc, t_scale) of q(t|x), each (N, latent_dim), for all of x (N, C, H, W)."""
-    parts = [encoder(x_batch) for x_batch in x.split(batch_size)]
-    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    """(the code of `guide.code`, t_scale of the Gaussian), each (N, latent_dim), for all of x (N, C, H, W)."""
+    codes = [code(x_batch, encoder) for x_batch in x.split(batch_size)]
+    scales = [encoder(x_batch)[1] for x_batch in x.split(batch_size)]
+    return torch.cat(codes), torch.cat(scales)
 
 
 def linear_probe(

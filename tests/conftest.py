@@ -33,6 +33,16 @@ def fast_config():
     return lambda *overrides: compose_config(*FAST, *overrides)
 
 
+def trained_run(out_dir: Path, *overrides: str) -> Path:
+    """`out_dir`, holding a run of train.py on the FAST settings plus the overrides, from seed 0."""
+    from train import train  # imported here: the config fixtures above need no training code
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    train(compose_config(*FAST, *overrides), out_dir)
+    return out_dir
+
+
 @pytest.fixture(autouse=True)
 def fresh_pyro_state():
     pyro.clear_param_store()

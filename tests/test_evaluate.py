@@ -12,7 +12,7 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from conftest import FAST, PROJECT_DIR, compose_config
+from conftest import FAST, PROJECT_DIR, compose_config, trained_run
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -24,12 +24,12 @@ from tasks.generate import interpolate, normal_quantile_grid, prior_samples, tra
 from tasks.impute import fit_posterior, impute_fitted_importance, impute_gibbs, impute_importance, make_mask
 from tasks.likelihood import images_to_evaluate
 from tasks.represent import latent_means, linear_probe
-from train import train
 from vae.classifier import accuracy, class_probabilities, confident_share, train_classifier
 from vae.config import ConfigError
 from vae.data import load_split
 from vae.elbo import dataset_elbo
 from vae.importance import dataset_iw
+from vae.provenance import read_provenance
 from vae.runs import RunError, load_run
 
 TASKS = sorted(path.stem for path in (PROJECT_DIR / "tasks" / "conf" / "task").glob("*.yaml"))
@@ -38,11 +38,7 @@ TASKS = sorted(path.stem for path in (PROJECT_DIR / "tasks" / "conf" / "task").g
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     """A 2-d latent VAE on synthetic disks, trained for 3 epochs without label 0 (a held-out class)."""
-    out_dir = tmp_path_factory.mktemp("run")
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    train(compose_config(*FAST, "trainer.epochs=3", "model.latent_dim=2", "data.exclude_classes=[0]"), out_dir)
-    return out_dir
+    return trained_run(tmp_path_factory.mktemp("run"), "trainer.epochs=3", "model.latent_dim=2", "data.exclude_classes=[0]")
 
 
 def evaluate(run_dir, tmp_path, task, *overrides):
@@ -80,10 +76,11 @@ class LinearEncoder(nn.Module):
         self.register_buffer("gain", torch.linalg.solve(m, w.T))  # M^-1 W^T (L, D)
         self.register_buffer("bias", decoder.bias)
         self.register_buffer("scale", inflate * (s2 * torch.linalg.inv(m)).diagonal().sqrt())
+        self.flows = nn.ModuleList()  # a Gaussian q(t|x), as guide.Encoder without flows
 
     def forward(self, x):
         t_loc = (x.flatten(1) - self.bias) @ self.gain.T
-        return t_loc, self.scale.expand_as(t_loc)
+        return t_loc, self.scale.expand_as(t_loc), t_loc  # t_loc, t_scale and features h
 
 
 @pytest.fixture
@@ -189,6 +186,15 @@ def test_likelihood_task(run_dir, tmp_path):
     assert -saved["log_px"].mean() == pytest.approx(metrics["nll"], rel=1e-5)
     assert saved["index"].tolist() == list(range(64))  # the first 64 test images
     assert json.loads((tmp_path / "metrics.json").read_text())["nll"] == metrics["nll"]
+
+
+def test_an_evaluation_runs_on_the_threads_it_is_given(run_dir, tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        evaluate(run_dir, tmp_path, "likelihood", "task.num_particles=5", "task.max_images=8", f"threads={threads + 1}")
+        assert read_provenance(tmp_path)[-1]["threads"] == threads + 1  # recorded as it ran
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_whole_split_nll_from_a_sample_agrees_with_every_image(run_dir, tmp_path):
@@ -415,6 +421,7 @@ def test_run_from_before_a_config_key_existed_loads(run_dir, tmp_path):
     ("anomaly", "task.num_particles=0", "task.num_particles=0"),
     ("generate", "task.scored_samples=0", "task.scored_samples=0: must be a positive integer"),
     ("generate", "task.classifier_epochs=-1", "task.classifier_epochs=-1: must be an integer >= 0"),
+    ("likelihood", "threads=0", "threads=0: must be null"),
 ])
 def test_bad_task_values_stop_before_the_run_is_loaded(tmp_path, task, override, message):
     """Checked before any work: the run named here does not even exist."""

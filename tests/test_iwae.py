@@ -53,7 +53,7 @@ def test_bound_equals_the_hand_computation_on_the_same_samples(ppca):
     pyro.set_rng_seed(3)  # the same draw again, read off the guide's trace: t (K, B, L)
     ((_, guide_trace),) = elbo_traces(IWAE_ELBO(num_particles=k), x, encoder, decoder, num_data)
     t = guide_trace.nodes["t"]["value"]
-    t_loc, t_scale = encoder(x)
+    t_loc, t_scale, _ = encoder(x)
     log_w = torch.stack([sum(log_joint(x, t[j], decoder))
                          - torch.distributions.Normal(t_loc, t_scale).log_prob(t[j]).sum(-1) for j in range(k)])
     by_hand = num_data / len(x) * (torch.logsumexp(log_w, 0) - math.log(k)).sum()

@@ -9,15 +9,14 @@ import pickle
 import struct
 
 import numpy as np
-import pyro
 import pytest
 import torch
 import torchvision.datasets.cifar
-from conftest import FAST, compose_config
+from conftest import FAST, compose_config, trained_run
 
 import evaluate as evaluate_module
 from guide import Encoder
-from model import Decoder, likelihood, mean_image
+from model import Decoder, likelihood
 from tasks.generate import drawn_samples, prior_samples
 from train import train
 from vae.config import ConfigError, check_config
@@ -225,11 +224,8 @@ def test_a_scale_at_its_floor_is_counted_and_reported_in_the_log(tmp_path, caplo
 @pytest.fixture(scope="module", params=["gaussian", "logit_gaussian", "discretized_logistic"])
 def gray_run(request, tmp_path_factory):
     """A small VAE of each gray-level likelihood on the synthetic disks, label 0 held out: 64 steps."""
-    out_dir = tmp_path_factory.mktemp(request.param)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    train(compose_config(*FAST, f"model.likelihood={request.param}", "data.subset=null", "optim.optim_args.lr=3e-3",
-                         "data.exclude_classes=[0]"), out_dir)
+    out_dir = trained_run(tmp_path_factory.mktemp(request.param), f"model.likelihood={request.param}", "data.subset=null",
+                          "optim.optim_args.lr=3e-3", "data.exclude_classes=[0]")
     return out_dir, request.param
 
 

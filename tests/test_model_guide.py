@@ -66,7 +66,7 @@ def test_guide_trace_matches_hand_computation(reparameterized):
     trace = poutine.trace(guide).get_trace(x, torch.arange(5), encoder, 5, reparameterized)
     trace.compute_log_prob()
     site = trace.nodes["t"]
-    t_loc, t_scale = encoder(x)
+    t_loc, t_scale, _ = encoder(x)
     assert t_loc.shape == t_scale.shape == (5, LATENT_DIM)
     assert (t_scale > 0).all()
     # log q(t|x) = sum_d log N(t_d | t_loc_d, t_scale_d^2)
@@ -123,7 +123,7 @@ def test_minibatch_elbo_averages_to_full_data_elbo():
 def test_networks_take_any_image_shape(shape):
     encoder = Encoder(shape, LATENT_DIM, channels=[4, 8], hidden_dim=16)
     decoder = Decoder(shape, LATENT_DIM, channels=[4, 8], hidden_dim=16, likelihood="gaussian")
-    t_loc, t_scale = encoder(torch.rand(2, *shape))
+    t_loc, t_scale, _ = encoder(torch.rand(2, *shape))
     x_loc, x_scale = decoder(t_loc)
     assert x_loc.shape == x_scale.shape == (2, *shape)
 
@@ -161,7 +161,7 @@ def test_posterior_and_log_joint_read_the_guide_and_model(likelihood):
     encoder, decoder = networks(likelihood)
     x = images(likelihood)
     q_t, t = posterior(x, encoder)
-    t_loc, t_scale = encoder(x)
+    t_loc, t_scale, _ = encoder(x)
     torch.testing.assert_close(q_t.base_dist.loc, t_loc)
     torch.testing.assert_close(q_t.base_dist.scale, t_scale)
     assert t.shape == (5, LATENT_DIM) and q_t.batch_shape == (5,) and q_t.event_shape == (LATENT_DIM,)

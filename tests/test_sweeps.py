@@ -295,3 +295,22 @@ def test_one_hour_gray_block_gives_each_seed_and_the_k5000_bits_per_dim(tmp_path
     assert "| ELBO after each seed's last epoch (1 / 1 epochs) | 1.310 / 1.330 |" in block
     assert "| seeds that failed or diverged | none |" in block
     assert "1,000 random images | **1.291 ± 0.002** |" in block and "| RealNVP (Dinh et al. 2017) | 1.06 |" in block
+
+
+def test_levers_table_ranks_the_runs_by_their_test_nll_and_says_which_are_not_evaluated(tmp_path):
+    sweep, evaluations = tmp_path / "multirun" / "levers", tmp_path / "multirun" / "levers_likelihood"
+    runs = {"0": ("reparam", 0, -95.0, 86.0), "1": ("reparam", 2, -94.0, 85.5), "2": ("iwae", 0, -97.0, None)}
+    for job, (estimator, flows, elbo, nll) in runs.items():
+        fake_job(sweep / job, [f"estimator={estimator}", f"model.flows={flows}", "experiment=levers"], [-540.0, elbo])
+        lines = [{**json.loads(line), "test_kl": 25.0} for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
+        (sweep / job / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        if nll is not None:
+            (evaluations / job).mkdir(parents=True)
+            (evaluations / job / "metrics.json").write_text(json.dumps(
+                {"run": str(sweep / job), "whole_split_nll": nll, "whole_split_nll_standard_error": 0.05}))
+    block = fill("<!-- report:levers -->\n<!-- /report:levers -->\n",
+                 Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False))
+    rows = [line for line in block.splitlines() if line.startswith("| `")]
+    assert rows[:2] == ["| `reparam` | 2 | 1 | 0 min 10 s | -94.00 | 25.0 | **85.50 ± 0.05** |",
+                        "| `reparam` | 0 | 1 | 0 min 10 s | -95.00 | 25.0 | **86.00 ± 0.05** |"]
+    assert rows[2].startswith("| `iwae` | 0 | 1 |") and "not evaluated yet" in rows[2]

@@ -59,6 +59,9 @@ def check_config(cfg: DictConfig) -> None:
     if components > 1 and (cfg.model.likelihood != "discretized_logistic" or cfg.model.get("scale") != "pixel"):
         raise ConfigError(f"model.components={components}: a mixture needs model.likelihood=discretized_logistic "
                           f"and model.scale=pixel (not {cfg.model.likelihood}, {cfg.model.get('scale')})")
+    flows = cfg.model.get("flows", 0)
+    if not is_int(flows) or flows < 0:
+        raise ConfigError(f"model.flows={flows!r}: must be a whole number of flows, 0 for the Gaussian q(t|x)")
     squeeze = cfg.model.get("squeeze", 1e-3)
     if not is_number(squeeze) or not 0 < squeeze < 0.5:
         raise ConfigError(f"model.squeeze={squeeze!r}: must be a number between 0 and 0.5")
@@ -74,15 +77,20 @@ def check_config(cfg: DictConfig) -> None:
     lr = OmegaConf.select(cfg, "optim.optim_args.lr")
     if not is_number(lr) or not 0 < lr < math.inf:
         raise ConfigError(f"optim.optim_args.lr={lr!r}: the learning rate must be a finite number > 0")
-    threads = cfg.get("threads")
-    if threads is not None and (not is_int(threads) or threads <= 0):
-        raise ConfigError(f"threads={threads!r}: must be null (torch's default) or a positive integer")
+    check_threads(cfg)
     check_estimator(cfg)
     device = str(cfg.device)
     if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
         raise ConfigError(f"device={device!r}: must be auto, cpu, cuda or cuda:N")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={device!r}: CUDA is not available on this machine; use device=cpu or auto")
+
+
+def check_threads(cfg: DictConfig) -> None:
+    """`threads`, for training and evaluation alike: torch's CPU threads."""
+    threads = cfg.get("threads")
+    if threads is not None and (not is_int(threads) or threads <= 0):
+        raise ConfigError(f"threads={threads!r}: must be null (torch's default) or a positive integer")
 
 
 def check_estimator(cfg: DictConfig) -> None:
@@ -100,6 +108,9 @@ def check_estimator(cfg: DictConfig) -> None:
     if score and issubclass(elbo_class, IWAE_ELBO):
         raise ConfigError(f"estimator.elbo._target_={target} with estimator.reparameterized=false: the importance-"
                           "weighted bound is trained through reparameterized samples; use estimator=iwae as it is")
+    if score and cfg.model.get("flows", 0):
+        raise ConfigError(f"model.flows={cfg.model.flows} with estimator.reparameterized=false: a flow posterior "
+                          "is trained through reparameterized samples; use estimator=reparam or estimator=iwae")
     baseline_keys = [f"estimator.{key}" for key in ("baseline", "baseline_net") if cfg.estimator.get(key)]
     if baseline_keys and not (score and issubclass(elbo_class, TraceGraph_ELBO)):
         raise ConfigError(f"{' and '.join(baseline_keys)} with estimator.elbo._target_={target}, estimator."

@@ -375,6 +375,32 @@ def one_hour_gray(out: Outputs) -> str:
             + provenance_line(out, sweep, out.run("one_hour_gray_likelihood")) + picture)
 
 
+# --- tighter bounds and richer posteriors ------------------------------------------------------
+
+def levers(out: Outputs) -> str:
+    """The lecture's model against the IW bound and the flow posterior at equal wall time, each run's
+    test ELBO when its budget ran out and its test NLL from `experiment=levers_likelihood`."""
+    sweep = out.sweep("levers")
+    jobs = read_jobs(sweep) if sweep.is_dir() else {}
+    if not jobs:
+        raise NotRun("python train.py -m experiment=levers")
+    evaluated = {label: metrics for label, _, metrics, _ in run_evaluations(out.sweep("levers_likelihood"))}
+    rows = []
+    for label, seeds in jobs.items():
+        options = dict(o.split("=", 1) for o in label.split() if "=" in o)
+        tested = [m for m in seeds[0] if m.get("test_elbo") is not None]  # seed 0
+        nll = evaluated.get(label)
+        rows.append((nll["whole_split_nll"] if nll else math.inf, [
+            f"`{options.get('estimator', 'reparam')}`", options.get("model.flows", "0"), tested[-1]["epoch"],
+            minutes(tested[-1]["wall_time"]), nats(tested[-1]["test_elbo"]), f"{tested[-1]['test_kl']:.1f}",
+            f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**" if nll
+            else "_not evaluated yet: `python evaluate.py -m experiment=levers_likelihood`_"]))
+    head = ["estimator", "flows in q(t\\|x)", "epochs in the budget", "training time", "test ELBO (nats)",
+            "KL(q ‖ p)", "test NLL (nats): ELBO + IW gap at K=1000"]
+    return (table(head, [cells for _, cells in sorted(rows, key=lambda row: row[0])]) + sweep_progress(sweep)
+            + "\n\n" + provenance_line(out, sweep, out.sweep("levers_likelihood")))
+
+
 # --- what the density model is for -------------------------------------------------------------
 
 USES = "python evaluate.py -m experiment=uses"
@@ -544,7 +570,7 @@ BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "variance": variance, "likelihood": likelihood, "likelihood_short": likelihood_short, "generation": generation,
     "representation": representation, "ood": ood, "heldout": heldout, "impute": impute, "uses_short": uses_short,
     "speed": speed, "speed_short": speed_short, "faults": faults, "likelihoods": likelihoods,
-    "likelihood_pixels": likelihood_pixels, "one_hour_gray": one_hour_gray,
+    "likelihood_pixels": likelihood_pixels, "one_hour_gray": one_hour_gray, "levers": levers,
 }
 
 

@@ -46,7 +46,7 @@ class TrainedRun:
     """The networks of q(t|x) and p(x|t) with trained weights, and the config that made them."""
 
     cfg: DictConfig  # the run's config; cfg.data.root may be redirected by load_run
-    encoder: Encoder  # x (B, C, H, W) -> t_loc, t_scale (B, latent_dim)
+    encoder: Encoder  # x (B, C, H, W) -> t_loc, t_scale (B, latent_dim), features h (B, hidden_dim)
     decoder: Decoder  # t (B, latent_dim) -> parameters of p(x|t)
     image_shape: tuple[int, int, int]
     device: torch.device

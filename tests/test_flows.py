@@ -1,0 +1,152 @@
+"""The flow posterior (`model.flows`): q(t|x) is a normalized density whose samples follow it,
+it fits a correlated posterior that the diagonal Gaussian cannot, it survives a checkpoint, every
+evaluation task runs on it, and the score function is refused with it."""
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pyro
+import pytest
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+from conftest import FAST, compose_config, trained_run
+from evaluate import evaluate as evaluate_run
+from guide import Encoder, code, guide, posterior
+from model import model
+from test_evaluate import LinearGaussianDecoder
+from vae.config import ConfigError, check_config
+from vae.importance import log_weights
+from vae.logbook import read_metrics
+from vae.runs import load_run
+
+
+def flow_encoder(flows: int = 2, seed: int = 0, image_shape=(1, 8, 8), latent_dim: int = 2) -> Encoder:
+    torch.manual_seed(seed)
+    return Encoder(image_shape, latent_dim=latent_dim, channels=[4], hidden_dim=8, flows=flows)
+
+
+def test_flow_posterior_is_a_density_and_its_samples_follow_it():
+    encoder = flow_encoder()
+    x = torch.rand(1, 1, 8, 8)
+    q_t, _ = posterior(x, encoder)  # batch (1,), event (2,)
+    side = torch.linspace(-8, 8, 321)
+    grid = torch.cartesian_prod(side, side)[:, None]  # (G, 1, 2)
+    density = q_t.log_prob(grid).exp().squeeze(-1)  # inverts the flows: no cached sample for these points
+    cell = (side[1] - side[0]) ** 2
+    assert (density.sum() * cell).item() == pytest.approx(1.0, abs=2e-3)  # integrates to 1
+    grid_mean = (density[:, None] * grid[:, 0]).sum(0) * cell
+    draws = q_t.sample((40_000,))[:, 0]  # (S, 2)
+    assert torch.allclose(draws.mean(0), grid_mean, atol=0.03), (draws.mean(0), grid_mean)
+    assert not torch.allclose(code(x, encoder), encoder(x)[0])  # the flows move the Gaussian's mean
+
+
+def test_log_q_of_a_fresh_sample_equals_the_inverted_one():
+    """Sampling caches each flow's input, so log q(t|x) of a sample skips the inversion; inverting
+    (one pass per dimension) gives the same number, and the base density minus the log-determinants."""
+    encoder = flow_encoder(flows=3, latent_dim=5)
+    x = torch.rand(4, 1, 8, 8)
+    q_t, t = posterior(x, encoder)
+    cached = q_t.log_prob(t)
+    inverted = q_t.log_prob(t.clone())  # a new tensor: every flow inverts it
+    assert torch.allclose(cached, inverted, atol=1e-4), (cached, inverted)
+    t_loc, t_scale, h = encoder(x)
+    t_f, log_det = t, torch.zeros(4)
+    for flow in reversed([f.condition(h) for f in encoder.flows]):
+        t_before = flow.inv(t_f.clone())
+        log_det += flow.log_abs_det_jacobian(t_before, t_f)
+        t_f = t_before
+    by_hand = torch.distributions.Normal(t_loc, t_scale).log_prob(t_f).sum(-1) - log_det
+    assert torch.allclose(cached, by_hand, atol=1e-4)
+
+
+@pytest.fixture
+def correlated_ppca():
+    """Probabilistic PCA whose exact posterior p(t|x) is strongly correlated (two nearly parallel
+    columns of W), so the best diagonal Gaussian q(t|x) misses log p(x) by a known gap."""
+    generator = torch.Generator().manual_seed(2)
+    column = torch.randn(16, 1, generator=generator)
+    weight = torch.cat([column, column + 0.15 * torch.randn(16, 1, generator=generator)], 1)  # W (16, 2)
+    decoder = LinearGaussianDecoder(weight, torch.zeros(16), sigma=0.5)
+    x = torch.distributions.Normal(*decoder(torch.randn(16, 2, generator=generator))).sample()  # (16, 1, 4, 4)
+    exact = torch.distributions.MultivariateNormal(torch.zeros(16), weight @ weight.T + 0.25 * torch.eye(16))
+    covariance = 0.25 * torch.linalg.inv(weight.T @ weight + 0.25 * torch.eye(2))  # of p(t|x)
+    diagonal_gap = 0.5 * (torch.linalg.inv(covariance).diagonal().log().sum() + torch.logdet(covariance))
+    return decoder, x, exact.log_prob(x.flatten(1)), diagonal_gap.item()
+
+
+def fitted_gap(decoder, x, log_px, flows: int, steps: int = 300) -> float:
+    """Mean log p(x) - ELBO(x) after fitting an encoder with `flows` flows to the fixed decoder."""
+    encoder = flow_encoder(flows=flows, image_shape=(1, 4, 4))
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    svi = SVI(partial(model, decoder=decoder, num_data=len(x)), partial(guide, encoder=encoder, num_data=len(x)),
+              pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO(num_particles=8, vectorize_particles=True, max_plate_nesting=1))
+    for _ in range(steps):
+        svi.step(x, torch.arange(len(x)))
+    elbo = log_weights(x, encoder, decoder, 4000)["log_w"].mean(0)  # E_q[log p(x, t) - log q(t|x)], (B,)
+    return (log_px - elbo).mean().item()
+
+
+def test_flows_fit_a_correlated_posterior_that_the_diagonal_gaussian_cannot(correlated_ppca):
+    decoder, x, log_px, diagonal_gap = correlated_ppca
+    assert diagonal_gap > 1.0  # nats per image the best diagonal Gaussian must lose
+    gaussian = fitted_gap(decoder, x, log_px, flows=0)
+    flow = fitted_gap(decoder, x, log_px, flows=2)
+    assert gaussian > 0.8 * diagonal_gap, (gaussian, diagonal_gap)  # never below the diagonal's own gap
+    assert 0 <= flow < 0.3 * diagonal_gap, (flow, gaussian, diagonal_gap)
+
+
+def test_the_same_config_builds_the_same_flow_masks():
+    """The masks and orders are buffers, not in Pyro's param store; a checkpoint restores the
+    parameters only, so a rebuilt encoder must have the same buffers whatever the random state."""
+    buffers = [dict(flow_encoder(seed=seed).named_buffers()) for seed in (0, 1)]
+    assert buffers[0].keys() == buffers[1].keys() and len(buffers[0]) > 0
+    assert all(torch.equal(buffers[0][name], buffers[1][name]) for name in buffers[0])
+
+
+@pytest.fixture(scope="module")
+def flow_run(tmp_path_factory):
+    return trained_run(tmp_path_factory.mktemp("flow_run"), "model.flows=2", "trainer.epochs=2", "model.latent_dim=2")
+
+
+def test_a_flow_run_trains_and_loads_with_its_own_posterior(flow_run):
+    elbos = [m["test_elbo"] for m in read_metrics(flow_run)]
+    assert len(elbos) == 3 and all(math.isfinite(e) for e in elbos) and elbos[-1] > elbos[0] + 10, elbos
+    run = load_run(flow_run, "cpu")
+    assert len(run.encoder.flows) == 2
+    x, _ = run.split(train=False)
+    q_t, t = posterior(x[:16], run.encoder)
+    saved = torch.load(flow_run / "checkpoint.pt", weights_only=False)["param_store"]["params"]
+    loaded = dict(run.encoder.named_parameters())
+    flow_params = [name for name in loaded if name.startswith("flows.")]
+    assert flow_params and all(torch.equal(loaded[name], saved["encoder$$$" + name])
+                               for name in flow_params)  # the flows' trained weights came back
+    assert torch.isfinite(q_t.log_prob(t)).all()
+
+
+@pytest.mark.parametrize("task, overrides", [
+    ("likelihood", ["task.num_particles=20", "task.max_images=64"]),
+    ("generate", ["task.scored_samples=100", "task.classifier_epochs=0"]),
+    ("represent", ["task.max_iter=50"]),
+    ("anomaly", ["task.num_particles=10", "task.max_images=100"]),
+    ("impute", ["task.max_images=16", "task.steps=4", "task.burn_in=1", "task.num_particles=10",
+                "task.fit_steps=10", "task.batch_size=16", "task.masks=[top_half]"]),
+])
+def test_every_task_runs_on_the_flow_posterior(flow_run, tmp_path, task, overrides):
+    cfg = compose_config(f"run={flow_run}", f"task={task}", "device=cpu", *overrides, config_name="evaluate")
+    metrics = evaluate_run(cfg, tmp_path)
+    if task == "likelihood":
+        assert metrics["nll"] < -metrics["elbo_k_samples"]  # the IW bound with the flow's log q is tighter
+    if task == "represent":
+        assert 0.3 < metrics["linear_probe_accuracy"] <= 1
+    if task == "impute":
+        assert all(0 < e["mse"] < 1 for e in metrics["errors"]["top_half"].values())
+
+
+def test_flows_with_a_score_function_estimator_are_refused():
+    with pytest.raises(ConfigError, match="model.flows=2 with estimator.reparameterized=false"):
+        check_config(compose_config(*FAST, "model.flows=2", "estimator=score"))
+    with pytest.raises(ConfigError, match="model.flows=-1"):
+        check_config(compose_config(*FAST, "model.flows=-1"))
