@@ -140,6 +140,7 @@ def guide(
     reparameterized: bool = True,
     baseline: dict[str, Any] | None = None,
     baseline_net: BaselineNet | None = None,
+    kl_weight: float = 1.0,
 ) -> None:
     """q(t|x) for the minibatch `x` (B, C, H, W) at positions `index` (B,) of `num_data` images.
 
@@ -149,6 +150,7 @@ def guide(
     learned b(x). The learning signal of image i is then
         N/B * (log p(x_i, t_i) - log q(t_i|x_i)) - avg - N/B * b(x_i)
     (TraceGraph_ELBO's costs carry the plate's scale N/B, so b(x) is scaled alike).
+    `kl_weight` scales log q(t|x) as `model` scales log p(t) (the KL warm-up; 1 is the ELBO).
     """
     pyro.module("encoder", encoder)
     options = dict(baseline or {})
@@ -164,7 +166,8 @@ def guide(
             q_t = dist.TransformedDistribution(q_t, [flow.condition(h) for flow in encoder.flows])
         if baseline_net is not None:
             options["baseline_value"] = num_data / x.shape[0] * baseline_net(x)  # N/B * b(x) (B,)
-        pyro.sample("t", q_t, infer={"baseline": options} if options else {})  # log q(t|x)
+        with poutine.scale(scale=kl_weight):
+            pyro.sample("t", q_t, infer={"baseline": options} if options else {})  # log q(t|x), times beta
 
 
 def posterior(x: Tensor, encoder: Encoder) -> tuple[dist.Distribution, Tensor]:

@@ -290,7 +290,8 @@ def mean_image(decoder: Decoder, t: Tensor) -> Tensor:
     return likelihood(decoder, t).base_dist.mean
 
 
-def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tensor | None = None) -> None:
+def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tensor | None = None,
+          kl_weight: float = 1.0) -> None:
     """p(x, t) = p(x|t) p(t) for the minibatch `x` (B, C, H, W) at positions `index` (B,).
 
     The plate spans the whole dataset of `num_data` images and is told which of them this
@@ -300,10 +301,15 @@ def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tenso
     `mask` (B, C, H, W) bool, True where a pixel is observed: the site "x" then scores only
     the observed pixels, log p(x_obs|t) = sum_{observed} log p(x_pixel|t); a missing pixel
     contributes log 1 = 0 whatever value `x` holds there.
+
+    `kl_weight` = beta scales log p(t) here and log q(t|x) in `guide` alike, so the objective is
+    E_q[log p(x|t)] - beta KL(q || p): the KL warm-up of `trainer.kl_warmup_epochs` (beta rising
+    linearly to 1, from 1 / its steps: poutine.scale needs beta > 0); beta = 1 is the ELBO.
     """
     pyro.module("decoder", decoder)
     with pyro.plate("data", size=num_data, subsample=index):
-        t = pyro.sample("t", prior(x.shape[0], decoder.latent_dim, like=x))  # log p(t)
+        with poutine.scale(scale=kl_weight):
+            t = pyro.sample("t", prior(x.shape[0], decoder.latent_dim, like=x))  # log p(t), times beta
         p_x = likelihood(decoder, t)  # p(x|t), event (C, H, W)
         if mask is not None:  # mask the pixels, inside the image event
             p_x = p_x.base_dist.mask(mask).to_event(p_x.reinterpreted_batch_ndims)

@@ -137,6 +137,7 @@ def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: Dict
     was requested (`stop.signal_name`)."""
     batches, num_data = state.batches, len(train_images)
     likelihood, check_every_step = cfg.model.likelihood, cfg.trainer.check_every_step  # read once, not per step
+    warmup_steps = cfg.trainer.get("kl_warmup_epochs", 0) * len(batches)
     with tqdm(total=len(batches), initial=state.next_batch, desc=f"epoch {state.epoch}", unit="batch",
               disable=None, leave=False) as bar:
         while state.next_batch < len(batches) and not stop.signal_name:
@@ -145,7 +146,11 @@ def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: Dict
             # Pyro's and torch's argument and support checks: on every step, or on the epoch's first
             try:
                 with pyro.validation_enabled(check_every_step or state.next_batch == 0):
-                    loss = svi_step(svi, x, index)  # -ELBO of the whole dataset, estimated on this batch
+                    if warmup_steps:  # beta = this step's number / warm-up steps, up to 1: -(recon - beta KL)
+                        step = (state.epoch - 1) * len(batches) + state.next_batch + 1
+                        loss = svi_step(svi, x, index, kl_weight=min(1.0, step / warmup_steps))
+                    else:
+                        loss = svi_step(svi, x, index)  # -ELBO of the whole dataset, estimated on this batch
             except ValueError as error:  # torch's check of a distribution's parameters: NaN outputs
                 if "found invalid values" not in str(error):
                     raise

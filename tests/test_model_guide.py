@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
@@ -103,6 +104,28 @@ def test_plate_scales_minibatch_by_num_data_over_batch(reparameterized):
         torch.testing.assert_close(node["log_prob"], 15.0 * node["unscaled_log_prob"])
     unscaled = sum(model_trace.nodes[s]["unscaled_log_prob"].sum() for s in ("t", "x"))
     torch.testing.assert_close(model_trace.log_prob_sum(), 15.0 * unscaled)
+
+
+def test_kl_weight_scales_log_p_t_and_log_q_t_and_leaves_the_likelihood():
+    """The warm-up's objective, by hand on one draw: -(N/B) sum_i [log p(x_i|t_i) + beta (log p(t_i) - log q(t_i|x_i))]."""
+    encoder, decoder = networks()
+    num_data, x = 60, images("bernoulli", batch=4)
+    index = torch.tensor([3, 17, 42, 59])
+    losses = {}
+    for beta in (1.0, 0.3):
+        pyro.set_rng_seed(0)  # the same t for both
+        guide_trace = poutine.trace(guide).get_trace(x, index, encoder, num_data, kl_weight=beta)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x, index, decoder, num_data,
+                                                                                       kl_weight=beta)
+        assert model_trace.nodes["t"]["scale"] == guide_trace.nodes["t"]["scale"] == pytest.approx(15.0 * beta)
+        assert model_trace.nodes["x"]["scale"] == 15.0
+        losses[beta] = (guide_trace.log_prob_sum() - model_trace.log_prob_sum()).item()  # -ELBO_beta
+        t = guide_trace.nodes["t"]["value"]
+    log_p_x, log_p_t = log_joint(x, t, decoder)
+    t_loc, t_scale, _ = encoder(x)
+    log_q_t = normal_log_density(t, t_loc, t_scale).sum(-1)
+    for beta, loss in losses.items():
+        assert loss == pytest.approx(-15.0 * (log_p_x + beta * (log_p_t - log_q_t)).sum().item(), rel=1e-5)
 
 
 def test_minibatch_elbo_averages_to_full_data_elbo():

@@ -202,6 +202,22 @@ def test_speed_options_compute_the_same_networks(fast_config, tmp_path, option):
     assert [m["epoch"] for m in read_metrics(tmp_path)] == [0, 1, 2]
 
 
+def test_kl_warm_up_raises_beta_linearly_over_its_epochs_then_trains_the_elbo(fast_config, tmp_path, monkeypatch):
+    weights = []
+    svi_step = train_module.svi_step
+
+    def recording_step(svi, x, index, **kwargs):
+        weights.append(kwargs.get("kl_weight", 1.0))
+        return svi_step(svi, x, index, **kwargs)
+
+    monkeypatch.setattr(train_module, "svi_step", recording_step)
+    train(fast_config("trainer.kl_warmup_epochs=2", "trainer.epochs=3"), tmp_path)
+    steps = len(weights) // 3  # 8 batches of 64 per epoch
+    assert weights[: 2 * steps] == pytest.approx([step / (2 * steps) for step in range(1, 2 * steps + 1)])
+    assert weights[2 * steps:] == [1.0] * steps  # the ELBO itself after the warm-up
+    assert all(math.isfinite(m["test_elbo"]) for m in read_metrics(tmp_path))
+
+
 def test_the_log_says_where_a_resumed_run_continues():
     batches = [torch.arange(4)] * 10
     assert RunState(epoch=3, batches=batches, next_batch=4).position(20) == "at epoch 3, batch 5 of 10"
@@ -259,11 +275,13 @@ def test_bf16_runs_the_layers_in_bfloat16_and_keeps_log_densities_float32(fast_c
         ("data.batch_size=100000", "data.batch_size=100000: larger than the 512 training images"),
         ("optim.optim_args.lr=inf", "optim.optim_args.lr=inf"),
         ("threads=0", "threads=0"),
+        ("trainer.kl_warmup_epochs=-1", "trainer.kl_warmup_epochs=-1"),
+        ("trainer.kl_warmup_epochs=2 estimator=iwae", "trainer.kl_warmup_epochs=2 with estimator.elbo._target_=vae.iwae"),
     ],
 )
 def test_invalid_values_stop_before_training(fast_config, tmp_path, override, message):
     with pytest.raises(ConfigError) as error:
-        train(fast_config(override), tmp_path)
+        train(fast_config(*override.split()), tmp_path)
     assert str(error.value).startswith(message) and "\n" not in str(error.value)
     assert not (tmp_path / "metrics.jsonl").exists()
 

@@ -79,8 +79,9 @@ def build_svi(cfg: DictConfig, encoder: Encoder, decoder: Decoder, num_data: int
     )
 
 
-def svi_step(svi: SVI, x: Tensor, index: Tensor) -> float:
-    """One SVI step on the minibatch `x` at positions `index`; returns the loss, -ELBO estimate.
+def svi_step(svi: SVI, x: Tensor, index: Tensor, **kwargs) -> float:
+    """One SVI step on the minibatch `x` at positions `index`; returns the loss, -ELBO estimate
+    (`kwargs`, e.g. the warm-up's `kl_weight`, go to model and guide).
 
     `svi.step` traces guide and model, backpropagates the loss, steps the optimizer of every
     parameter and then zeroes the gradients by writing zero tensors into `.grad`
@@ -88,7 +89,7 @@ def svi_step(svi: SVI, x: Tensor, index: Tensor) -> float:
     Setting `.grad` to None instead, as torch's `optimizer.zero_grad()` does by default, lets it
     write them directly: the same numbers, without an addition over every parameter.
     """
-    loss = svi.step(x, index)  # -ELBO of the whole dataset, estimated on this batch
+    loss = svi.step(x, index, **kwargs)  # -ELBO of the whole dataset, estimated on this batch
     for value in pyro.get_param_store().values():
         value.unconstrained().grad = None
     return loss

@@ -71,6 +71,9 @@ def check_config(cfg: DictConfig) -> None:
     excluded = cfg.data.get("exclude_classes")
     if not OmegaConf.is_list(excluded) or any(not is_int(label) for label in excluded):
         raise ConfigError(f"data.exclude_classes={excluded!r}: must be a list of labels, e.g. [3] or []")
+    warmup = cfg.trainer.get("kl_warmup_epochs", 0)
+    if not is_int(warmup) or warmup < 0:
+        raise ConfigError(f"trainer.kl_warmup_epochs={warmup!r}: must be a whole number of epochs, 0 for no warm-up")
     max_minutes = cfg.trainer.get("max_minutes")
     if max_minutes is not None and (not is_number(max_minutes) or not 0 < max_minutes < math.inf):
         raise ConfigError(f"trainer.max_minutes={max_minutes!r}: must be null (no time budget) or > 0")
@@ -111,6 +114,10 @@ def check_estimator(cfg: DictConfig) -> None:
     if score and cfg.model.get("flows", 0):
         raise ConfigError(f"model.flows={cfg.model.flows} with estimator.reparameterized=false: a flow posterior "
                           "is trained through reparameterized samples; use estimator=reparam or estimator=iwae")
+    if cfg.trainer.get("kl_warmup_epochs", 0) and issubclass(elbo_class, (IWAE_ELBO, *JIT_ELBOS)):
+        raise ConfigError(f"trainer.kl_warmup_epochs={cfg.trainer.kl_warmup_epochs} with estimator.elbo._target_={target}: "
+                          "the warm-up weighs the KL of the ELBO (not the IW bound's log-mean-exp) and changes "
+                          "at every step (a JIT ELBO would retrace); use it with a Trace ELBO, e.g. estimator=reparam")
     baseline_keys = [f"estimator.{key}" for key in ("baseline", "baseline_net") if cfg.estimator.get(key)]
     if baseline_keys and not (score and issubclass(elbo_class, TraceGraph_ELBO)):
         raise ConfigError(f"{' and '.join(baseline_keys)} with estimator.elbo._target_={target}, estimator."
