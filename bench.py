@@ -39,7 +39,7 @@ from omegaconf import DictConfig
 
 from model import likelihood
 from vae.build import build_networks, build_svi, svi_step
-from vae.config import ConfigError, check_config, register_resolvers, resolve_device
+from vae.config import ConfigError, check_config, register_resolvers, resolve_device, use_threads
 from vae.data import DataNotFoundError, epoch_batches, load_split, observe
 from vae.importance import iw_estimates
 from vae.provenance import provenance, record_provenance
@@ -97,6 +97,7 @@ def summary(seconds: list[float], raw_seconds: list[float]) -> dict[str, Any]:
 def bench(cfg: DictConfig, variant_configs: dict[str, DictConfig]) -> dict[str, Any]:
     """Run every variant round by round; return the timings and the machine they ran on."""
     check_config(cfg)
+    use_threads(cfg)
     for key, least in (("rounds", 1), ("steps_per_round", 1), ("warmup_rounds", 0), ("eval_images", 1),
                        ("eval_particles", 1)):
         value = cfg.bench[key]

@@ -22,12 +22,11 @@ from typing import Any
 
 import hydra
 import pyro
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from vae.config import ConfigError, check_task, check_threads
+from vae.config import ConfigError, check_task, use_threads
 from vae.data import DataNotFoundError
 from vae.provenance import record_provenance
 from vae.runs import RunError, load_run
@@ -40,9 +39,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     if cfg.run is None:
         raise RunError("no run given: add run=<a training run directory>, e.g. run=outputs/2026-11-21/17-30-00")
     check_task(cfg.task)
-    check_threads(cfg)
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     run = load_run(cfg.run, cfg.device, cfg.data_root)

@@ -35,7 +35,7 @@ from model import mean_image
 from vae import checkpoint
 from vae.build import build_networks, build_svi, svi_step
 from vae.checkpoint import RunState
-from vae.config import ConfigError, check_config, register_resolvers, resolve_device
+from vae.config import ConfigError, check_config, register_resolvers, resolve_device, use_threads
 from vae.data import DataNotFoundError, epoch_batches, load_training_data, observe
 from vae.elbo import dataset_elbo
 from vae.logbook import Logbook, RunDirectoryBusy, record_failure
@@ -55,8 +55,7 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     goes on in its own directory). Returns the last epoch's metrics (ELBOs in nats per image)."""
     check_config(cfg)
     device = resolve_device(cfg.device)
-    if cfg.get("threads"):
-        torch.set_num_threads(cfg.threads)
+    use_threads(cfg)
     resume_from = checkpoint.to_resume(cfg, Path(out_dir))
     out_dir = checkpoint.run_directory(resume_from, Path(out_dir))
     checkpoint_file = out_dir / checkpoint.CHECKPOINT_NAME

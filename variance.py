@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from vae import checkpoint
 from vae.build import build_networks, build_svi
-from vae.config import ConfigError, check_config, register_resolvers, resolve_device
+from vae.config import ConfigError, check_config, register_resolvers, resolve_device, use_threads
 from vae.data import DataNotFoundError, load_split, observe_test_set
 from vae.provenance import record_provenance
 from vae.runs import RunError, load_run
@@ -157,6 +157,7 @@ def variance(cfg: DictConfig, estimators: dict[str, DictConfig], out_dir: Path) 
         raise ConfigError(f"samples={cfg.samples!r}: must be an integer >= 2")
     if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
         raise ConfigError(f"batch_size={cfg.batch_size!r}: must be a positive integer")
+    use_threads(cfg)
     record_provenance(out_dir, resolve_device(cfg.device), run=cfg.run)
     points = []
     if cfg.run is None:  # a fresh initialization of this config

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from train import train
 from variance import estimator_moments, gradient_moments, variance
 from vae.config import ConfigError, check_config
+from vae.provenance import read_provenance
 
 TINY = ["model.channels=[2]", "model.hidden_dim=4", "model.latent_dim=2"]
 IMAGE_SHAPE = (1, 4, 4)
@@ -98,8 +99,10 @@ def test_variance_cli_reads_every_kept_checkpoint(tmp_path):
     out = tmp_path / "variance"
     result = subprocess.run(
         [sys.executable, "variance.py", f"run={run_dir}", "estimators=[reparam,score]", "samples=10",
-         "batch_size=8", f"hydra.run.dir={out}"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300, check=False)
+         "batch_size=8", "threads=3", f"hydra.run.dir={out}"], cwd=PROJECT_DIR, capture_output=True, text=True,
+        timeout=300, check=False)
     assert result.returncode == 0, result.stderr
+    assert read_provenance(out)[-1]["threads"] == 3  # it ran on the threads it was given
     points = json.loads((out / "variance.json").read_text())
     assert [p["epoch"] for p in points] == [0, 1, 2]
     for point in points:

@@ -90,10 +90,17 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_threads(cfg: DictConfig) -> None:
-    """`threads`, for training and evaluation alike: torch's CPU threads."""
+    """`threads`, for every entry point alike: torch's CPU threads."""
     threads = cfg.get("threads")
     if threads is not None and (not is_int(threads) or threads <= 0):
         raise ConfigError(f"threads={threads!r}: must be null (torch's default) or a positive integer")
+
+
+def use_threads(cfg: DictConfig) -> None:
+    """Run torch on `cfg.threads` CPU threads (null: leave torch's default, one per core)."""
+    check_threads(cfg)
+    if cfg.get("threads"):
+        torch.set_num_threads(cfg.threads)
 
 
 def check_estimator(cfg: DictConfig) -> None:
