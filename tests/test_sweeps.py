@@ -200,6 +200,15 @@ def test_a_sweep_in_progress_says_how_many_jobs_are_done(tmp_path):
     assert sweep_progress(sweep) == ""  # every job that exists is done
 
 
+def test_a_job_with_a_time_budget_is_done_when_it_has_spent_it(tmp_path):
+    sweep = tmp_path / "levers"
+    fake_job(sweep / "0", ["estimator=reparam"], [-500, -110, -100])  # wall_time 20 s after epoch 2
+    fake_job(sweep / "1", ["estimator=iwae"], [-500, -120])  # 10 s
+    for job in ("0", "1"):
+        OmegaConf.save(OmegaConf.create({"trainer": {"epochs": 1000, "max_minutes": 0.25}}), sweep / job / ".hydra" / "config.yaml")
+    assert sweep_progress(sweep).strip().startswith("**In progress:** 1 of 2 jobs")  # 20 s of 15 spent; 10 s not
+
+
 def test_estimators_table_reads_every_seed_at_the_epoch_all_reached(tmp_path):
     """A seed that trained further than the others (a shortened recipe, a sweep in progress) is shown
     at the common epoch in every column: its test ELBO, its best epoch up to there, its KL there."""

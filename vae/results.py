@@ -145,12 +145,20 @@ def estimator_rows(out: Outputs) -> tuple[list[dict[str, Any]], dict[str, list[l
 
 
 def sweep_progress(sweep: Path) -> str:
-    """'' when every job of the sweep has trained all its epochs, else a sentence saying how many have."""
+    """'' when every job of the sweep has trained all its epochs or spent its time budget, else a
+    sentence saying how many have."""
     jobs = [d for d in sorted(sweep.glob("*/")) if (d / ".hydra" / "config.yaml").is_file()]
-    planned = {d: OmegaConf.load(d / ".hydra" / "config.yaml").trainer.epochs for d in jobs}
+    trainers = {d: OmegaConf.load(d / ".hydra" / "config.yaml").trainer for d in jobs}
+    planned = {d: trainer.epochs for d, trainer in trainers.items()}
     if not planned:  # no job has started
         return ""
-    done = [d for d in jobs if (last := read_metrics(d)) and last[-1]["epoch"] >= planned[d]]
+
+    def finished(job: Path) -> bool:
+        metrics, budget = read_metrics(job), trainers[job].get("max_minutes")
+        return bool(metrics) and (metrics[-1]["epoch"] >= planned[job]
+                                  or (budget is not None and metrics[-1].get("wall_time", 0) >= 60 * budget))
+
+    done = [d for d in jobs if finished(d)]
     multirun = sweep / "multirun.yaml"  # the sweep's own config: how many jobs it launches
     params = OmegaConf.load(multirun).hydra.sweeper.get("params") or {} if multirun.is_file() else {}
     total = max(len(jobs), math.prod(len(str(values).split(",")) for values in params.values()))
