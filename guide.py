@@ -186,7 +186,13 @@ def code(x: Tensor, encoder: Encoder) -> Tensor:
     """One latent point per image (B, latent_dim), for the uses that take one (reconstructions,
     interpolations, the linear probe): t_loc(x), the mean of the Gaussian q(t|x); with flows, the
     flows' image of it, f_F(...f_1(t_loc; h)...; h) (a central point of q, not its mean)."""
-    t, _, h = encoder(x)
+    t_loc, _, h = encoder(x)
+    return through_flows(t_loc, h, encoder)
+
+
+def through_flows(t: Tensor, h: Tensor, encoder: Encoder) -> Tensor:
+    """f_F(...f_1(t; h)...; h) (B, latent_dim): the encoder's flows applied to t (B, latent_dim) with
+    the features h of the same images; t itself when there are none."""
     for flow in encoder.flows:
         t = flow.condition(h)(t)
     return t

@@ -23,15 +23,18 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
-from guide import code
+from guide import through_flows
 from vae.runs import TrainedRun
 
 
 @torch.no_grad()
 def latent_means(encoder: nn.Module, x: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
     """(the code of `guide.code`, t_scale of the Gaussian), each (N, latent_dim), for all of x (N, C, H, W)."""
-    codes = [code(x_batch, encoder) for x_batch in x.split(batch_size)]
-    scales = [encoder(x_batch)[1] for x_batch in x.split(batch_size)]
+    codes, scales = [], []
+    for x_batch in x.split(batch_size):  # one encoder pass per batch gives both
+        t_loc, t_scale, h = encoder(x_batch)
+        codes.append(through_flows(t_loc, h, encoder))
+        scales.append(t_scale)
     return torch.cat(codes), torch.cat(scales)
 
 
