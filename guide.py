@@ -47,7 +47,7 @@ from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from model import check_image_shape
+from model import ResidualBlock, check_image_shape
 
 MIN_T_SCALE = 1e-5  # keeps log q(t|x) finite when softplus underflows
 
@@ -72,6 +72,8 @@ class Encoder(nn.Module):
     ELU activations, as in the decoder. The flows' MADE networks have `flow_hidden_dims` hidden
     units and a fixed order of the latent dimensions, reversed from one flow to the next, so the
     same config always builds the same masks (they are buffers, not trained parameters).
+    `residual_blocks` = R adds R `ResidualBlock`s (model.py) after each convolution, at its
+    resolution (R = 0: the plain network, with the same parameter names).
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class Encoder(nn.Module):
         hidden_dim: int,
         flows: int = 0,
         flow_hidden_dims: list[int] | None = None,
+        residual_blocks: int = 0,
     ) -> None:
         super().__init__()
         check_image_shape(image_shape, channels)
@@ -91,6 +94,7 @@ class Encoder(nn.Module):
         layers: list[nn.Module] = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ELU()]
+            layers += [ResidualBlock(c_out) for _ in range(residual_blocks)]
         feature_dim = channels[-1] * (height // downsample) * (width // downsample)
         self.features = nn.Sequential(
             *layers, nn.Flatten(), nn.Linear(feature_dim, hidden_dim), nn.ELU()

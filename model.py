@@ -42,6 +42,22 @@ def check_image_shape(image_shape: tuple[int, int, int], channels: list[int]) ->
         )
 
 
+class ResidualBlock(nn.Module):
+    """x + conv(elu(conv(elu(x)))): a pre-activation residual block (He et al. 2016) of two 3x3
+    convolutions that keeps the shape (B, channels, H, W). The second convolution starts at zero,
+    so a new block is the identity and a deeper network starts as the shallow one it extends."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(nn.ELU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                      nn.ELU(), nn.Conv2d(channels, channels, 3, padding=1))
+        nn.init.zeros_(self.residual[-1].weight)
+        nn.init.zeros_(self.residual[-1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.residual(x)
+
+
 class Decoder(nn.Module):
     """t (..., latent_dim) -> parameters of p(x|t) over images of `image_shape` (C, H, W).
 
@@ -52,7 +68,9 @@ class Decoder(nn.Module):
     dequantized data; the logit-space Gaussian's and the logistic's loc are unbounded (the
     logistic's end bins take the tails: loc < 0 puts the mass on level 0). The scale is kept above
     `min_scale`; `squeeze` is the logit transform's lambda, logit(lambda + (1 - 2 lambda) x).
-    Hidden layers use ELU (smooth, so no unit is ever switched off for good).
+    Hidden layers use ELU (smooth, so no unit is ever switched off for good). `residual_blocks`
+    = R adds R `ResidualBlock`s at each resolution below the output's, as in the encoder (R = 0:
+    the plain network, with the same parameter names).
     """
 
     def __init__(
@@ -67,6 +85,7 @@ class Decoder(nn.Module):
         fixed_scale: float = 0.1,
         squeeze: float = 1e-3,
         components: int = 1,
+        residual_blocks: int = 0,
     ) -> None:
         super().__init__()
         if likelihood not in LIKELIHOODS:
@@ -104,6 +123,7 @@ class Decoder(nn.Module):
         widths = list(reversed(channels)) + [image_channels * params_per_pixel]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
+            layers += [ResidualBlock(c_in) for _ in range(residual_blocks)]  # at c_in's resolution
             layers += [nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ELU()]
         self.upsample = nn.Sequential(*layers[:-1])  # no activation on the output
 

@@ -32,11 +32,12 @@ from tqdm import tqdm
 
 from guide import posterior
 from model import mean_image
-from vae import checkpoint
-from vae.build import build_networks, build_svi, svi_step
+from vae import checkpoint, distributed
+from vae.build import build_networks, build_svi, learning_rate, step_schedule, svi_step
 from vae.checkpoint import RunState
 from vae.config import ConfigError, check_config, register_resolvers, resolve_device, use_threads
-from vae.data import DataNotFoundError, epoch_batches, load_training_data, observe
+from vae.data import DataNotFoundError, load_training_data, observe
+from vae.distributed import ALONE, Ranks
 from vae.elbo import dataset_elbo
 from vae.logbook import Logbook, RunDirectoryBusy, record_failure
 from vae.preemption import StopRequest, stop_on_signals
@@ -50,17 +51,20 @@ class TrainingDiverged(FloatingPointError):
     """The loss became NaN or infinite."""
 
 
-def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+def train(cfg: DictConfig, out_dir: str | Path, ranks: Ranks = ALONE) -> dict[str, Any]:
     """Train as configured, writing metrics, images and checkpoints to `out_dir` (a resumed run
-    goes on in its own directory). Returns the last epoch's metrics (ELBOs in nats per image)."""
+    goes on in its own directory). Returns the last epoch's metrics (ELBOs in nats per image).
+    With `ranks` of several processes, this one trains on its share of every batch (vae/distributed.py)."""
     check_config(cfg)
-    device = resolve_device(cfg.device)
+    distributed.check(cfg, ranks)
+    device = distributed.local_device(resolve_device(cfg.device), ranks)
     use_threads(cfg)
     resume_from = checkpoint.to_resume(cfg, Path(out_dir))
     out_dir = checkpoint.run_directory(resume_from, Path(out_dir))
     checkpoint_file = out_dir / checkpoint.CHECKPOINT_NAME
-    with Logbook(out_dir) as logbook, stop_on_signals() as stop:  # the directory is ours until the end
+    with Logbook(out_dir, writes=ranks.writer) as logbook, stop_on_signals() as stop:  # the directory is ours
         saved = checkpoint.load(resume_from, cfg) if resume_from else None
+        distributed.barrier(ranks)  # every rank has read the checkpoint before rank 0 writes one
         # Data: the whole dataset in memory on the device, batched by index.
         pyro.set_rng_seed(cfg.seed)
         train_images, x_test = load_training_data(cfg, device)
@@ -70,11 +74,14 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         encoder, decoder = build_networks(cfg.model, image_shape, device, cfg.trainer)
         pyro.clear_param_store()
         svi = build_svi(cfg, encoder, decoder, num_data)
-        state = checkpoint.restore(saved, svi.optim, cfg, device, encoder=encoder, decoder=decoder) if saved else RunState()
+        if ranks.parallel:  # the gradient of the global batch, summed over the ranks' shares
+            svi.optim = distributed.GradientAveraging(svi.optim)
+        distributed.seed_noise(cfg.seed, ranks)  # the same weights on every rank, each its own noise
+        state = checkpoint.restore(saved, svi.optim, cfg, device, ranks, encoder=encoder, decoder=decoder) if saved else RunState()
         if saved:
             log.info(f"resuming {resume_from} {state.position(cfg.trainer.epochs)}")
         metrics = logbook.start(state.epoch if saved else 0, device, resume_from.parent if saved else None,
-                                epoch=state.epoch, batch=state.next_batch)  # the metrics of the epochs kept
+                                epoch=state.epoch, batch=state.next_batch, ranks=ranks.world_size)  # the epochs kept
         x_shown = x_test[: cfg.trainer.num_grid_images]
         t_prior = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(PRIOR_GRID_SEED)).to(device)
 
@@ -90,21 +97,22 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
             return result
 
         def save() -> None:
-            checkpoint.save(checkpoint_file, state, svi.optim, cfg, keep_copy=cfg.trainer.keep_checkpoints)
+            checkpoint.save(checkpoint_file, state, svi.optim, cfg, keep_copy=cfg.trainer.keep_checkpoints, ranks=ranks)
 
         max_minutes = cfg.trainer.max_minutes
         budget_seconds = 60.0 * max_minutes if max_minutes is not None else math.inf
         out_of_time = state.wall_time >= budget_seconds  # a resumed run whose budget is spent
         if not saved:  # the untrained model, as the first point of every curve
-            logbook.record({"epoch": 0, "train_elbo": None, **test(0), "wall_time": 0.0})
+            if ranks.writer:
+                logbook.record({"epoch": 0, "train_elbo": None, **test(0), "wall_time": 0.0})
             save()
         while state.epoch <= cfg.trainer.epochs and not out_of_time:
             epoch = state.epoch
             if state.batches is None:  # a new epoch: a fresh order of the images
-                state.start_epoch(epoch_batches(num_data, cfg.data.batch_size, cfg.data.drop_last))
+                state.start_epoch(distributed.epoch_batches(num_data, cfg.data, ranks))
             started = time.perf_counter()
-            train_steps(svi, train_images, state, cfg, stop, checkpoint_file)  # the rest of this epoch
-            if stop.signal_name:  # stopped after a step: save it, then exit (or requeue)
+            if train_steps(svi, train_images, state, cfg, stop, checkpoint_file, ranks):  # the rest of this epoch
+                # stopped after a step (every rank after the same one): save it, then exit (or requeue)
                 state.epoch_seconds += time.perf_counter() - started
                 save()
                 log.warning(f"{stop.signal_name}: saved {checkpoint_file} at epoch {epoch}, "
@@ -113,34 +121,39 @@ def train(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
                 return {**metrics, "interrupted": stop.signum, "run_dir": str(out_dir)}
             seconds = state.epoch_seconds + time.perf_counter() - started
             metrics = {"epoch": epoch, "train_elbo": -state.loss_sum / (len(state.batches) * num_data),
-                       "seconds": seconds}
-            out_of_time = state.wall_time + seconds >= budget_seconds
+                       "seconds": seconds, "lr": learning_rate(svi.optim)}
+            out_of_time = distributed.from_writer(state.wall_time + seconds >= budget_seconds, ranks)  # rank 0's clock
             if out_of_time:
                 log.info(f"trainer.max_minutes={max_minutes}: the time budget is spent; epoch {epoch} is the last")
-            if epoch % cfg.trainer.test_every == 0 or epoch == cfg.trainer.epochs or out_of_time:
-                metrics.update(test(epoch))
+            if ranks.writer and (epoch % cfg.trainer.test_every == 0 or epoch == cfg.trainer.epochs or out_of_time):
+                metrics.update(test(epoch))  # rank 0 tests and writes
             else:
                 metrics.update(test_elbo=None, test_recon=None, test_kl=None)
             state.wall_time += time.perf_counter() - started + state.epoch_seconds
             metrics["wall_time"] = state.wall_time
             logbook.record(metrics)  # first the epoch's line, then the checkpoint that ends it
             state.end_epoch()
+            step_schedule(svi.optim)  # schedule=...: the next epoch's learning rate
             save()
     return {**metrics, "run_dir": str(out_dir)}
 
 
 def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: DictConfig,
-                stop: StopRequest, checkpoint_file: Path) -> None:
-    """This epoch's SVI steps from batch `state.next_batch` on, one per minibatch, adding each
-    loss to `state.loss_sum`; returns at the epoch's end, or after the step during which a stop
-    was requested (`stop.signal_name`)."""
+                stop: StopRequest, checkpoint_file: Path, ranks: Ranks = ALONE) -> bool:
+    """This epoch's SVI steps from batch `state.next_batch` on, one per minibatch (this rank's
+    share of it), adding each loss (of the whole minibatch) to `state.loss_sum`; returns False at
+    the epoch's end, True after the step during which a stop was requested (on any rank)."""
     batches, num_data = state.batches, len(train_images)
     likelihood, check_every_step = cfg.model.likelihood, cfg.trainer.check_every_step  # read once, not per step
     warmup_steps = cfg.trainer.get("kl_warmup_epochs", 0) * len(batches)
     with tqdm(total=len(batches), initial=state.next_batch, desc=f"epoch {state.epoch}", unit="batch",
               disable=None, leave=False) as bar:
-        while state.next_batch < len(batches) and not stop.signal_name:
-            index = batches[state.next_batch].to(train_images.device)  # (B,)
+        stopping = False
+        while state.next_batch < len(batches) and not stopping:
+            index, weight = distributed.share(batches[state.next_batch], ranks)  # all B, or B_r of them
+            index = index.to(train_images.device)  # (B,)
+            if ranks.parallel:
+                svi.optim.weight = weight  # B_r/B: the ranks' gradients add up to the batch's
             x = observe(train_images[index], likelihood)  # (B, C, H, W), binarized afresh
             # Pyro's and torch's argument and support checks: on every step, or on the epoch's first
             try:
@@ -154,6 +167,10 @@ def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: Dict
                 if "found invalid values" not in str(error):
                     raise
                 loss = math.nan  # diverged, seen by the check before the loss
+                if ranks.parallel:  # the other ranks wait for this one's gradients: end the job
+                    raise TrainingDiverged(f"invalid values at epoch {state.epoch}, step {state.next_batch + 1} "
+                                           f"on rank {ranks.rank}; the last good checkpoint {checkpoint_file} is kept")
+            loss, stopping = distributed.agree(loss, weight, stop, ranks)  # the whole batch's; a stop on any rank: on all
             if not math.isfinite(loss):
                 raise TrainingDiverged(
                     f"loss is {loss} at epoch {state.epoch}, step {state.next_batch + 1} of {len(batches)}; "
@@ -164,6 +181,7 @@ def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: Dict
             state.next_batch += 1
             bar.update()
             bar.set_postfix(loss_per_image=f"{loss / num_data:.2f}", refresh=False)
+    return stopping
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -177,15 +195,18 @@ def main(cfg: DictConfig) -> float | None:
     a sweep, for report.py."""
     hydra_cfg = HydraConfig.get()
     job_dir, multirun = Path(hydra_cfg.runtime.output_dir), hydra_cfg.mode == RunMode.MULTIRUN
+    ranks, job_dir = distributed.join(resolve_device(cfg.device), job_dir)  # torchrun, SLURM tasks: rank 0's directory
     try:  # a resumed run goes on with its own config, changed only where this command line says
-        metrics = train(checkpoint.resumed_config(cfg, list(hydra_cfg.overrides.task), job_dir), job_dir)
+        metrics = train(checkpoint.resumed_config(cfg, list(hydra_cfg.overrides.task), job_dir), job_dir, ranks)
     except (ConfigError, DataNotFoundError, checkpoint.CheckpointError, TrainingDiverged, RunDirectoryBusy) as error:
+        distributed.leave(ranks)
         if isinstance(error, TrainingDiverged) or (multirun and not isinstance(error, RunDirectoryBusy)):
             record_failure(job_dir, error)  # the run's own failure (not a refused resume of another run)
         if multirun:
             log.error(f"error: {error} (job {job_dir}; the sweep goes on)")
             return None
         sys.exit(f"error: {error}")
+    distributed.leave(ranks)
     if metrics.get("interrupted"):
         sys.exit(128 + metrics["interrupted"])  # the shell's code for a process ended by that signal
     return metrics.get("test_elbo")

@@ -10,8 +10,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
+from pyro.optim import PyroLRScheduler
 
 from conftest import CONF_DIR, PROJECT_DIR, compose_config
+from vae.build import build_optimizer
 from vae.config import check_config
 
 OPTIONS = sorted(
@@ -23,7 +25,7 @@ OPTIONS = sorted(
 
 def test_every_group_has_options():
     groups = {group for group, _ in OPTIONS}
-    assert groups == {"data", "model", "estimator", "optim", "trainer"}
+    assert groups == {"data", "model", "estimator", "optim", "schedule", "trainer"}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
@@ -44,6 +46,9 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     assert encoder.t_loc.out_features == decoder.latent_dim == cfg.model.latent_dim
     optimizer = instantiate(cfg.optim)
     assert optimizer.pt_optim_constructor.__name__ == cfg.optim._target_.rsplit(".", 1)[-1]
+    scheduled = build_optimizer(cfg)  # with a schedule: Pyro's wrapper of the same torch optimizer
+    assert isinstance(scheduled, PyroLRScheduler) == (group == "schedule")
+    assert scheduled.pt_optim_constructor is optimizer.pt_optim_constructor
     elbo = instantiate(cfg.estimator.elbo)
     assert elbo.num_particles == cfg.estimator.elbo.num_particles
     assert isinstance(cfg.estimator.reparameterized, bool)
@@ -114,7 +119,7 @@ def test_help_lists_each_entry_points_own_groups():
         listing = text.split("== Configuration groups ==")[1].split("== Config ==")[0]
         return {line.split(":")[0] for line in listing.splitlines()[2:] if ":" in line}
 
-    assert groups("train.py") == {"data", "estimator", "experiment", "model", "optim", "trainer"}
+    assert groups("train.py") == {"data", "estimator", "experiment", "model", "optim", "schedule", "trainer"}
     tasks = {path.stem for path in (PROJECT_DIR / "tasks" / "conf" / "task").glob("*.yaml")}
     listing = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=PROJECT_DIR, capture_output=True,
                              text=True, timeout=120, check=True).stdout

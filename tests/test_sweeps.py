@@ -323,3 +323,32 @@ def test_levers_table_ranks_the_runs_by_their_test_nll_and_says_which_are_not_ev
     assert rows[:2] == ["| `reparam` | 2 | 1 | 0 min 10 s | -94.00 | 25.0 | **85.50 ± 0.05** |",
                         "| `reparam` | 0 | 1 | 0 min 10 s | -95.00 | 25.0 | **86.00 ± 0.05** |"]
     assert rows[2].startswith("| `iwae` | 0 | 1 |") and "not evaluated yet" in rows[2]
+
+
+def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll(tmp_path):
+    sweep, evaluations = tmp_path / "multirun" / "levers_training", tmp_path / "multirun" / "levers_training_likelihood"
+    runs = {"0": (["model.residual_blocks=0", "model.latent_dim=16"], -93.0, 87.0),
+            "1": (["model.residual_blocks=1", "model.latent_dim=32", "trainer.kl_warmup_epochs=3"], -92.0, 86.2)}
+    for job, (overrides, elbo, nll) in runs.items():
+        fake_job(sweep / job, [*overrides, "experiment=levers_training"], [-540.0, elbo])
+        lines = [{**json.loads(line), "test_kl": 25.0} for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
+        (sweep / job / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        (evaluations / job).mkdir(parents=True)
+        (evaluations / job / "metrics.json").write_text(json.dumps(
+            {"run": str(sweep / job), "whole_split_nll": nll, "whole_split_nll_standard_error": 0.05}))
+    out = Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False)
+    block = fill("<!-- report:levers_training -->\n<!-- /report:levers_training -->\n", out)
+    rows = [line for line in block.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert rows == ["| 1 | 32 | 3 | 1 | 0 min 10 s | -92.00 | 25.0 | **86.20 ± 0.05** |",
+                    "| 0 | 16 | 0 | 1 | 0 min 10 s | -93.00 | 25.0 | **87.00 ± 0.05** |"]
+    assert "_Not run yet: `python train.py -m experiment=levers_schedule`._" in fill(
+        "<!-- report:levers_schedule -->\n<!-- /report:levers_schedule -->\n", out)
+    assert "_Not run yet: `python train.py experiment=best_one_hour`._" in fill(
+        "<!-- report:best_one_hour -->\n<!-- /report:best_one_hour -->\n", out)
+    fake_job(out.run("best_one_hour"), ["experiment=best_one_hour"], [-540.0, -90.5])
+    (out.run("best_one_hour_likelihood")).mkdir(parents=True)
+    (out.run("best_one_hour_likelihood") / "metrics.json").write_text(json.dumps(
+        {"num_particles": 5000, "num_images": 1000, "whole_split_nll": 84.321, "whole_split_nll_standard_error": 0.04}))
+    block = fill("<!-- report:best_one_hour -->\n<!-- /report:best_one_hour -->\n", out)
+    assert "| ELBO after epoch 1 (0 min 10 s of training) | -90.50 |" in block
+    assert "1,000 random images | **84.32 ± 0.04** |" in block and "| IWAE, two stochastic layers, k=50 (Burda et al. 2016) | 82.90 |" in block

@@ -21,6 +21,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from pyro.infer import SVI
+from pyro.optim import PyroLRScheduler, PyroOptim
 from torch import Tensor, nn
 
 from guide import Encoder, guide
@@ -74,9 +75,39 @@ def build_svi(cfg: DictConfig, encoder: Encoder, decoder: Decoder, num_data: int
         partial(model, decoder=decoder, num_data=num_data),
         partial(guide, encoder=encoder, num_data=num_data, reparameterized=cfg.estimator.reparameterized,
                 baseline=OmegaConf.to_container(baseline) if baseline else None, baseline_net=baseline_net),
-        instantiate(cfg.optim),
+        build_optimizer(cfg),
         loss=elbo,
     )
+
+
+def build_optimizer(cfg: DictConfig) -> PyroOptim:
+    """The configured Pyro optimizer (`cfg.optim`); with `cfg.schedule` (a torch LR scheduler as
+    `_partial_`), Pyro's PyroLRScheduler around the same torch optimizer and arguments, which
+    `step_schedule` steps after every epoch."""
+    optimizer = instantiate(cfg.optim)
+    if cfg.get("schedule") is None:
+        return optimizer
+    scheduler = instantiate(cfg.schedule)  # functools.partial(scheduler class, **its arguments)
+    return PyroLRScheduler(scheduler.func, {"optimizer": optimizer.pt_optim_constructor,
+                                            "optim_args": optimizer.pt_optim_args, **scheduler.keywords},
+                           optimizer.pt_clip_args)
+
+
+def learning_rate(optimizer: PyroOptim) -> float | None:
+    """The learning rate the optimizer steps with now (None before its first step)."""
+    optimizer = getattr(optimizer, "inner", optimizer)  # data-parallel: vae.distributed.GradientAveraging's
+    for torch_optimizer in optimizer.optim_objs.values():
+        if isinstance(optimizer, PyroLRScheduler):
+            torch_optimizer = torch_optimizer.optimizer
+        return torch_optimizer.param_groups[0]["lr"]
+    return None
+
+
+def step_schedule(optimizer: PyroOptim) -> None:
+    """An epoch is over: the scheduler of every parameter takes its step (no schedule: nothing)."""
+    optimizer = getattr(optimizer, "inner", optimizer)
+    if isinstance(optimizer, PyroLRScheduler):
+        optimizer.step()
 
 
 def svi_step(svi: SVI, x: Tensor, index: Tensor, **kwargs) -> float:

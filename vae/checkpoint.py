@@ -28,6 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 from pyro.optim import PyroOptim
 from torch import Tensor, nn
 
+from vae import distributed
+from vae.distributed import ALONE, Ranks
 from vae.provenance import PROJECT_DIR
 
 log = logging.getLogger(__name__)
@@ -40,7 +42,8 @@ MAY_CHANGE = ("trainer.epochs", "trainer.max_minutes", "trainer.test_every", "tr
               "trainer.keep_checkpoints", "trainer.check_every_step", "trainer.channels_last", "trainer.bf16",
               "trainer.compile", "optim", "device", "threads", "resume", "data.root", "data.dataset.download")
 # Keys added after checkpoints were first written, with the value an older checkpoint implies.
-ADDED_KEYS = {"data.exclude_classes": [], "model.flows": 0, "model.encoder.flows": 0, "trainer.kl_warmup_epochs": 0}
+ADDED_KEYS = {"data.exclude_classes": [], "model.flows": 0, "model.encoder.flows": 0, "trainer.kl_warmup_epochs": 0,
+              "model.residual_blocks": 0, "model.encoder.residual_blocks": 0, "model.decoder.residual_blocks": 0}
 
 
 class CheckpointError(RuntimeError):
@@ -135,15 +138,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(path: Path, state: RunState, optimizer: PyroOptim, cfg: DictConfig, keep_copy: bool = False) -> None:
+def save(path: Path, state: RunState, optimizer: PyroOptim, cfg: DictConfig, keep_copy: bool = False,
+         ranks: Ranks = ALONE) -> None:
     """Write the run as it stands to `path` atomically; with `keep_copy`, at an epoch's end, also
-    to checkpoint_epoch_NNN.pt beside it."""
+    to checkpoint_epoch_NNN.pt beside it. Data-parallel, every rank calls it (its RNG state goes
+    into `rank_rngs`) and rank 0 writes."""
+    rank_rngs = distributed.gather(rng_state(), ranks)
+    if not ranks.writer:
+        return
     contents = {
         "param_store": pyro.get_param_store().get_state(),
         "optimizer": optimizer.get_state(),
         "rng": rng_state(),
         "config": OmegaConf.to_container(cfg, resolve=True),
         **{key: getattr(state, key) for key in STATE_KEYS},
+        **({"rank_rngs": rank_rngs} if ranks.parallel else {}),
     }
     copies = [path]
     if keep_copy and state.batches is None:  # an epoch's end: keep a copy
@@ -178,6 +187,8 @@ def load(path: Path, cfg: DictConfig) -> dict[str, Any]:
     keys of MAY_CHANGE only; log each such change."""
     contents = read(path)
     refused, changed = config_differences(saved_config(contents), cfg)
+    if cfg.get("schedule") is not None:  # the scheduler owns the learning rate from epoch to epoch
+        refused += [f"{change} (a run with a schedule keeps its optimizer)" for change in changed if change.startswith("optim.")]
     if refused:
         raise CheckpointError(
             f"checkpoint {path} was made with a different config: {'; '.join(refused)}. Resume continues a run "
@@ -234,21 +245,30 @@ def recipe_keys(override: str) -> list[str]:
 
 
 def restore(contents: dict[str, Any], optimizer: PyroOptim, cfg: DictConfig, device: torch.device,
-            **networks: nn.Module) -> RunState:
+            ranks: Ranks = ALONE, **networks: nn.Module) -> RunState:
     """Put a checkpoint's weights, optimizer state and RNG states back; return its RunState.
 
     The optimizer's moment estimates carry over with the hyperparameters of `cfg.optim` (a new
-    learning rate takes effect); a different optimizer class starts with fresh moments."""
+    learning rate takes effect); a different optimizer class starts with fresh moments. With a
+    `schedule`, the schedulers and their optimizers get their saved states back unchanged. Each
+    rank gets its own saved RNG state back (`rank_rngs`; rank 0's alone when one process saved it)."""
     restore_params(contents["param_store"], device, **networks)
     saved_target = saved_config(contents).optim._target_
-    if saved_target == cfg.optim._target_:
+    if cfg.get("schedule") is not None:  # the scheduler's and its optimizer's states, as saved (`load`)
+        optimizer.set_state(contents["optimizer"])
+    elif saved_target == cfg.optim._target_:
         hyperparameters = OmegaConf.to_container(cfg.optim.optim_args, resolve=True)
         optimizer.set_state({name: {**state, "param_groups": [{**group, **hyperparameters} for group in state["param_groups"]]}
                              for name, state in contents["optimizer"].items()})
     else:
         log.info(f"optim._target_ changed from {saved_target} to {cfg.optim._target_}: its moment estimates start afresh")
-    set_rng_state(contents["rng"])
-    return RunState(**{key: contents[key] for key in STATE_KEYS})
+    state = RunState(**{key: contents[key] for key in STATE_KEYS})
+    rank_rngs = contents.get("rank_rngs") or [contents["rng"]]  # rank 0's is "rng" too
+    if ranks.rank < len(rank_rngs):
+        set_rng_state(rank_rngs[ranks.rank])
+    else:  # more ranks than when it was saved: a seed of its own, from the run's seed, rank and position
+        pyro.set_rng_seed(distributed.rank_seed(cfg.seed, ranks.rank, state.epoch, state.next_batch))
+    return state
 
 
 def restore_params(param_store_state: dict, device: torch.device, **networks: nn.Module) -> None:

@@ -6,6 +6,8 @@ refuse a value that composes but cannot work, in one line that names the key and
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -62,6 +64,9 @@ def check_config(cfg: DictConfig) -> None:
     flows = cfg.model.get("flows", 0)
     if not is_int(flows) or flows < 0:
         raise ConfigError(f"model.flows={flows!r}: must be a whole number of flows, 0 for the Gaussian q(t|x)")
+    blocks = cfg.model.get("residual_blocks", 0)
+    if not is_int(blocks) or blocks < 0:
+        raise ConfigError(f"model.residual_blocks={blocks!r}: must be a whole number of blocks per resolution, 0 for none")
     squeeze = cfg.model.get("squeeze", 1e-3)
     if not is_number(squeeze) or not 0 < squeeze < 0.5:
         raise ConfigError(f"model.squeeze={squeeze!r}: must be a number between 0 and 0.5")
@@ -77,6 +82,10 @@ def check_config(cfg: DictConfig) -> None:
     max_minutes = cfg.trainer.get("max_minutes")
     if max_minutes is not None and (not is_number(max_minutes) or not 0 < max_minutes < math.inf):
         raise ConfigError(f"trainer.max_minutes={max_minutes!r}: must be null (no time budget) or > 0")
+    t_max = OmegaConf.select(cfg, "schedule.T_max")
+    if t_max is not None and (not is_int(t_max) or t_max < cfg.trainer.epochs):
+        raise ConfigError(f"schedule.T_max={t_max!r} with trainer.epochs={cfg.trainer.epochs}: the cosine would rise "
+                          "again after T_max epochs; set schedule.T_max >= trainer.epochs (its default is trainer.epochs)")
     lr = OmegaConf.select(cfg, "optim.optim_args.lr")
     if not is_number(lr) or not 0 < lr < math.inf:
         raise ConfigError(f"optim.optim_args.lr={lr!r}: the learning rate must be a finite number > 0")
@@ -147,7 +156,10 @@ def resolve_device(name: str) -> torch.device:
 
 def resume_directory(resume: str | None, fresh: str) -> str:
     """hydra.run.dir (conf/config.yaml): the directory of the run that `resume` continues in
-    place (resume=<run dir> or <run dir>/checkpoint.pt), else `fresh`, a new run's directory."""
+    place (resume=<run dir> or <run dir>/checkpoint.pt), else `fresh`, a new run's directory.
+    Under torchrun, a rank > 0 gets a scratch directory: it trains in rank 0's (vae/distributed.py)."""
+    if os.environ.get("TORCHELASTIC_RUN_ID") and os.environ.get("RANK", "0") != "0":
+        return str(Path(tempfile.gettempdir()) / f"vae-{os.environ['TORCHELASTIC_RUN_ID']}-rank{os.environ['RANK']}")
     path = Path(str(resume)).expanduser() if resume is not None else None
     if path is not None and path.is_dir():
         return str(path)

@@ -61,15 +61,19 @@ def last_metrics(run_dir: Path) -> dict[str, Any]:
 
 class Logbook:
     """One run directory, opened for training: holds its lock from `with` to the end, and writes its
-    records. `start` is called once the epoch to begin with is known."""
+    records. `start` is called once the epoch to begin with is known. With `writes=False` (the
+    ranks > 0 of a data-parallel run) it reads the kept metrics and writes nothing."""
 
-    def __init__(self, out_dir: Path) -> None:
+    def __init__(self, out_dir: Path, writes: bool = True) -> None:
         self.out_dir = Path(out_dir)
+        self.writes = writes
         self.writer: SummaryWriter | None = None
         self.lock_file = None
         self.untrained_elbo: float | None = None  # epoch 0's test ELBO, to tell a finite divergence
 
     def __enter__(self) -> Logbook:
+        if not self.writes:
+            return self
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.lock_file = open(self.out_dir / LOCK_NAME, "a+")
         try:
@@ -98,6 +102,8 @@ class Logbook:
         line, open TensorBoard (dropping its records from that epoch on), and add this process to
         provenance.jsonl. Returns the last kept epoch's metrics."""
         kept = [m for m in read_metrics(source or self.out_dir) if m["epoch"] < keep_before]
+        if not self.writes:
+            return kept[-1] if kept else {}
         metrics_file = self.out_dir / METRICS_NAME
         if kept or metrics_file.exists():
             temporary = metrics_file.with_name(METRICS_NAME + ".tmp")
@@ -110,6 +116,8 @@ class Logbook:
 
     def record(self, metrics: dict[str, Any]) -> None:
         """One epoch's metrics: a line of metrics.jsonl, TensorBoard scalars, and the log."""
+        if not self.writes:
+            return
         with open(self.out_dir / METRICS_NAME, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         for key, value in metrics.items():

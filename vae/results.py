@@ -385,28 +385,67 @@ def one_hour_gray(out: Outputs) -> str:
 
 # --- tighter bounds and richer posteriors ------------------------------------------------------
 
-def levers(out: Outputs) -> str:
-    """The lecture's model against the IW bound and the flow posterior at equal wall time, each run's
-    test ELBO when its budget ran out and its test NLL from `experiment=levers_likelihood`."""
-    sweep = out.sweep("levers")
+def lever_table(out: Outputs, name: str, columns: list[tuple[str, str, str]],
+                epochs_header: str = "epochs in the budget") -> str:
+    """The runs of `python train.py -m experiment=NAME` (seed 0 each), their options `columns`
+    ((key, header, default) each), test ELBO when the run ended, and test NLL from the recipe
+    NAME_likelihood (ELBO + the IW gap at K=1000), best NLL first."""
+    sweep = out.sweep(name)
     jobs = read_jobs(sweep) if sweep.is_dir() else {}
     if not jobs:
-        raise NotRun("python train.py -m experiment=levers")
-    evaluated = {label: metrics for label, _, metrics, _ in run_evaluations(out.sweep("levers_likelihood"))}
+        raise NotRun(f"python train.py -m experiment={name}")
+    evaluation = out.sweep(f"{name}_likelihood")
+    evaluated = {label: metrics for label, _, metrics, _ in run_evaluations(evaluation)}
     rows = []
     for label, seeds in jobs.items():
         options = dict(o.split("=", 1) for o in label.split() if "=" in o)
         tested = [m for m in seeds[0] if m.get("test_elbo") is not None]  # seed 0
         nll = evaluated.get(label)
         rows.append((nll["whole_split_nll"] if nll else math.inf, [
-            f"`{options.get('estimator', 'reparam')}`", options.get("model.flows", "0"), tested[-1]["epoch"],
+            *(option_cell(options.get(key, default)) for key, _, default in columns), tested[-1]["epoch"],
             minutes(tested[-1]["wall_time"]), nats(tested[-1]["test_elbo"]), f"{tested[-1]['test_kl']:.1f}",
             f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**" if nll
-            else "_not evaluated yet: `python evaluate.py -m experiment=levers_likelihood`_"]))
-    head = ["estimator", "flows in q(t\\|x)", "epochs in the budget", "training time", "test ELBO (nats)",
-            "KL(q ‖ p)", "test NLL (nats): ELBO + IW gap at K=1000"]
+            else f"_not evaluated yet: `python evaluate.py -m experiment={name}_likelihood`_"]))
+    head = [header for _, header, _ in columns] + [
+        epochs_header, "training time", "test ELBO (nats)", "KL(q ‖ p)", "test NLL (nats): ELBO + IW gap at K=1000"]
     return (table(head, [cells for _, cells in sorted(rows, key=lambda row: row[0])]) + sweep_progress(sweep)
-            + "\n\n" + provenance_line(out, sweep, out.sweep("levers_likelihood")))
+            + "\n\n" + provenance_line(out, sweep, evaluation))
+
+
+def option_cell(value: str) -> str:
+    """A config option's value as a table cell: numbers as they are, names as code."""
+    return value if value.lstrip("-").replace(".", "", 1).isdigit() else f"`{value}`"
+
+
+def levers(out: Outputs) -> str:
+    """The lecture's model against the IW bound and the flow posterior at equal wall time."""
+    return lever_table(out, "levers", [("estimator", "estimator", "reparam"), ("model.flows", "flows in q(t\\|x)", "0")])
+
+
+def levers_training(out: Outputs) -> str:
+    """Depth, latent size and KL warm-up around reparam + 2 flows, at equal wall time."""
+    return lever_table(out, "levers_training", [("model.residual_blocks", "residual blocks", "0"),
+                                                ("model.latent_dim", "latent dim", "16"),
+                                                ("trainer.kl_warmup_epochs", "KL warm-up epochs", "0")])
+
+
+def levers_schedule(out: Outputs) -> str:
+    """A constant learning rate against the cosine schedule over the same epochs."""
+    return lever_table(out, "levers_schedule", [("schedule", "learning-rate schedule", "none")], "epochs")
+
+
+def best_one_hour(out: Outputs) -> str:
+    """The strongest configuration of the lever tables under the one-hour protocol, its K=5000 NLL."""
+    training_metrics = read_jsonl(out.run("best_one_hour") / "metrics.jsonl", "python train.py experiment=best_one_hour")
+    nll = read_json(out.run("best_one_hour_likelihood") / "metrics.json",
+                    "python evaluate.py experiment=best_one_hour_likelihood")
+    last = [m for m in training_metrics if m.get("test_elbo") is not None][-1]
+    rows = [[f"ELBO after epoch {last['epoch']} ({minutes(last['wall_time'])} of training)", nats(last["test_elbo"])],
+            [f"**NLL, IW bound with K={nll['num_particles']}**: every image's ELBO + the IW gap on "
+             f"{nll['num_images']:,} random images", f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**"]]
+    rows += [[name, f"{value:.2f}"] for name, value in ANCHORS]
+    return (table(["test set, nats per image", "value"], rows) + "\n\n"
+            + provenance_line(out, out.run("best_one_hour"), out.run("best_one_hour_likelihood")))
 
 
 # --- what the density model is for -------------------------------------------------------------
@@ -579,6 +618,7 @@ BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "representation": representation, "ood": ood, "heldout": heldout, "impute": impute, "uses_short": uses_short,
     "speed": speed, "speed_short": speed_short, "faults": faults, "likelihoods": likelihoods,
     "likelihood_pixels": likelihood_pixels, "one_hour_gray": one_hour_gray, "levers": levers,
+    "levers_training": levers_training, "levers_schedule": levers_schedule, "best_one_hour": best_one_hour,
 }
 
 

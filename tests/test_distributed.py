@@ -1,0 +1,234 @@
+"""Data-parallel training (vae/distributed.py): two gloo processes on their shares of each batch take
+the same steps as one process on the whole batch, for each kind of estimator; torchrun trains one
+run that one process resumes; a signal to one rank stops both after the same step, saved."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+import torch.distributed as torch_dist
+import torch.multiprocessing as mp
+from hydra import compose, initialize_config_dir
+
+from conftest import FAST, PROJECT_DIR, compose_config
+from guide import ScoreFunctionNormal
+from vae import distributed
+from vae.build import build_networks, build_svi, svi_step
+from vae.config import ConfigError
+from vae.data import load_training_data, observe_test_set
+from vae.distributed import Ranks
+from vae.preemption import StopRequest
+
+NUM_IMAGES, STEPS = 63, 3
+BATCHES = [slice(0, 24), slice(24, 48), slice(48, 63)]  # the last one splits 8 / 7 between two ranks
+ESTIMATORS = {
+    "reparam": ["estimator=reparam"],
+    "score": ["estimator=score"],
+    "nvil": ["estimator=score_nn_baseline", "estimator.baseline.use_decaying_avg_baseline=false"],
+    "iwae": ["estimator=iwae"],
+}
+SGD = ["optim._target_=pyro.optim.SGD", "~optim.optim_args.fused", "optim.optim_args.lr=1e-5"]
+# Adam would hide a wrongly scaled gradient (its step is invariant to the gradient's scale): SGD shows it.
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fixed_noise(num_data: int, latent_dim: int):
+    """Patch the Normal's draws so that image i always gets the same eps_i, whichever process and
+    batch it is in: t = t_loc + t_scale * eps_i (rsample) and its detached copy (the score function)."""
+    eps = torch.randn(num_data, latent_dim, generator=torch.Generator().manual_seed(1))
+    current = {}
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.loc + self.scale * eps[current["index"]].expand(torch.Size(sample_shape) + self.loc.shape)
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return rsample(self, sample_shape)
+
+    dist.Normal.rsample, ScoreFunctionNormal.sample = rsample, sample
+    return current
+
+
+def steps(overrides: list[str], ranks: Ranks, plain_average: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """STEPS SGD steps of the config on BATCHES (this rank's share of each); the losses (agreed over
+    the ranks) and the parameters after them. `plain_average`: each rank's weight 1/R (a mutation)."""
+    cfg = compose_config(*FAST, "model.latent_dim=2", *SGD, *overrides)
+    pyro.set_rng_seed(0)
+    pyro.clear_param_store()
+    images, _ = load_training_data(cfg, torch.device("cpu"))
+    x_all = observe_test_set(images[:NUM_IMAGES], "bernoulli")  # fixed binarization, the same everywhere
+    encoder, decoder = build_networks(cfg.model, tuple(x_all.shape[1:]), torch.device("cpu"))
+    svi = build_svi(cfg, encoder, decoder, NUM_IMAGES)
+    if ranks.parallel:
+        svi.optim = distributed.GradientAveraging(svi.optim)
+    current = fixed_noise(NUM_IMAGES, 2)
+    losses = []
+    for step in range(STEPS):
+        index, weight = distributed.share(torch.arange(NUM_IMAGES)[BATCHES[step]], ranks)
+        current["index"] = index
+        if plain_average:
+            weight = 1 / ranks.world_size
+        if ranks.parallel:
+            svi.optim.weight = weight
+        loss = svi_step(svi, x_all[index], index)
+        losses.append(distributed.agree(loss, weight, StopRequest(), ranks)[0])
+    return losses, {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+
+
+def rank_worker(rank: int, port: int, overrides: list[str], out: str, plain_average: bool) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo on the loopback, whatever the host's name resolves to
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        losses, params = steps(overrides, Ranks(rank, 2, rank), plain_average)
+        if rank == 0:
+            torch.save({"losses": losses, "params": params}, out)
+    finally:
+        torch_dist.destroy_process_group()
+
+
+def two_ranks(overrides: list[str], tmp_path: Path, plain_average: bool = False) -> dict:
+    out = tmp_path / "two_ranks.pt"
+    mp.spawn(rank_worker, args=(free_port(), overrides, str(out), plain_average), nprocs=2, join=True)
+    return torch.load(out, weights_only=False)
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS, ids=list(ESTIMATORS))
+def test_two_ranks_take_the_steps_of_one_process_on_the_whole_batch(estimator, tmp_path):
+    torch.set_num_threads(1)
+    losses, params = steps(ESTIMATORS[estimator], distributed.ALONE)
+    parallel = two_ranks(ESTIMATORS[estimator], tmp_path)
+    assert parallel["losses"] == pytest.approx(losses, rel=1e-4)
+    assert set(parallel["params"]) == set(params)
+    for name, value in params.items():
+        torch.testing.assert_close(parallel["params"][name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("estimator", ["reparam", "nvil"])
+def test_the_share_weights_matter(estimator, tmp_path):
+    """The check above can fail: a plain average of the ranks' gradients (weight 1/2 whatever the
+    share; for NVIL's baseline net, 1/4) differs from the one-process step once a batch splits unequally."""
+    torch.set_num_threads(1)
+    _, params = steps(ESTIMATORS[estimator], distributed.ALONE)
+    parallel = two_ranks(ESTIMATORS[estimator], tmp_path, plain_average=True)
+    assert not all(torch.allclose(parallel["params"][n], v, rtol=1e-4, atol=1e-6) for n, v in params.items())
+
+
+def torchrun(*args: str, timeout: float = 600) -> subprocess.Popen:
+    env = {"GLOO_SOCKET_IFNAME": "lo", **os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "train.py", *args], cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_torchrun_trains_one_run_that_one_process_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    process = torchrun(*FAST, "threads=1", "estimator=score_loo", f"hydra.run.dir={run_dir}")
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [0, 1, 2]  # one line per epoch: rank 0's
+    assert output.count("epoch=2 ") == 1, output[-3000:]
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert len(saved["rank_rngs"]) == 2 and not torch.equal(saved["rank_rngs"][0]["torch"], saved["rank_rngs"][1]["torch"])
+    provenance = [json.loads(line) for line in (run_dir / "provenance.jsonl").read_text().splitlines()]
+    assert provenance[0]["ranks"] == 2
+    resumed = subprocess.run([sys.executable, "train.py", *FAST, "threads=1", "estimator=score_loo",
+                              "trainer.epochs=3", f"resume={run_dir}"], cwd=PROJECT_DIR, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [m["epoch"] for m in read_metrics(run_dir)] == [0, 1, 2, 3]
+    assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run"]  # rank 1 wrote no directory of its own here
+
+
+def rank_pid(ancestor: int, rank: int, timeout: float = 120) -> int:
+    """The pid of the torchrun worker with RANK=`rank` that descends from process `ancestor`."""
+    def parent(pid: int) -> int:
+        status = (Path("/proc") / str(pid) / "status").read_text()
+        return int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            try:
+                if not proc.name.isdigit() or f"RANK={rank}".encode() not in (proc / "environ").read_bytes().split(b"\0"):
+                    continue
+                pid = int(proc.name)
+                while pid > 1 and pid != ancestor:
+                    pid = parent(pid)
+            except OSError:
+                continue
+            if pid == ancestor:
+                return int(proc.name)
+        time.sleep(0.2)
+    raise TimeoutError(f"no process with RANK={rank} under {ancestor}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' processes through /proc")
+def test_a_signal_to_one_rank_stops_both_after_the_same_step_saved(tmp_path):
+    run_dir = tmp_path / "run"
+    process = torchrun(*FAST, "threads=1", "trainer.epochs=40", f"hydra.run.dir={run_dir}")
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 2):
+        assert time.monotonic() < deadline and process.poll() is None, "the run did not reach epoch 1"
+        time.sleep(0.2)
+    os.kill(rank_pid(process.pid, 1), signal.SIGTERM)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode != 0 and "SIGTERM: saved" in output, output[-3000:]
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    stopped_at = (saved["epoch"], saved["next_batch"])
+    assert stopped_at[0] < 40
+    resumed = subprocess.run([sys.executable, "train.py", *FAST, "threads=1", "trainer.epochs=40",
+                              f"resume={run_dir}"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [m["epoch"] for m in read_metrics(run_dir)] == list(range(41))  # each epoch once
+
+
+def test_what_does_not_train_data_parallel_is_refused():
+    ranks = Ranks(0, 2, 0)
+    with pytest.raises(ConfigError, match="use_decaying_avg_baseline=true with 2 ranks"):
+        distributed.check(compose_config(*FAST, "estimator=score_avg_baseline"), ranks)
+    with pytest.raises(ConfigError, match="JIT ELBOs"):
+        distributed.check(compose_config(*FAST, "estimator.elbo._target_=pyro.infer.JitTrace_ELBO"), ranks)
+    distributed.check(compose_config(*FAST, *ESTIMATORS["nvil"]), ranks)  # NVIL's learned baseline alone trains
+
+
+def test_a_slurm_job_of_two_tasks_is_two_ranks_of_one_group(monkeypatch):
+    """What SLURM gives each task of `hydra/launcher=slurm_ddp` (tasks_per_node = gpus_per_node):
+    submitit's TorchDistributedEnvironment turns it into torch.distributed's variables."""
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    tasks = []
+    for task in (0, 1):
+        for key, value in dict(SLURM_JOB_ID="123", SLURM_NTASKS="2", SLURM_PROCID=str(task), SLURM_LOCALID=str(task),
+                               SLURM_JOB_NODELIST="node1", SLURM_NNODES="1").items():
+            monkeypatch.setenv(key, value)
+        tasks.append((distributed.from_environment(), os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]))
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
+            monkeypatch.delenv(key, raising=False)
+    assert [ranks for ranks, _, _ in tasks] == [Ranks(0, 2, 0), Ranks(1, 2, 1)]
+    assert tasks[0][1:] == tasks[1][1:] == ("node1", tasks[0][2])  # one rendezvous for both
+    with initialize_config_dir(config_dir=str(PROJECT_DIR / "conf"), version_base="1.3"):
+        cfg = compose("config", ["hydra/launcher=slurm_ddp", "hydra.launcher.gpus_per_node=4"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher.tasks_per_node == launcher.gpus_per_node == 4

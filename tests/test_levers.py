@@ -1,0 +1,124 @@
+"""Two levers of a stronger density model besides the flows (tests/test_flows.py): the learning-rate
+schedule (`schedule=`) follows its formula epoch by epoch and survives a stop exactly; residual
+blocks (`model.residual_blocks`) start as the identity, so a deeper network given a shallower one's
+weights computes the same outputs, then learn, and load back."""
+from __future__ import annotations
+
+import json
+import math
+
+import pyro
+import pytest
+import torch
+
+from conftest import FAST, compose_config
+from guide import Encoder
+from model import Decoder
+from train import train
+from vae.checkpoint import CheckpointError
+from vae.config import ConfigError, check_config
+from vae.runs import load_run
+
+LR = 1e-3  # conf/optim/adam.yaml
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def params():
+    return {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+
+
+def run(out_dir, *overrides):
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    train(compose_config(*FAST, *overrides), out_dir)
+    return params()
+
+
+def test_cosine_schedule_sets_each_epochs_rate_by_its_formula(tmp_path):
+    """lr_e = eta_min + (lr - eta_min) (1 + cos(pi (e - 1) / T_max)) / 2 for epoch e = 1, 2, ...,
+    as metrics.jsonl records it; `constant` keeps lr."""
+    run(tmp_path / "cosine", "schedule=cosine", "trainer.epochs=3", "schedule.T_max=4", "schedule.eta_min=1e-5")
+    rates = [m["lr"] for m in read_metrics(tmp_path / "cosine")[1:]]
+    expected = [1e-5 + (LR - 1e-5) * (1 + math.cos(math.pi * e / 4)) / 2 for e in range(3)]
+    assert rates == pytest.approx(expected, rel=1e-9) and rates[2] < rates[1] < rates[0] == pytest.approx(LR)
+    run(tmp_path / "constant", "schedule=constant", "trainer.epochs=2")
+    assert [m["lr"] for m in read_metrics(tmp_path / "constant")[1:]] == [LR, LR]
+
+
+def test_a_constant_schedule_takes_the_same_steps_as_none(tmp_path):
+    plain = run(tmp_path / "plain")
+    constant = run(tmp_path / "constant", "schedule=constant")
+    assert all(torch.equal(value, constant[name]) for name, value in plain.items())
+    cosine = run(tmp_path / "cosine", "schedule=cosine")  # the second epoch's rate is 0: it differs
+    assert any(not torch.equal(value, cosine[name]) for name, value in plain.items())
+
+
+def test_a_scheduled_run_stopped_and_resumed_equals_the_straight_run(tmp_path):
+    """The checkpoint holds every scheduler's state with its optimizer's moments, and resume puts
+    both back as saved: the parameters and every epoch's rate are those of the straight run."""
+    schedule = ["schedule=cosine", "schedule.T_max=3"]
+    straight = run(tmp_path / "straight", *schedule, "trainer.epochs=3")
+    run(tmp_path / "split", *schedule, "trainer.epochs=1")
+    resumed = run(tmp_path / "ignored", *schedule, "trainer.epochs=3", f"resume={tmp_path / 'split'}")
+    assert all(torch.equal(value, resumed[name]) for name, value in straight.items())
+    rates = lambda d: [m["lr"] for m in read_metrics(d)[1:]]
+    assert rates(tmp_path / "split") == rates(tmp_path / "straight") and len(rates(tmp_path / "split")) == 3
+
+
+def test_a_schedule_that_would_rise_again_or_a_changed_optimizer_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"schedule.T_max=2 with trainer.epochs=3"):
+        check_config(compose_config(*FAST, "schedule=cosine", "schedule.T_max=2", "trainer.epochs=3"))
+    run(tmp_path, "schedule=cosine", "schedule.T_max=3", "trainer.epochs=1")
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    with pytest.raises(CheckpointError, match=r"optim.optim_args.lr: 0.001 -> 0.01 \(a run with a schedule keeps"):
+        run(tmp_path, "schedule=cosine", "schedule.T_max=3", "trainer.epochs=2", "optim.optim_args.lr=1e-2")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    with pytest.raises(ConfigError, match="model.residual_blocks=-1"):
+        check_config(compose_config(*FAST, "model.residual_blocks=-1"))
+
+
+def copy_plain_weights(shallow: torch.nn.Module, deep: torch.nn.Module) -> None:
+    """Give `deep` the weights of `shallow`: the same layers in the same order, plus the blocks."""
+    plain = [p for name, p in deep.named_parameters() if ".residual." not in name]
+    assert len(plain) == len(list(shallow.parameters())) < len(list(deep.parameters()))
+    with torch.no_grad():
+        for target, source in zip(plain, shallow.parameters()):
+            target.copy_(source)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "discretized_logistic"])
+def test_new_residual_blocks_are_the_identity(likelihood):
+    image_shape, sizes = (1, 16, 16), dict(latent_dim=3, channels=[4, 8], hidden_dim=16)
+    shallow_encoder, deep_encoder = Encoder(image_shape, **sizes), Encoder(image_shape, **sizes, residual_blocks=2)
+    shallow_decoder = Decoder(image_shape, **sizes, likelihood=likelihood)
+    deep_decoder = Decoder(image_shape, **sizes, likelihood=likelihood, residual_blocks=2)
+    assert [n for n, _ in Encoder(image_shape, **sizes, residual_blocks=0).named_parameters()] == \
+        [n for n, _ in shallow_encoder.named_parameters()]  # R = 0: the plain network, by name
+    copy_plain_weights(shallow_encoder, deep_encoder)
+    copy_plain_weights(shallow_decoder, deep_decoder)
+    x, t = torch.rand(5, *image_shape), torch.randn(5, 3)
+    for shallow_out, deep_out in zip(shallow_encoder(x), deep_encoder(x)):
+        assert torch.equal(shallow_out, deep_out)
+    shallow_out, deep_out = shallow_decoder(t), deep_decoder(t)
+    for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in (shallow_out, deep_out))):
+        assert torch.equal(a, b)
+    moved = deep_encoder.features[2].residual[-1].weight  # a block that is trained is no longer the identity
+    with torch.no_grad():
+        moved.add_(0.1)
+    assert not torch.equal(deep_encoder(x)[0], shallow_encoder(x)[0])
+
+
+def test_a_residual_run_trains_its_blocks_and_loads_back(tmp_path):
+    trained = run(tmp_path, "model.residual_blocks=1")
+    elbos = [m["test_elbo"] for m in read_metrics(tmp_path)]
+    assert elbos[-1] > elbos[0] + 30, elbos
+    last_convs = [name for name in trained if name.endswith("residual.3.weight")]
+    assert len(last_convs) == 4  # two resolutions in the encoder, two in the decoder
+    assert all(trained[name].abs().max() > 0 for name in last_convs)  # they left the identity
+    loaded = load_run(tmp_path, "cpu")
+    weights = {f"encoder$$${n}": p for n, p in loaded.encoder.named_parameters()}
+    weights.update({f"decoder$$${n}": p for n, p in loaded.decoder.named_parameters()})
+    assert set(weights) == set(trained) and all(torch.equal(weights[n], trained[n]) for n in trained)
