@@ -10,6 +10,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pyro
@@ -41,15 +43,26 @@ SGD = ["optim._target_=pyro.optim.SGD", "~optim.optim_args.fused", "optim.optim_
 # Adam would hide a wrongly scaled gradient (its step is invariant to the gradient's scale): SGD shows it.
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Each process on one thread (two of them share this machine's cores); the suite's own count after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def fixed_noise(num_data: int, latent_dim: int):
-    """Patch the Normal's draws so that image i always gets the same eps_i, whichever process and
-    batch it is in: t = t_loc + t_scale * eps_i (rsample) and its detached copy (the score function)."""
+@contextmanager
+def fixed_noise(num_data: int, latent_dim: int) -> Iterator[dict]:
+    """Within the block, the Normal's draws give image i always the same eps_i, whichever process
+    and batch it is in: t = t_loc + t_scale * eps_i (rsample) and its detached copy (the score
+    function); the block's dict takes the step's `index`. The draws are Pyro's again after it."""
     eps = torch.randn(num_data, latent_dim, generator=torch.Generator().manual_seed(1))
     current = {}
 
@@ -60,8 +73,12 @@ def fixed_noise(num_data: int, latent_dim: int):
         with torch.no_grad():
             return rsample(self, sample_shape)
 
+    originals = dist.Normal.rsample, ScoreFunctionNormal.sample
     dist.Normal.rsample, ScoreFunctionNormal.sample = rsample, sample
-    return current
+    try:
+        yield current
+    finally:
+        dist.Normal.rsample, ScoreFunctionNormal.sample = originals
 
 
 def steps(overrides: list[str], ranks: Ranks, plain_average: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
@@ -76,17 +93,17 @@ def steps(overrides: list[str], ranks: Ranks, plain_average: bool = False) -> tu
     svi = build_svi(cfg, encoder, decoder, NUM_IMAGES)
     if ranks.parallel:
         svi.optim = distributed.GradientAveraging(svi.optim)
-    current = fixed_noise(NUM_IMAGES, 2)
     losses = []
-    for step in range(STEPS):
-        index, weight = distributed.share(torch.arange(NUM_IMAGES)[BATCHES[step]], ranks)
-        current["index"] = index
-        if plain_average:
-            weight = 1 / ranks.world_size
-        if ranks.parallel:
-            svi.optim.weight = weight
-        loss = svi_step(svi, x_all[index], index)
-        losses.append(distributed.agree(loss, weight, StopRequest(), ranks)[0])
+    with fixed_noise(NUM_IMAGES, 2) as current:
+        for step in range(STEPS):
+            index, weight = distributed.share(torch.arange(NUM_IMAGES)[BATCHES[step]], ranks)
+            current["index"] = index
+            if plain_average:
+                weight = 1 / ranks.world_size
+            if ranks.parallel:
+                svi.optim.weight = weight
+            loss = svi_step(svi, x_all[index], index)
+            losses.append(distributed.agree(loss, weight, StopRequest(), ranks)[0])
     return losses, {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
 
 
@@ -111,7 +128,6 @@ def two_ranks(overrides: list[str], tmp_path: Path, plain_average: bool = False)
 
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=list(ESTIMATORS))
 def test_two_ranks_take_the_steps_of_one_process_on_the_whole_batch(estimator, tmp_path):
-    torch.set_num_threads(1)
     losses, params = steps(ESTIMATORS[estimator], distributed.ALONE)
     parallel = two_ranks(ESTIMATORS[estimator], tmp_path)
     assert parallel["losses"] == pytest.approx(losses, rel=1e-4)
@@ -124,7 +140,6 @@ def test_two_ranks_take_the_steps_of_one_process_on_the_whole_batch(estimator, t
 def test_the_share_weights_matter(estimator, tmp_path):
     """The check above can fail: a plain average of the ranks' gradients (weight 1/2 whatever the
     share; for NVIL's baseline net, 1/4) differs from the one-process step once a batch splits unequally."""
-    torch.set_num_threads(1)
     _, params = steps(ESTIMATORS[estimator], distributed.ALONE)
     parallel = two_ranks(ESTIMATORS[estimator], tmp_path, plain_average=True)
     assert not all(torch.allclose(parallel["params"][n], v, rtol=1e-4, atol=1e-6) for n, v in params.items())
@@ -214,21 +229,33 @@ def test_what_does_not_train_data_parallel_is_refused():
 
 def test_a_slurm_job_of_two_tasks_is_two_ranks_of_one_group(monkeypatch):
     """What SLURM gives each task of `hydra/launcher=slurm_ddp` (tasks_per_node = gpus_per_node):
-    submitit's TorchDistributedEnvironment turns it into torch.distributed's variables."""
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    submitit's TorchDistributedEnvironment turns it into torch.distributed's variables (written into
+    a copy of the environment per task, never into this process's)."""
+    torch_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
     tasks = []
     for task in (0, 1):
-        for key, value in dict(SLURM_JOB_ID="123", SLURM_NTASKS="2", SLURM_PROCID=str(task), SLURM_LOCALID=str(task),
-                               SLURM_JOB_NODELIST="node1", SLURM_NNODES="1").items():
-            monkeypatch.setenv(key, value)
-        tasks.append((distributed.from_environment(), os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]))
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-            monkeypatch.delenv(key, raising=False)
+        environ = {key: value for key, value in os.environ.items() if key not in torch_keys}
+        environ.update(SUBMITIT_EXECUTOR="slurm", SLURM_JOB_ID="123", SLURM_NTASKS="2", SLURM_PROCID=str(task),
+                       SLURM_LOCALID=str(task), SLURM_JOB_NODELIST="node1", SLURM_NNODES="1")
+        monkeypatch.setattr(os, "environ", environ)
+        tasks.append((distributed.from_environment(), environ["MASTER_ADDR"], environ["MASTER_PORT"]))
     assert [ranks for ranks, _, _ in tasks] == [Ranks(0, 2, 0), Ranks(1, 2, 1)]
     assert tasks[0][1:] == tasks[1][1:] == ("node1", tasks[0][2])  # one rendezvous for both
     with initialize_config_dir(config_dir=str(PROJECT_DIR / "conf"), version_base="1.3"):
         cfg = compose("config", ["hydra/launcher=slurm_ddp", "hydra.launcher.gpus_per_node=4"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher.tasks_per_node == launcher.gpus_per_node == 4
+
+
+def test_the_ranks_shares_partition_each_global_batch(monkeypatch):
+    """R = 3 ranks of data.batch_size 4: global batches of 12, rank r the r-th part of each; the parts
+    cover the batch once and their weights B_r/B sum to 1; a last batch of fewer than R images is left out."""
+    monkeypatch.setattr(distributed, "from_writer", lambda value, ranks: value)  # rank 0's own draw
+    data_cfg = compose_config(*FAST, "data.batch_size=4", "data.drop_last=false").data
+    batches = distributed.epoch_batches(12 * 3 + 2, data_cfg, Ranks(0, 3, 0))  # 38 images: 12, 12, 12, (2 left out)
+    assert [len(b) for b in batches] == [12, 12, 12]
+    batches = distributed.epoch_batches(12 * 3 + 5, data_cfg, Ranks(0, 3, 0))
+    assert [len(b) for b in batches] == [12, 12, 12, 5]
+    shares = [distributed.share(batches[-1], Ranks(r, 3, r)) for r in range(3)]
+    assert torch.equal(torch.cat([part for part, _ in shares]), batches[-1])
+    assert [len(part) for part, _ in shares] == [2, 2, 1] and sum(w for _, w in shares) == pytest.approx(1.0)

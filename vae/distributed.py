@@ -146,9 +146,13 @@ def seed_noise(seed: int, ranks: Ranks) -> None:
 
 
 def epoch_batches(num_data: int, data_cfg: Any, ranks: Ranks) -> list[Tensor]:
-    """An epoch's global batches of R x data.batch_size indices, in rank 0's random order."""
-    batches = one_process_epoch_batches(num_data, data_cfg.batch_size * ranks.world_size, data_cfg.drop_last) \
-        if ranks.writer else None
+    """An epoch's global batches of R x data.batch_size indices, in rank 0's random order; a last
+    batch of fewer than R images (a rank would have none) is left out of this epoch."""
+    batches = None
+    if ranks.writer:
+        batches = one_process_epoch_batches(num_data, data_cfg.batch_size * ranks.world_size, data_cfg.drop_last)
+        if ranks.parallel and len(batches) > 1 and len(batches[-1]) < ranks.world_size:
+            batches.pop()
     return from_writer(batches, ranks)
 
 
