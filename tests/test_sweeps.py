@@ -352,3 +352,18 @@ def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll
     block = fill("<!-- report:best_one_hour -->\n<!-- /report:best_one_hour -->\n", out)
     assert "| ELBO after epoch 1 (0 min 10 s of training) | -90.50 |" in block
     assert "1,000 random images | **84.32 ± 0.04** |" in block and "| IWAE, two stochastic layers, k=50 (Burda et al. 2016) | 82.90 |" in block
+
+
+def test_the_data_parallel_block_sets_the_two_runs_side_by_side(tmp_path):
+    out = Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False)
+    empty = "<!-- report:data_parallel -->\n<!-- /report:data_parallel -->\n"
+    assert "_Not run yet: `python train.py experiment=data_parallel`._" in fill(empty, out)
+    for name, seconds in (("data_parallel", [41.0, 39.7]), ("data_parallel_2ranks", [52.9, 49.6])):
+        run = out.run(name)
+        run.mkdir(parents=True)
+        lines = [{"epoch": 0, "test_elbo": -540.0}] + [{"epoch": e + 1, "seconds": s, "test_elbo": -101.0 - e}
+                                                     for e, s in enumerate(seconds)]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    block = fill(empty, out)
+    assert "| 1 process, 2 threads | 41.0 / 39.7 | -102.00 |" in block
+    assert "| 2 ranks (torchrun), 1 thread each | 52.9 / 49.6 | -102.00 |" in block
