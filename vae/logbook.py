@@ -148,9 +148,10 @@ class Logbook:
 
 
 def readable(value: Any) -> str:
-    """A number for the log: two decimals, or four significant digits for a diverged run's -1.9e+34."""
+    """A number for the log: two decimals, or four significant digits for a diverged run's -1.9e+34
+    and for a learning rate's 0.001."""
     if isinstance(value, float):
-        return f"{value:.2f}" if abs(value) < 1e5 else f"{value:.4g}"
+        return f"{value:.2f}" if 0.01 <= abs(value) < 1e5 or value == 0 else f"{value:.4g}"
     return str(value)
 
 
