@@ -259,3 +259,21 @@ def test_the_ranks_shares_partition_each_global_batch(monkeypatch):
     shares = [distributed.share(batches[-1], Ranks(r, 3, r)) for r in range(3)]
     assert torch.equal(torch.cat([part for part, _ in shares]), batches[-1])
     assert [len(part) for part, _ in shares] == [2, 2, 1] and sum(w for _, w in shares) == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' processes through /proc")
+def test_a_rank_that_dies_ends_the_job_with_a_message_not_a_hang(tmp_path):
+    """SIGKILL to rank 1 (no handler can run): torchrun sees the worker die and ends the others at
+    once, with the failed rank and its exit code in its message; the last checkpoint stays readable."""
+    run_dir = tmp_path / "run"
+    process = torchrun(*FAST, "threads=1", "trainer.epochs=40", f"hydra.run.dir={run_dir}")
+    deadline = time.monotonic() + 300
+    while not ((run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 2):
+        assert time.monotonic() < deadline and process.poll() is None, "the run did not reach epoch 1"
+        time.sleep(0.2)
+    os.kill(rank_pid(process.pid, 1), signal.SIGKILL)
+    killed = time.monotonic()
+    output, _ = process.communicate(timeout=120)  # not the process group's 10-minute timeout
+    assert process.returncode != 0 and time.monotonic() - killed < 60
+    assert "rank" in output and ("-9" in output or "SIGKILL" in output), output[-3000:]
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] >= 1
