@@ -145,7 +145,7 @@ def test_the_share_weights_matter(estimator, tmp_path):
     assert not all(torch.allclose(parallel["params"][n], v, rtol=1e-4, atol=1e-6) for n, v in params.items())
 
 
-def torchrun(*args: str, timeout: float = 600) -> subprocess.Popen:
+def torchrun(*args: str) -> subprocess.Popen:
     env = {"GLOO_SOCKET_IFNAME": "lo", **os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "train.py", *args], cwd=PROJECT_DIR, env=env, stdout=subprocess.PIPE,
@@ -198,14 +198,20 @@ def rank_pid(ancestor: int, rank: int, timeout: float = 120) -> int:
     raise TimeoutError(f"no process with RANK={rank} under {ancestor}")
 
 
-@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' processes through /proc")
-def test_a_signal_to_one_rank_stops_both_after_the_same_step_saved(tmp_path):
-    run_dir = tmp_path / "run"
+def long_torchrun(run_dir: Path) -> subprocess.Popen:
+    """A 40-epoch torchrun of two ranks, returned once its first epoch is in metrics.jsonl."""
     process = torchrun(*FAST, "threads=1", "trainer.epochs=40", f"hydra.run.dir={run_dir}")
     deadline = time.monotonic() + 300
     while not ((run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 2):
         assert time.monotonic() < deadline and process.poll() is None, "the run did not reach epoch 1"
         time.sleep(0.2)
+    return process
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the ranks' processes through /proc")
+def test_a_signal_to_one_rank_stops_both_after_the_same_step_saved(tmp_path):
+    run_dir = tmp_path / "run"
+    process = long_torchrun(run_dir)
     os.kill(rank_pid(process.pid, 1), signal.SIGTERM)
     output, _ = process.communicate(timeout=300)
     assert process.returncode != 0 and "SIGTERM: saved" in output, output[-3000:]
@@ -266,11 +272,7 @@ def test_a_rank_that_dies_ends_the_job_with_a_message_not_a_hang(tmp_path):
     """SIGKILL to rank 1 (no handler can run): torchrun sees the worker die and ends the others at
     once, with the failed rank and its exit code in its message; the last checkpoint stays readable."""
     run_dir = tmp_path / "run"
-    process = torchrun(*FAST, "threads=1", "trainer.epochs=40", f"hydra.run.dir={run_dir}")
-    deadline = time.monotonic() + 300
-    while not ((run_dir / "metrics.jsonl").is_file() and len(read_metrics(run_dir)) >= 2):
-        assert time.monotonic() < deadline and process.poll() is None, "the run did not reach epoch 1"
-        time.sleep(0.2)
+    process = long_torchrun(run_dir)
     os.kill(rank_pid(process.pid, 1), signal.SIGKILL)
     killed = time.monotonic()
     output, _ = process.communicate(timeout=120)  # not the process group's 10-minute timeout
