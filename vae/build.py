@@ -96,10 +96,9 @@ def build_optimizer(cfg: DictConfig) -> PyroOptim:
 def learning_rate(optimizer: PyroOptim) -> float | None:
     """The learning rate the optimizer steps with now (None before its first step)."""
     optimizer = getattr(optimizer, "inner", optimizer)  # data-parallel: vae.distributed.GradientAveraging's
-    for torch_optimizer in optimizer.optim_objs.values():
-        if isinstance(optimizer, PyroLRScheduler):
-            torch_optimizer = torch_optimizer.optimizer
-        return torch_optimizer.param_groups[0]["lr"]
+    for torch_optimizer in optimizer.optim_objs.values():  # one per parameter, all at the same rate
+        scheduled = isinstance(optimizer, PyroLRScheduler)
+        return (torch_optimizer.optimizer if scheduled else torch_optimizer).param_groups[0]["lr"]
     return None
 
 

@@ -149,7 +149,7 @@ def save(path: Path, state: RunState, optimizer: PyroOptim, cfg: DictConfig, kee
     contents = {
         "param_store": pyro.get_param_store().get_state(),
         "optimizer": optimizer.get_state(),
-        "rng": rng_state(),
+        "rng": rank_rngs[0],  # this process's (rank 0's)
         "config": OmegaConf.to_container(cfg, resolve=True),
         **{key: getattr(state, key) for key in STATE_KEYS},
         **({"rank_rngs": rank_rngs} if ranks.parallel else {}),

@@ -452,15 +452,14 @@ def best_one_hour(out: Outputs) -> str:
 
 def data_parallel(out: Outputs) -> str:
     """One process against two ranks on the same global batch: each epoch's seconds, the test ELBO."""
-    runs = {"1 process, 2 threads": out.run("data_parallel"), "2 ranks (torchrun), 1 thread each": out.run("data_parallel_2ranks")}
-    metrics = {name: read_jsonl(run / "metrics.jsonl", "python train.py experiment=data_parallel" if "1 process" in name
-                                else "torchrun --standalone --nproc_per_node=2 train.py experiment=data_parallel "
-                                     "hydra.run.dir=outputs/experiments/data_parallel_2ranks")
-               for name, run in runs.items()}
+    runs = {"1 process, 2 threads": (out.run("data_parallel"), "python train.py experiment=data_parallel"),
+            "2 ranks (torchrun), 1 thread each": (out.run("data_parallel_2ranks"), "torchrun --standalone "
+                "--nproc_per_node=2 train.py experiment=data_parallel hydra.run.dir=outputs/experiments/data_parallel_2ranks")}
+    metrics = {name: read_jsonl(run / "metrics.jsonl", command) for name, (run, command) in runs.items()}
     rows = [[name, " / ".join(f"{m['seconds']:.1f}" for m in lines[1:]), nats(lines[-1]["test_elbo"])]
             for name, lines in metrics.items()]
     return (table(["training", "seconds per epoch", f"test ELBO after epoch {metrics[next(iter(metrics))][-1]['epoch']}"],
-                  rows) + "\n\n" + provenance_line(out, *runs.values()))
+                  rows) + "\n\n" + provenance_line(out, *(run for run, _ in runs.values())))
 
 
 # --- what the density model is for -------------------------------------------------------------
