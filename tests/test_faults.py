@@ -29,18 +29,26 @@ def weights(run_dir) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["param_store"]["params"]
 
 
+def start(run_dir) -> tuple[subprocess.Popen, float]:
+    """Start (or resume) the run; return once it has taken its directory and begun, with the time then."""
+    started_before = provenance_lines(run_dir)
+    process = subprocess.Popen(command(run_dir), cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while provenance_lines(run_dir) == started_before and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return process, time.monotonic()
+
+
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(command(straight), cwd=PROJECT_DIR, check=True, capture_output=True, timeout=300)
+    process, began = start(straight)
+    assert process.wait(timeout=300) == 0
+    duration = time.monotonic() - began  # the moments are fractions of it: as fast or slow as this machine
     moments = random.Random(0)
     kills = 0
-    for _ in range(3):  # each time: start (or resume), let it train a random while, kill -9
-        started_before = provenance_lines(killed)
-        process = subprocess.Popen(command(killed), cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while provenance_lines(killed) == started_before and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # until it has taken the directory and begun
-        time.sleep(moments.uniform(0.2, 2.5))
+    for _ in range(3):  # each time: start (or resume), let it train a random part of a run, kill -9
+        process, began = start(killed)
+        time.sleep(max(0.0, began + moments.uniform(0.05, 0.4) * duration - time.monotonic()))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
