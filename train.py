@@ -146,6 +146,7 @@ def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: Dict
     batches, num_data = state.batches, len(train_images)
     likelihood, check_every_step = cfg.model.likelihood, cfg.trainer.check_every_step  # read once, not per step
     warmup_steps = cfg.trainer.get("kl_warmup_epochs", 0) * len(batches)
+    objective = {"nll_beta": cfg.trainer.nll_beta} if cfg.trainer.get("nll_beta", 0) else {}  # beta-NLL, or the ELBO
     with tqdm(total=len(batches), initial=state.next_batch, desc=f"epoch {state.epoch}", unit="batch",
               disable=None, leave=False) as bar:
         stopping = False
@@ -160,9 +161,8 @@ def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: Dict
                 with pyro.validation_enabled(check_every_step or state.next_batch == 0):
                     if warmup_steps:  # beta = this step's number / warm-up steps, up to 1: -(recon - beta KL)
                         step = (state.epoch - 1) * len(batches) + state.next_batch + 1
-                        loss = svi_step(svi, x, index, kl_weight=min(1.0, step / warmup_steps))
-                    else:
-                        loss = svi_step(svi, x, index)  # -ELBO of the whole dataset, estimated on this batch
+                        objective["kl_weight"] = min(1.0, step / warmup_steps)
+                    loss = svi_step(svi, x, index, **objective)  # -ELBO of the whole dataset, estimated on this batch
             except ValueError as error:  # torch's check of a distribution's parameters: NaN outputs
                 if "found invalid values" not in str(error):
                     raise

@@ -79,6 +79,12 @@ def check_config(cfg: DictConfig) -> None:
     warmup = cfg.trainer.get("kl_warmup_epochs", 0)
     if not is_int(warmup) or warmup < 0:
         raise ConfigError(f"trainer.kl_warmup_epochs={warmup!r}: must be a whole number of epochs, 0 for no warm-up")
+    nll_beta = cfg.trainer.get("nll_beta", 0)
+    if not is_number(nll_beta) or not 0 <= nll_beta <= 1:
+        raise ConfigError(f"trainer.nll_beta={nll_beta!r}: must be a number from 0 (the ELBO) to 1")
+    if nll_beta and cfg.model.likelihood != "gaussian":
+        raise ConfigError(f"trainer.nll_beta={nll_beta} with model.likelihood={cfg.model.likelihood}: the beta-NLL "
+                          "weighs the Gaussian's pixels by their scale; use model.likelihood=gaussian or trainer.nll_beta=0")
     max_minutes = cfg.trainer.get("max_minutes")
     if max_minutes is not None and (not is_number(max_minutes) or not 0 < max_minutes < math.inf):
         raise ConfigError(f"trainer.max_minutes={max_minutes!r}: must be null (no time budget) or > 0")
@@ -134,6 +140,10 @@ def check_estimator(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.kl_warmup_epochs={cfg.trainer.kl_warmup_epochs} with estimator.elbo._target_={target}: "
                           "the warm-up weighs the KL of the ELBO (not the IW bound's log-mean-exp) and changes "
                           "at every step (a JIT ELBO would retrace); use it with a Trace ELBO, e.g. estimator=reparam")
+    if cfg.trainer.get("nll_beta", 0) and issubclass(elbo_class, (IWAE_ELBO, *JIT_ELBOS)):
+        raise ConfigError(f"trainer.nll_beta={cfg.trainer.nll_beta} with estimator.elbo._target_={target}: the beta-NLL "
+                          "weighs the ELBO's log p(x|t) (not inside the IW bound's log-mean-exp; a JIT ELBO would trace "
+                          "it as a constant); use it with a Trace ELBO, e.g. estimator=reparam")
     baseline_keys = [f"estimator.{key}" for key in ("baseline", "baseline_net") if cfg.estimator.get(key)]
     if baseline_keys and not (score and issubclass(elbo_class, TraceGraph_ELBO)):
         raise ConfigError(f"{' and '.join(baseline_keys)} with estimator.elbo._target_={target}, estimator."
