@@ -3,6 +3,7 @@ levels) and where their scale comes from; the 8-bit datasets besides MNIST on ge
 torchvision's layouts (Fashion-MNIST, CIFAR-10); every evaluation task with every likelihood."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 import pickle
@@ -21,7 +22,8 @@ from tasks.generate import drawn_samples, prior_samples
 from train import train
 from vae.config import ConfigError, check_config
 from vae.data import bits_per_dim, load_split, observe
-from model import LEVELS, DiscretizedLogistic, DiscretizedLogisticMixture, logit_gaussian, logit_gaussian_mean
+from model import (LEVELS, DiscretizedLogistic, DiscretizedLogisticMixture, ScaleWeighted, logit_gaussian,
+                   logit_gaussian_mean, model)
 from vae.elbo import dataset_elbo
 from vae.logbook import Logbook
 from vae.runs import load_run
@@ -333,3 +335,65 @@ def test_pixels_task_splits_the_bits_by_level(gray_run, tmp_path):
     background = groups["background"]
     assert 0 < background["median_scale"] and 0 <= background["at_floor"] <= 1 and background["mean_gradient_weight"] > 0
     assert "| background |" in (tmp_path / "pixels.md").read_text()
+
+
+# --- the beta-NLL of trainer.nll_beta (model.ScaleWeighted) ---------------------------------------
+
+def test_beta_nll_weighs_each_pixel_by_its_scale_and_keeps_the_elbo_total():
+    torch.manual_seed(0)
+    loc = torch.rand(3, 1, 4, 4, requires_grad=True)
+    scale = (0.001 + torch.rand(3, 1, 4, 4)).requires_grad_()
+    x = torch.rand(3, 1, 4, 4)
+    for beta in (0.5, 1.0):
+        weighted = ScaleWeighted(torch.distributions.Normal(loc, scale), beta, event_dims=3)
+        weight = scale.detach() ** (2 * beta)
+        weight = weight / weight.mean(dim=(-3, -2, -1), keepdim=True)
+        torch.testing.assert_close(weighted.weight.mean(dim=(-3, -2, -1)), torch.ones(3))  # the ELBO's total
+        torch.testing.assert_close(weighted.log_prob(x), weight * torch.distributions.Normal(loc, scale).log_prob(x))
+        grad_loc, grad_scale = torch.autograd.grad(weighted.log_prob(x).sum(), (loc, scale))
+        torch.testing.assert_close(grad_loc, weight * (x - loc) / scale**2)  # the weight is held fixed
+        if beta == 1.0:  # every pixel's error alike: (x - loc) / mean(scale^2), one factor per image
+            mean_variance = (scale.detach() ** 2).mean(dim=(-3, -2, -1), keepdim=True)
+            torch.testing.assert_close(grad_loc * mean_variance, (x - loc).detach())
+    best = (x - loc).detach().abs().requires_grad_()  # at scale = |x - loc|, the ELBO's best scale for this mean,
+    grad_at_best, = torch.autograd.grad(  # the weighted objective is flat in the scale too
+        ScaleWeighted(torch.distributions.Normal(loc.detach(), best), 0.5, 3).log_prob(x).sum(), best)
+    torch.testing.assert_close(grad_at_best, torch.zeros_like(best), atol=1e-3, rtol=0)
+    one_scale = torch.full_like(x, 0.2)  # one scale for all pixels: the weight is one, the log-density the Gaussian's
+    torch.testing.assert_close(ScaleWeighted(torch.distributions.Normal(loc, one_scale), 1.0, 3).log_prob(x),
+                               torch.distributions.Normal(loc, one_scale).log_prob(x))
+
+
+def test_the_model_trains_on_the_beta_nll_and_is_scored_by_the_elbo(tmp_path, monkeypatch):
+    """model(nll_beta=b) scores x by ScaleWeighted, t as ever; the loop hands trainer.nll_beta to every step."""
+    import pyro.poutine as poutine
+
+    import train as train_module
+    decoder = Decoder((1, 8, 8), latent_dim=2, channels=[4], hidden_dim=8, likelihood="gaussian", min_scale=1e-3)
+    x, index, t = torch.rand(4, 1, 8, 8), torch.arange(4), torch.randn(4, 2)
+    conditioned = poutine.condition(model, data={"t": t})
+    plain = poutine.trace(conditioned).get_trace(x, index, decoder, 4).nodes
+    weighted = poutine.trace(conditioned).get_trace(x, index, decoder, 4, nll_beta=0.5).nodes
+    torch.testing.assert_close(weighted["t"]["fn"].log_prob(t), plain["t"]["fn"].log_prob(t))
+    x_loc, x_scale = decoder(t)
+    torch.testing.assert_close(weighted["x"]["fn"].log_prob(x),
+                               ScaleWeighted(torch.distributions.Normal(x_loc, x_scale), 0.5, 3).log_prob(x).sum((-3, -2, -1)))
+    assert not torch.allclose(weighted["x"]["fn"].log_prob(x), plain["x"]["fn"].log_prob(x))
+
+    passed = []
+    svi_step = train_module.svi_step
+    monkeypatch.setattr(train_module, "svi_step", lambda svi, x, index, **kw: passed.append(kw) or svi_step(svi, x, index, **kw))
+    train(compose_config(*FAST, "model.likelihood=gaussian", "trainer.nll_beta=0.5", "trainer.epochs=1"), tmp_path)
+    assert passed and all(kw == {"nll_beta": 0.5} for kw in passed)
+    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [0, 1] and math.isfinite(metrics[-1]["test_elbo"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.nll_beta=1.5", "trainer.nll_beta=1.5: must be a number from 0"),
+    ("model.likelihood=discretized_logistic", "trainer.nll_beta=0.5 with model.likelihood=discretized_logistic"),
+    ("estimator=iwae", "trainer.nll_beta=0.5 with estimator.elbo._target_=vae.iwae"),
+])
+def test_bad_beta_nll_settings_stop_before_any_work(override, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(compose_config(*FAST, "model.likelihood=gaussian", "trainer.nll_beta=0.5", override))

@@ -218,16 +218,18 @@ def likelihood_options(label: str) -> tuple[str, str]:
     return options.get("model.likelihood", "?"), options.get("model.scale", "pixel")
 
 
-def likelihood_sample_quality(out: Outputs) -> tuple[dict[str, list[float]], str]:
+def likelihood_sample_quality(out: Outputs, sweep: str = "likelihoods_samples",
+                              name_of: Callable[[str], str] = lambda label: "_".join(likelihood_options(label)),
+                              ) -> tuple[dict[str, list[float]], str]:
     """({configuration label: the sample-confident share of each seed's run}, the seed-0 sample grids
-    side by side, E[x|t] above x ~ p(x|t), copied into the figures) from the generate evaluations of
-    `experiment=likelihoods_samples` (({}, '') when they have not run)."""
+    side by side, E[x|t] above x ~ p(x|t), copied into the figures as likelihoods_<name_of(label)>_*.png)
+    from the generate evaluations of `experiment=<sweep>` (({}, '') when they have not run)."""
     shares: dict[str, list[tuple[int, float]]] = {}
     grids = []
-    for label, seed, metrics, directory in run_evaluations(out.sweep("likelihoods_samples")):
+    for label, seed, metrics, directory in run_evaluations(out.sweep(sweep)):
         shares.setdefault(label, []).append((seed, metrics["sample_confident_share"]))
         if seed == 0:
-            name = "_".join(likelihood_options(label))
+            name = name_of(label)
             for kind in ("samples", "samples_drawn"):
                 copy_figure(directory / f"{kind}.png", out.figures / f"likelihoods_{name}_{kind}.png")
             grids.append((name, f"![{name}: E[x|t]](likelihoods_{name}_samples.png) "
@@ -291,6 +293,48 @@ def likelihood_pixels(out: Outputs) -> str:
             f"background (level 0) is {shares['background']['share_of_pixels']:.1%} of the pixels, edge (1 to 254) "
             f"{shares['edge']['share_of_pixels']:.1%}, ink (255) {shares['ink']['share_of_pixels']:.1%}.\n\n"
             + table(head, rows) + "\n\n" + provenance_line(out, out.sweep("likelihoods_pixels")))
+
+
+def nll_beta_of(label: str) -> float:
+    """trainer.nll_beta of a configuration label of experiment=likelihoods_beta (0: the ELBO)."""
+    return float(dict(o.split("=", 1) for o in label.split()).get("trainer.nll_beta", 0))
+
+
+def likelihoods_beta(out: Outputs) -> str:
+    """The lecture's Gaussian (per-pixel scale) trained on the ELBO and on the beta-NLL: each seed's
+    test bits/dim and KL (the ELBO's, whatever the training objective), the samples' confident share,
+    and seed 0's scales (`task=pixels`)."""
+    sweep = out.sweep("likelihoods_beta")
+    jobs = read_jobs(sweep) if sweep.is_dir() else {}
+    if not jobs:
+        raise NotRun("python train.py -m experiment=likelihoods_beta")
+    name_of = lambda label: f"gaussian_pixel_beta_{nll_beta_of(label):g}"  # noqa: E731
+    samples, pictures = likelihood_sample_quality(out, "likelihoods_beta_samples", name_of)
+    pixels = {label: metrics["groups"] for label, seed, metrics, _ in run_evaluations(out.sweep("likelihoods_beta_pixels"))
+              if seed == 0}
+    failed: dict[str, list[int]] = {}
+    for failure in read_failures(sweep):
+        failed.setdefault(failure["configuration"], []).append(failure["seed"])
+    rows = []
+    for label, seeds in sorted(jobs.items(), key=lambda item: nll_beta_of(item[0])):
+        epoch = min(metrics[-1]["epoch"] for metrics in seeds)
+        at = [next(m for m in metrics if m["epoch"] == epoch) for metrics in seeds]
+        bits = [m["test_bits_per_dim"] for m in at]
+        beta = nll_beta_of(label)
+        groups = pixels.get(label)
+        rows.append([f"`trainer.nll_beta={beta:g}`" + (" (the ELBO)" if beta == 0 else ""), epoch,
+                     f"**{statistics.median(bits):.3f}**", " / ".join(f"{b:.3f}" for b in bits),
+                     " / ".join(f"{m['test_kl']:.1f}" for m in at),
+                     " / ".join(f"{m.get('test_scale_at_floor', 0):.1%}" for m in at),
+                     " / ".join(f"{share:.0%}" for share in samples[label]) if label in samples else "",
+                     f"{groups['background']['median_scale']:.4f} / {groups['edge']['median_scale']:.4f}" if groups else "",
+                     f"{groups['background']['bits_per_pixel']:.2f} / {groups['edge']['bits_per_pixel']:.2f}" if groups else "",
+                     ", ".join(f"seed {seed}" for seed in failed.get(label, [])) or "none"])
+    head = ["trained on", "epochs", "test bits/dim (ELBO): median", "each seed", "KL (nats), each seed",
+            "pixels at the scale's floor", "confident samples, each seed", "seed 0: median scale, background / edge",
+            "seed 0: bits per pixel, background / edge", "failed or diverged"]
+    return (table(head, rows) + sweep_progress(sweep) + "\n\n"
+            + provenance_line(out, sweep, out.sweep("likelihoods_beta_samples")) + pictures)
 
 
 # --- gradient variance -------------------------------------------------------------------------
@@ -633,7 +677,7 @@ BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "speed": speed, "speed_short": speed_short, "faults": faults, "likelihoods": likelihoods,
     "likelihood_pixels": likelihood_pixels, "one_hour_gray": one_hour_gray, "levers": levers,
     "levers_training": levers_training, "levers_schedule": levers_schedule, "best_one_hour": best_one_hour,
-    "data_parallel": data_parallel,
+    "data_parallel": data_parallel, "likelihoods_beta": likelihoods_beta,
 }
 
 
