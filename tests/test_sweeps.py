@@ -255,6 +255,33 @@ def test_likelihoods_table_ranks_by_bits_per_dim_with_floor_samples_and_failures
                     "| `gaussian` | `pixel` | 1 | **3.750** | 3.600 / 3.900 | 30.0 / 31.0 | 9.0% / 2.0% | 10% / 20% | seed 1 |"]
 
 
+def test_likelihoods_beta_block_orders_by_beta_with_the_worst_rise_samples_and_scales(tmp_path):
+    """docs' beta-NLL block: a row per trainer.nll_beta in its order (0 is the ELBO), each seed's bits/dim,
+    the largest rise of bits/dim in one epoch (training going backwards), the confident samples, seed 0's scales."""
+    sweep, multirun = tmp_path / "multirun" / "likelihoods_beta", tmp_path / "multirun"
+    jobs = {"0": (0, 0, [9.0, 5.0, 3.5, 6.5]), "1": (0, 1, [9.0, 4.0, 3.8, 3.7]), "2": (0.5, 0, [9.0, 4.0, 3.4, 3.2])}
+    for job, (beta, seed, bits) in jobs.items():
+        fake_job(sweep / job, [f"trainer.nll_beta={beta}", f"seed={seed}", "experiment=likelihoods_beta"], [-900] * len(bits))
+        lines = [json.loads(line) for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
+        for m, b in zip(lines, bits):
+            m.update(test_kl=60.0 + seed, test_bits_per_dim=b, test_scale_at_floor=0.1 * seed)
+        (sweep / job / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        for kind, metrics in (("samples", {"sample_confident_share": 0.1 * (int(job) + 1)}), ("pixels", {"groups": {
+                "background": {"median_scale": 0.0012, "bits_per_pixel": 1.6}, "edge": {"median_scale": 0.16, "bits_per_pixel": 7.7}}})):
+            (multirun / f"likelihoods_beta_{kind}" / job).mkdir(parents=True)
+            (multirun / f"likelihoods_beta_{kind}" / job / "metrics.json").write_text(json.dumps({"run": str(sweep / job), **metrics}))
+        for name in ("samples.png", "samples_drawn.png"):
+            (multirun / "likelihoods_beta_samples" / job / name).write_bytes(b"png")
+    block = fill("<!-- report:likelihoods_beta -->\n<!-- /report:likelihoods_beta -->\n",
+                 Outputs(tmp_path / "outputs", multirun, tmp_path / "figures", full=False))
+    rows = [line for line in block.splitlines() if line.startswith("| `")]
+    assert rows == ["| `trainer.nll_beta=0` (the ELBO) | 3 | **5.100** | 6.500 / 3.700 | 60.0 / 61.0 | 0.0% / 10.0% "
+                    "| +3.00 / +0.00 | 10% / 20% | 0.0012 / 0.1600 | 1.60 / 7.70 | none |",
+                    "| `trainer.nll_beta=0.5` | 3 | **3.200** | 3.200 | 60.0 | 0.0% | +0.00 | 30% | 0.0012 / 0.1600 "
+                    "| 1.60 / 7.70 | none |"]
+    assert "![gaussian_pixel_beta_0.5: E[x|t]](likelihoods_gaussian_pixel_beta_0.5_samples.png)" in block
+
+
 def test_generation_block_gives_the_classifiers_judgement_of_the_samples(tmp_path):
     directory = tmp_path / "multirun" / "uses" / "generate"
     directory.mkdir(parents=True)

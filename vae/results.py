@@ -300,6 +300,13 @@ def nll_beta_of(label: str) -> float:
     return float(dict(o.split("=", 1) for o in label.split()).get("trainer.nll_beta", 0))
 
 
+def largest_rise(metrics: list[dict[str, Any]], last_epoch: int) -> float:
+    """The largest increase of the test bits/dim from one tested epoch to the next, up to `last_epoch`
+    (0 when it only fell): how far training went backwards at its worst."""
+    bits = [m["test_bits_per_dim"] for m in metrics if 1 <= m["epoch"] <= last_epoch]
+    return max([0.0, *(later - earlier for earlier, later in zip(bits, bits[1:]))])
+
+
 def likelihoods_beta(out: Outputs) -> str:
     """The lecture's Gaussian (per-pixel scale) trained on the ELBO and on the beta-NLL: each seed's
     test bits/dim and KL (the ELBO's, whatever the training objective), the samples' confident share,
@@ -326,12 +333,14 @@ def likelihoods_beta(out: Outputs) -> str:
                      f"**{statistics.median(bits):.3f}**", " / ".join(f"{b:.3f}" for b in bits),
                      " / ".join(f"{m['test_kl']:.1f}" for m in at),
                      " / ".join(f"{m.get('test_scale_at_floor', 0):.1%}" for m in at),
+                     " / ".join(f"{largest_rise(metrics, epoch):+.2f}" for metrics in seeds),
                      " / ".join(f"{share:.0%}" for share in samples[label]) if label in samples else "",
                      f"{groups['background']['median_scale']:.4f} / {groups['edge']['median_scale']:.4f}" if groups else "",
                      f"{groups['background']['bits_per_pixel']:.2f} / {groups['edge']['bits_per_pixel']:.2f}" if groups else "",
                      ", ".join(f"seed {seed}" for seed in failed.get(label, [])) or "none"])
     head = ["trained on", "epochs", "test bits/dim (ELBO): median", "each seed", "KL (nats), each seed",
-            "pixels at the scale's floor", "confident samples, each seed", "seed 0: median scale, background / edge",
+            "pixels at the scale's floor", "largest rise of bits/dim in one epoch", "confident samples, each seed",
+            "seed 0: median scale, background / edge",
             "seed 0: bits per pixel, background / edge", "failed or diverged"]
     return (table(head, rows) + sweep_progress(sweep) + "\n\n"
             + provenance_line(out, sweep, out.sweep("likelihoods_beta_samples")) + pictures)
