@@ -314,19 +314,20 @@ def test_likelihood_pixels_block_compares_background_and_edges(tmp_path):
     assert "| `gaussian` | `pixel` | 3.287 | 2.03 | 9.04 | 9.45 | 0.0010 / 0.4000 | 11.5% | 1.6e+05 |" in block
 
 
-def test_one_hour_gray_block_gives_each_seed_and_the_k5000_bits_per_dim(tmp_path):
-    sweep = tmp_path / "multirun" / "one_hour_gray"
+@pytest.mark.parametrize("name", ["one_hour_gray", "one_hour_gaussian"])
+def test_one_hour_gray_block_gives_each_seed_and_the_k5000_bits_per_dim(name, tmp_path):
+    sweep = tmp_path / "multirun" / name
     for seed, bits in ((0, 1.31), (1, 1.33)):
-        fake_job(sweep / str(seed), [f"seed={seed}", "experiment=one_hour_gray"], [-900, -800])
+        fake_job(sweep / str(seed), [f"seed={seed}", f"experiment={name}"], [-900, -800])
         lines = [json.loads(line) for line in (sweep / str(seed) / "metrics.jsonl").read_text().splitlines()]
         for m in lines:
             m["test_bits_per_dim"] = bits + (1 if m["epoch"] == 0 else 0)
         (sweep / str(seed) / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
-    nll = tmp_path / "outputs" / "one_hour_gray_likelihood"
+    nll = tmp_path / "outputs" / f"{name}_likelihood"
     nll.mkdir(parents=True)
     (nll / "metrics.json").write_text(json.dumps({"num_particles": 5000, "num_images": 1000, "whole_split_bits_per_dim": 1.2912,
                                                   "whole_split_bits_per_dim_standard_error": 0.0021}))
-    block = fill("<!-- report:one_hour_gray -->\n<!-- /report:one_hour_gray -->\n",
+    block = fill(f"<!-- report:{name} -->\n<!-- /report:{name} -->\n",
                  Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False))
     assert "| ELBO after each seed's last epoch (1 / 1 epochs) | 1.310 / 1.330 |" in block
     assert "| seeds that failed or diverged | none |" in block

@@ -408,19 +408,19 @@ def likelihood_short(out: Outputs) -> str:
 GRAY_ANCHORS = [("RealNVP (Dinh et al. 2017)", 1.06), ("Glow (Kingma & Dhariwal 2018)", 1.05)]
 
 
-def one_hour_gray(out: Outputs) -> str:
-    """The one-hour runs of the best likelihood of gray levels, each seed, and seed 0's K=5000 bits/dim."""
-    sweep = out.sweep("one_hour_gray")
+def one_hour_gray(out: Outputs, name: str = "one_hour_gray") -> str:
+    """The one-hour runs of recipe `name` (a likelihood of gray levels), each seed, and seed 0's K=5000 bits/dim."""
+    sweep = out.sweep(name)
     jobs = read_jobs(sweep) if sweep.is_dir() else {}
     if not jobs:
-        raise NotRun("python train.py -m experiment=one_hour_gray")
+        raise NotRun(f"python train.py -m experiment={name}")
     (seeds,) = jobs.values()  # one configuration, its seeds in order
     tested = [[m for m in metrics if m.get("test_bits_per_dim") is not None] for metrics in seeds]
     rows = [[f"ELBO after each seed's last epoch ({' / '.join(str(t[-1]['epoch']) for t in tested)} epochs)",
              " / ".join(f"{t[-1]['test_bits_per_dim']:.3f}" for t in tested)]]
     failures = read_failures(sweep)
     rows.append(["seeds that failed or diverged", ", ".join(f"seed {f['seed']}" for f in failures) or "none"])
-    nll_file = out.run("one_hour_gray_likelihood") / "metrics.json"
+    nll_file = out.run(f"{name}_likelihood") / "metrics.json"
     if nll_file.is_file():
         nll = json.loads(nll_file.read_text())
         rows.append([f"**IW bound, K={nll['num_particles']}**, seed 0: every image's ELBO + the IW gap on "
@@ -430,10 +430,10 @@ def one_hour_gray(out: Outputs) -> str:
     picture = ""
     last_samples = sorted((sweep / "0" / "images").glob("samples_*.png"))
     if last_samples:
-        copy_figure(last_samples[-1], out.figures / "one_hour_gray_samples.png")
-        picture = "\n\n![E[x|t] of prior samples, seed 0 after its last epoch](one_hour_gray_samples.png)"
+        copy_figure(last_samples[-1], out.figures / f"{name}_samples.png")
+        picture = f"\n\n![E[x|t] of prior samples, seed 0 after its last epoch]({name}_samples.png)"
     return (table(["test set, 8-bit MNIST", "bits/dim"], rows) + sweep_progress(sweep) + "\n\n"
-            + provenance_line(out, sweep, out.run("one_hour_gray_likelihood")) + picture)
+            + provenance_line(out, sweep, out.run(f"{name}_likelihood")) + picture)
 
 
 # --- tighter bounds and richer posteriors ------------------------------------------------------
@@ -684,7 +684,8 @@ BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "variance": variance, "likelihood": likelihood, "likelihood_short": likelihood_short, "generation": generation,
     "representation": representation, "ood": ood, "heldout": heldout, "impute": impute, "uses_short": uses_short,
     "speed": speed, "speed_short": speed_short, "faults": faults, "likelihoods": likelihoods,
-    "likelihood_pixels": likelihood_pixels, "one_hour_gray": one_hour_gray, "levers": levers,
+    "likelihood_pixels": likelihood_pixels, "one_hour_gray": one_hour_gray,
+    "one_hour_gaussian": lambda out: one_hour_gray(out, "one_hour_gaussian"), "levers": levers,
     "levers_training": levers_training, "levers_schedule": levers_schedule, "best_one_hour": best_one_hour,
     "data_parallel": data_parallel, "likelihoods_beta": likelihoods_beta,
 }
