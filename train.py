@@ -162,7 +162,7 @@ def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: Dict
                     if warmup_steps:  # beta = this step's number / warm-up steps, up to 1: -(recon - beta KL)
                         step = (state.epoch - 1) * len(batches) + state.next_batch + 1
                         objective["kl_weight"] = min(1.0, step / warmup_steps)
-                    loss = svi_step(svi, x, index, **objective)  # -ELBO of the whole dataset, estimated on this batch
+                    loss = svi_step(svi, x, index, **objective)  # -ELBO (or -objective) of the dataset, from this batch
             except ValueError as error:  # torch's check of a distribution's parameters: NaN outputs
                 if "found invalid values" not in str(error):
                     raise
