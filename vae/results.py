@@ -132,11 +132,37 @@ def copy_figure(source: Path, target: Path) -> None:
 
 # --- estimators --------------------------------------------------------------------------------
 
-def estimator_rows(out: Outputs) -> tuple[list[dict[str, Any]], dict[str, list[list[dict[str, Any]]]]]:
-    sweep = out.sweep("estimators")
+def trained_jobs(out: Outputs, name: str) -> tuple[Path, dict[str, list[list[dict[str, Any]]]]]:
+    """(the sweep directory of `python train.py -m experiment=<name>`, its jobs by configuration);
+    NotRun, naming that command, while it holds none."""
+    sweep = out.sweep(name)
     jobs = read_jobs(sweep) if sweep.is_dir() else {}
     if not jobs:
-        raise NotRun("python train.py -m experiment=estimators")
+        raise NotRun(f"python train.py -m experiment={name}")
+    return sweep, jobs
+
+
+def label_options(label: str) -> dict[str, str]:
+    """{key: value} of the overrides in a configuration label ("model.flows=2 estimator=iwae")."""
+    return dict(o.split("=", 1) for o in label.split() if "=" in o)
+
+
+def failed_seeds(sweep: Path) -> dict[str, list[int]]:
+    """{configuration label: the seeds whose job failed or diverged} of a sweep."""
+    failed: dict[str, list[int]] = {}
+    for failure in read_failures(sweep):
+        failed.setdefault(failure["configuration"], []).append(failure["seed"])
+    return failed
+
+
+def at_common_epoch(seeds: list[list[dict[str, Any]]]) -> tuple[int, list[dict[str, Any]]]:
+    """(the last epoch every seed reached, each seed's metrics at it)."""
+    epoch = min(metrics[-1]["epoch"] for metrics in seeds)
+    return epoch, [next(m for m in metrics if m["epoch"] == epoch) for metrics in seeds]
+
+
+def estimator_rows(out: Outputs) -> tuple[list[dict[str, Any]], dict[str, list[list[dict[str, Any]]]]]:
+    sweep, jobs = trained_jobs(out, "estimators")
     rows = summarize(jobs)
     order = {f"estimator={name}": i for i, name in enumerate(ESTIMATOR_ORDER)}
     rows.sort(key=lambda row: order.get(row["configuration"], len(order)))
@@ -214,7 +240,7 @@ def run_evaluations(sweep: Path) -> list[tuple[str, int, dict[str, Any], Path]]:
 
 def likelihood_options(label: str) -> tuple[str, str]:
     """(model.likelihood, model.scale) of a configuration label of experiment=likelihoods."""
-    options = dict(o.split("=", 1) for o in label.split())
+    options = label_options(label)
     return options.get("model.likelihood", "?"), options.get("model.scale", "pixel")
 
 
@@ -240,18 +266,12 @@ def likelihood_sample_quality(out: Outputs, sweep: str = "likelihoods_samples",
 
 
 def likelihoods(out: Outputs) -> str:
-    sweep = out.sweep("likelihoods")
-    jobs = read_jobs(sweep) if sweep.is_dir() else {}
-    if not jobs:
-        raise NotRun("python train.py -m experiment=likelihoods")
-    failed: dict[str, list[int]] = {}
-    for failure in read_failures(sweep):
-        failed.setdefault(failure["configuration"], []).append(failure["seed"])
+    sweep, jobs = trained_jobs(out, "likelihoods")
+    failed = failed_seeds(sweep)
     samples, pictures = likelihood_sample_quality(out)
     rows = []
     for label, seeds in jobs.items():
-        epoch = min(metrics[-1]["epoch"] for metrics in seeds)  # the last epoch every seed reached
-        at = [next(m for m in metrics if m["epoch"] == epoch) for metrics in seeds]
+        epoch, at = at_common_epoch(seeds)  # the last epoch every seed reached
         bits = [m.get("test_bits_per_dim") for m in at]
         if any(b is None for b in bits):
             continue
@@ -297,7 +317,7 @@ def likelihood_pixels(out: Outputs) -> str:
 
 def nll_beta_of(label: str) -> float:
     """trainer.nll_beta of a configuration label of experiment=likelihoods_beta (0: the ELBO)."""
-    return float(dict(o.split("=", 1) for o in label.split()).get("trainer.nll_beta", 0))
+    return float(label_options(label).get("trainer.nll_beta", 0))
 
 
 def largest_rise(metrics: list[dict[str, Any]], last_epoch: int) -> float:
@@ -311,21 +331,15 @@ def likelihoods_beta(out: Outputs) -> str:
     """The lecture's Gaussian (per-pixel scale) trained on the ELBO and on the beta-NLL: each seed's
     test bits/dim and KL (the ELBO's, whatever the training objective), the samples' confident share,
     and seed 0's scales (`task=pixels`)."""
-    sweep = out.sweep("likelihoods_beta")
-    jobs = read_jobs(sweep) if sweep.is_dir() else {}
-    if not jobs:
-        raise NotRun("python train.py -m experiment=likelihoods_beta")
+    sweep, jobs = trained_jobs(out, "likelihoods_beta")
     name_of = lambda label: f"gaussian_pixel_beta_{nll_beta_of(label):g}"  # noqa: E731
     samples, pictures = likelihood_sample_quality(out, "likelihoods_beta_samples", name_of)
     pixels = {label: metrics["groups"] for label, seed, metrics, _ in run_evaluations(out.sweep("likelihoods_beta_pixels"))
               if seed == 0}
-    failed: dict[str, list[int]] = {}
-    for failure in read_failures(sweep):
-        failed.setdefault(failure["configuration"], []).append(failure["seed"])
+    failed = failed_seeds(sweep)
     rows = []
     for label, seeds in sorted(jobs.items(), key=lambda item: nll_beta_of(item[0])):
-        epoch = min(metrics[-1]["epoch"] for metrics in seeds)
-        at = [next(m for m in metrics if m["epoch"] == epoch) for metrics in seeds]
+        epoch, at = at_common_epoch(seeds)
         bits = [m["test_bits_per_dim"] for m in at]
         beta = nll_beta_of(label)
         groups = pixels.get(label)
@@ -410,10 +424,7 @@ GRAY_ANCHORS = [("RealNVP (Dinh et al. 2017)", 1.06), ("Glow (Kingma & Dhariwal 
 
 def one_hour_gray(out: Outputs, name: str = "one_hour_gray") -> str:
     """The one-hour runs of recipe `name` (a likelihood of gray levels), each seed, and seed 0's K=5000 bits/dim."""
-    sweep = out.sweep(name)
-    jobs = read_jobs(sweep) if sweep.is_dir() else {}
-    if not jobs:
-        raise NotRun(f"python train.py -m experiment={name}")
+    sweep, jobs = trained_jobs(out, name)
     (seeds,) = jobs.values()  # one configuration, its seeds in order
     tested = [[m for m in metrics if m.get("test_bits_per_dim") is not None] for metrics in seeds]
     rows = [[f"ELBO after each seed's last epoch ({' / '.join(str(t[-1]['epoch']) for t in tested)} epochs)",
@@ -443,15 +454,12 @@ def lever_table(out: Outputs, name: str, columns: list[tuple[str, str, str]],
     """The runs of `python train.py -m experiment=NAME` (seed 0 each), their options `columns`
     ((key, header, default) each), test ELBO when the run ended, and test NLL from the recipe
     NAME_likelihood (ELBO + the IW gap at K=1000), best NLL first."""
-    sweep = out.sweep(name)
-    jobs = read_jobs(sweep) if sweep.is_dir() else {}
-    if not jobs:
-        raise NotRun(f"python train.py -m experiment={name}")
+    sweep, jobs = trained_jobs(out, name)
     evaluation = out.sweep(f"{name}_likelihood")
     evaluated = {label: metrics for label, _, metrics, _ in run_evaluations(evaluation)}
     rows = []
     for label, seeds in jobs.items():
-        options = dict(o.split("=", 1) for o in label.split() if "=" in o)
+        options = label_options(label)
         tested = [m for m in seeds[0] if m.get("test_elbo") is not None]  # seed 0
         nll = evaluated.get(label)
         rows.append((nll["whole_split_nll"] if nll else math.inf, [
