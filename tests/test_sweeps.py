@@ -327,11 +327,23 @@ def test_one_hour_gray_block_gives_each_seed_and_the_k5000_bits_per_dim(name, tm
     nll.mkdir(parents=True)
     (nll / "metrics.json").write_text(json.dumps({"num_particles": 5000, "num_images": 1000, "whole_split_bits_per_dim": 1.2912,
                                                   "whole_split_bits_per_dim_standard_error": 0.0021}))
-    block = fill(f"<!-- report:{name} -->\n<!-- /report:{name} -->\n",
-                 Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False))
-    assert "| ELBO after each seed's last epoch (1 / 1 epochs) | 1.310 / 1.330 |" in block
+    outputs = Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False)
+    block = fill(f"<!-- report:{name} -->\n<!-- /report:{name} -->\n", outputs)
+    assert "| test bits/dim, ELBO after each seed's last epoch (1 / 1 epochs, 0 min 10 s / 0 min 10 s) | 1.310 / 1.330 |" in block
     assert "| seeds that failed or diverged | none |" in block
-    assert "1,000 random images | **1.291 ± 0.002** |" in block and "| RealNVP (Dinh et al. 2017) | 1.06 |" in block
+    assert "1,000 random images | **1.291 ± 0.002** |" in block and "| RealNVP (Dinh et al. 2017), test bits/dim | 1.06 |" in block
+    assert "confident" not in block  # no samples evaluated yet
+
+    samples = tmp_path / "outputs" / f"{name}_samples"
+    samples.mkdir(parents=True)
+    (samples / "metrics.json").write_text(json.dumps({"confidence_threshold": 0.9, "sample_confident_share": 0.414,
+                                                      "test_confident_share": 0.957}))
+    for kind in ("samples", "samples_drawn"):
+        (samples / f"{kind}.png").write_bytes(b"png of " + kind.encode())
+    block = fill(f"<!-- report:{name} -->\n<!-- /report:{name} -->\n", outputs)
+    assert "classifier is confident about (p > 0.9), against real test digits | 41% / 96% |" in block
+    assert f"![{name}: x ~ p(x|t)]({name}_samples_drawn.png)" in block
+    assert (tmp_path / "figures" / f"{name}_samples_drawn.png").read_bytes() == b"png of samples_drawn"
 
 
 def test_levers_table_ranks_the_runs_by_their_test_nll_and_says_which_are_not_evaluated(tmp_path):

@@ -423,28 +423,41 @@ GRAY_ANCHORS = [("RealNVP (Dinh et al. 2017)", 1.06), ("Glow (Kingma & Dhariwal 
 
 
 def one_hour_gray(out: Outputs, name: str = "one_hour_gray") -> str:
-    """The one-hour runs of recipe `name` (a likelihood of gray levels), each seed, and seed 0's K=5000 bits/dim."""
+    """The one-hour runs of recipe `name` (a likelihood of gray levels), each seed, seed 0's K=5000
+    bits/dim (recipe NAME_likelihood) and its prior samples with their confident share (NAME_samples)."""
     sweep, jobs = trained_jobs(out, name)
     (seeds,) = jobs.values()  # one configuration, its seeds in order
     tested = [[m for m in metrics if m.get("test_bits_per_dim") is not None] for metrics in seeds]
-    rows = [[f"ELBO after each seed's last epoch ({' / '.join(str(t[-1]['epoch']) for t in tested)} epochs)",
+    rows = [[f"test bits/dim, ELBO after each seed's last epoch ({' / '.join(str(t[-1]['epoch']) for t in tested)} epochs, "
+             f"{' / '.join(minutes(t[-1]['wall_time']) for t in tested)})",
              " / ".join(f"{t[-1]['test_bits_per_dim']:.3f}" for t in tested)]]
     failures = read_failures(sweep)
     rows.append(["seeds that failed or diverged", ", ".join(f"seed {f['seed']}" for f in failures) or "none"])
     nll_file = out.run(f"{name}_likelihood") / "metrics.json"
     if nll_file.is_file():
         nll = json.loads(nll_file.read_text())
-        rows.append([f"**IW bound, K={nll['num_particles']}**, seed 0: every image's ELBO + the IW gap on "
-                     f"{nll['num_images']:,} random images",
+        rows.append([f"**test bits/dim, IW bound with K={nll['num_particles']}**, seed 0: every image's ELBO + the IW gap "
+                     f"on {nll['num_images']:,} random images",
                      f"**{nll['whole_split_bits_per_dim']:.3f} ± {nll['whole_split_bits_per_dim_standard_error']:.3f}**"])
-    rows += [[name, f"{value:.2f}"] for name, value in GRAY_ANCHORS]
-    picture = ""
-    last_samples = sorted((sweep / "0" / "images").glob("samples_*.png"))
-    if last_samples:
-        copy_figure(last_samples[-1], out.figures / f"{name}_samples.png")
-        picture = f"\n\n![E[x|t] of prior samples, seed 0 after its last epoch]({name}_samples.png)"
-    return (table(["test set, 8-bit MNIST", "bits/dim"], rows) + sweep_progress(sweep) + "\n\n"
-            + provenance_line(out, sweep, out.run(f"{name}_likelihood")) + picture)
+    rows += [[f"{anchor}, test bits/dim", f"{value:.2f}"] for anchor, value in GRAY_ANCHORS]
+    samples = out.run(f"{name}_samples")
+    if (samples / "metrics.json").is_file():  # task=generate: the classifier's judgement and both grids
+        generated = json.loads((samples / "metrics.json").read_text())
+        rows.append([f"seed 0's prior samples a digit classifier is confident about (p > {generated['confidence_threshold']}), "
+                     f"against real test digits", f"{generated['sample_confident_share']:.0%} / "
+                     f"{generated['test_confident_share']:.0%}"])
+        for kind in ("samples", "samples_drawn"):
+            copy_figure(samples / f"{kind}.png", out.figures / f"{name}_{kind}.png")
+        picture = (f"\n\nSeed 0: E[x|t] of 64 prior samples, and a draw x ~ p(x|t) of each\n\n"
+                   f"![{name}: E[x|t]]({name}_samples.png) ![{name}: x ~ p(x|t)]({name}_samples_drawn.png)")
+    else:
+        picture = ""
+        last_samples = sorted((sweep / "0" / "images").glob("samples_*.png"))
+        if last_samples:
+            copy_figure(last_samples[-1], out.figures / f"{name}_samples.png")
+            picture = f"\n\n![E[x|t] of prior samples, seed 0 after its last epoch]({name}_samples.png)"
+    return (table(["test set, 8-bit MNIST", "value"], rows) + sweep_progress(sweep) + "\n\n"
+            + provenance_line(out, sweep, out.run(f"{name}_likelihood"), samples) + picture)
 
 
 # --- tighter bounds and richer posteriors ------------------------------------------------------
