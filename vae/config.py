@@ -136,14 +136,12 @@ def check_estimator(cfg: DictConfig) -> None:
     if score and cfg.model.get("flows", 0):
         raise ConfigError(f"model.flows={cfg.model.flows} with estimator.reparameterized=false: a flow posterior "
                           "is trained through reparameterized samples; use estimator=reparam or estimator=iwae")
-    if cfg.trainer.get("kl_warmup_epochs", 0) and issubclass(elbo_class, (IWAE_ELBO, *JIT_ELBOS)):
-        raise ConfigError(f"trainer.kl_warmup_epochs={cfg.trainer.kl_warmup_epochs} with estimator.elbo._target_={target}: "
-                          "the warm-up weighs the KL of the ELBO (not the IW bound's log-mean-exp) and changes "
-                          "at every step (a JIT ELBO would retrace); use it with a Trace ELBO, e.g. estimator=reparam")
-    if cfg.trainer.get("nll_beta", 0) and issubclass(elbo_class, (IWAE_ELBO, *JIT_ELBOS)):
-        raise ConfigError(f"trainer.nll_beta={cfg.trainer.nll_beta} with estimator.elbo._target_={target}: the beta-NLL "
-                          "weighs the ELBO's log p(x|t) (not inside the IW bound's log-mean-exp; a JIT ELBO would trace "
-                          "it as a constant); use it with a Trace ELBO, e.g. estimator=reparam")
+    for key, reweighs in (("kl_warmup_epochs", "the warm-up weighs the ELBO's KL, a new weight at every step"),
+                          ("nll_beta", "the beta-NLL weighs the ELBO's log p(x|t), pixel by pixel")):
+        if cfg.trainer.get(key, 0) and issubclass(elbo_class, (IWAE_ELBO, *JIT_ELBOS)):
+            raise ConfigError(f"trainer.{key}={cfg.trainer[key]} with estimator.elbo._target_={target}: {reweighs} "
+                              "(not inside the IW bound's log-mean-exp, nor in a JIT ELBO's trace, which is compiled "
+                              "once); use it with a Trace ELBO, e.g. estimator=reparam")
     baseline_keys = [f"estimator.{key}" for key in ("baseline", "baseline_net") if cfg.estimator.get(key)]
     if baseline_keys and not (score and issubclass(elbo_class, TraceGraph_ELBO)):
         raise ConfigError(f"{' and '.join(baseline_keys)} with estimator.elbo._target_={target}, estimator."
