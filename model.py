@@ -265,12 +265,17 @@ class ScaleWeighted(dist.TorchDistribution):
     proportional to (x - loc) / scale^(2 - 2 beta): at beta = 1 every pixel's error counts alike, as
     in a squared error. The weights are positive and held fixed, so each pixel's best scale for its
     mean is the ELBO's; what changes is how much each pixel's fit counts in the gradient, the
-    1/scale^2 by which a collapsed background drowns the strokes. One scale for all pixels: w = 1."""
+    1/scale^2 by which a collapsed background drowns the strokes. One scale for all pixels: w = 1.
+
+    `target="loc"` weighs the mean's gradient only (the "faithful" heteroscedastic fit of Stirn et al.
+    2023): log_prob is the Gaussian's own, its gradient in the scale the ELBO's, its gradient in the
+    mean w (x - loc) / scale^2, so the scale is fitted to the errors the weighed means leave."""
 
     arg_constraints = {}
 
-    def __init__(self, base: dist.Normal, beta: float, event_dims: int, validate_args: bool | None = None) -> None:
-        self.base, self.beta = base, beta
+    def __init__(self, base: dist.Normal, beta: float, event_dims: int, target: str = "both",
+                 validate_args: bool | None = None) -> None:
+        self.base, self.beta, self.target = base, beta, target
         weight = base.scale.detach() ** (2 * beta)  # sg(scale^(2 beta)), per pixel
         pixels = tuple(range(-event_dims, 0))
         self.weight = weight / weight.mean(dim=pixels, keepdim=True)  # mean one over each image
@@ -281,6 +286,9 @@ class ScaleWeighted(dist.TorchDistribution):
         return self.base.support
 
     def log_prob(self, value: Tensor) -> Tensor:
+        if self.target == "loc":  # the value of loc, the gradient w d/d loc: loc's gradient weighed, not the scale's
+            loc = self.base.loc.detach() + self.weight * (self.base.loc - self.base.loc.detach())
+            return dist.Normal(loc, self.base.scale).log_prob(value)
         return self.weight * self.base.log_prob(value)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
@@ -341,7 +349,7 @@ def mean_image(decoder: Decoder, t: Tensor) -> Tensor:
 
 
 def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tensor | None = None,
-          kl_weight: float = 1.0, nll_beta: float = 0.0) -> None:
+          kl_weight: float = 1.0, nll_beta: float = 0.0, nll_beta_target: str = "both") -> None:
     """p(x, t) = p(x|t) p(t) for the minibatch `x` (B, C, H, W) at positions `index` (B,).
 
     The plate spans the whole dataset of `num_data` images and is told which of them this
@@ -358,7 +366,7 @@ def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tenso
 
     `nll_beta` > 0 (training the Gaussian only, `trainer.nll_beta`): each pixel's log p(x|t) weighed by
     stop_gradient(x_scale^(2 nll_beta)), averaging one per image (`ScaleWeighted`); 0 is the ELBO,
-    which evaluation always reads.
+    which evaluation always reads. `nll_beta_target="loc"`: only the mean's gradient weighed.
     """
     pyro.module("decoder", decoder)
     with pyro.plate("data", size=num_data, subsample=index):
@@ -367,7 +375,7 @@ def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tenso
         p_x = likelihood(decoder, t)  # p(x|t), event (C, H, W)
         if nll_beta:  # the beta-NLL objective: sg(x_scale^(2 beta)) log p(x_pixel|t), pixel by pixel
             event_dims = p_x.reinterpreted_batch_ndims
-            p_x = ScaleWeighted(p_x.base_dist, nll_beta, event_dims).to_event(event_dims)
+            p_x = ScaleWeighted(p_x.base_dist, nll_beta, event_dims, nll_beta_target).to_event(event_dims)
         if mask is not None:  # mask the pixels, inside the image event
             p_x = p_x.base_dist.mask(mask).to_event(p_x.reinterpreted_batch_ndims)
         pyro.sample("x", p_x, obs=x)  # log p(x|t), or log p(x_obs|t) under the mask

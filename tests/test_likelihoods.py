@@ -364,6 +364,24 @@ def test_beta_nll_weighs_each_pixel_by_its_scale_and_keeps_the_elbo_total():
                                torch.distributions.Normal(loc, one_scale).log_prob(x))
 
 
+def test_the_beta_nll_on_the_mean_only_keeps_the_gaussians_value_and_its_scale_gradient():
+    """target="loc": log_prob and d/d scale are the Gaussian's own; d/d loc is the weighed w (x - loc) / scale^2."""
+    torch.manual_seed(1)
+    loc = torch.rand(3, 1, 4, 4, requires_grad=True)
+    scale = (0.001 + torch.rand(3, 1, 4, 4)).requires_grad_()
+    x = torch.rand(3, 1, 4, 4)
+    gaussian = torch.distributions.Normal(loc, scale)
+    for beta in (0.25, 1.0):
+        weighted = ScaleWeighted(gaussian, beta, event_dims=3, target="loc")
+        log_p = weighted.log_prob(x)
+        torch.testing.assert_close(log_p, gaussian.log_prob(x))  # the ELBO's value
+        grad_loc, grad_scale = torch.autograd.grad(log_p.sum(), (loc, scale))
+        elbo_loc, elbo_scale = torch.autograd.grad(gaussian.log_prob(x).sum(), (loc, scale))
+        torch.testing.assert_close(grad_scale, elbo_scale)  # the scale is fitted by the ELBO itself
+        torch.testing.assert_close(grad_loc, weighted.weight * elbo_loc)  # w (x - loc) / scale^2
+        assert not torch.allclose(grad_loc, elbo_loc)
+
+
 def test_the_model_scores_x_by_the_beta_nll_and_the_loop_hands_it_to_every_step(tmp_path, monkeypatch):
     """model(nll_beta=b) scores x by ScaleWeighted, t as ever; the loop hands trainer.nll_beta to every step."""
     import pyro.poutine as poutine
@@ -380,19 +398,22 @@ def test_the_model_scores_x_by_the_beta_nll_and_the_loop_hands_it_to_every_step(
                                ScaleWeighted(torch.distributions.Normal(x_loc, x_scale), 0.5, 3).log_prob(x).sum((-3, -2, -1)))
     assert not torch.allclose(weighted["x"]["fn"].log_prob(x), plain["x"]["fn"].log_prob(x))
 
-    passed = []
     svi_step = train_module.svi_step
-    monkeypatch.setattr(train_module, "svi_step", lambda svi, x, index, **kw: passed.append(kw) or svi_step(svi, x, index, **kw))
-    train(compose_config(*FAST, "model.likelihood=gaussian", "trainer.nll_beta=0.5", "trainer.epochs=1"), tmp_path)
-    assert passed and all(kw == {"nll_beta": 0.5} for kw in passed)
-    metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [m["epoch"] for m in metrics] == [0, 1] and math.isfinite(metrics[-1]["test_elbo"])
+    for target in ("both", "loc"):
+        passed = []
+        monkeypatch.setattr(train_module, "svi_step", lambda svi, x, index, **kw: passed.append(kw) or svi_step(svi, x, index, **kw))
+        train(compose_config(*FAST, "model.likelihood=gaussian", "trainer.nll_beta=0.5", f"trainer.nll_beta_target={target}",
+                             "trainer.epochs=1"), tmp_path / target)
+        assert passed and all(kw == {"nll_beta": 0.5, "nll_beta_target": target} for kw in passed)
+        metrics = [json.loads(line) for line in (tmp_path / target / "metrics.jsonl").read_text().splitlines()]
+        assert [m["epoch"] for m in metrics] == [0, 1] and math.isfinite(metrics[-1]["test_elbo"])
 
 
 @pytest.mark.parametrize("override, message", [
     ("trainer.nll_beta=1.5", "trainer.nll_beta=1.5: must be a number from 0"),
     ("model.likelihood=discretized_logistic", "trainer.nll_beta=0.5 with model.likelihood=discretized_logistic"),
     ("estimator=iwae", "trainer.nll_beta=0.5 with estimator.elbo._target_=vae.iwae"),
+    ("trainer.nll_beta_target=scale", "trainer.nll_beta_target='scale': must be both"),
 ])
 def test_bad_beta_nll_settings_stop_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -255,31 +255,33 @@ def test_likelihoods_table_ranks_by_bits_per_dim_with_floor_samples_and_failures
                     "| `gaussian` | `pixel` | 1 | **3.750** | 3.600 / 3.900 | 30.0 / 31.0 | 9.0% / 2.0% | 10% / 20% | seed 1 |"]
 
 
-def test_likelihoods_beta_block_orders_by_beta_with_the_worst_rise_samples_and_scales(tmp_path):
+@pytest.mark.parametrize("name, target", [("likelihoods_beta", "both"), ("likelihoods_beta_loc", "loc")])
+def test_likelihoods_beta_block_orders_by_beta_with_the_worst_rise_samples_and_scales(name, target, tmp_path):
     """docs' beta-NLL block: a row per trainer.nll_beta in its order (0 is the ELBO), each seed's bits/dim,
     the largest rise of bits/dim in one epoch (training going backwards), the confident samples, seed 0's scales."""
-    sweep, multirun = tmp_path / "multirun" / "likelihoods_beta", tmp_path / "multirun"
+    sweep, multirun = tmp_path / "multirun" / name, tmp_path / "multirun"
     jobs = {"0": (0, 0, [9.0, 5.0, 3.5, 6.5]), "1": (0, 1, [9.0, 4.0, 3.8, 3.7]), "2": (0.5, 0, [9.0, 4.0, 3.4, 3.2])}
     for job, (beta, seed, bits) in jobs.items():
-        fake_job(sweep / job, [f"trainer.nll_beta={beta}", f"seed={seed}", "experiment=likelihoods_beta"], [-900] * len(bits))
+        fake_job(sweep / job, [f"trainer.nll_beta={beta}", f"seed={seed}", f"experiment={name}"], [-900] * len(bits))
         lines = [json.loads(line) for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
         for m, b in zip(lines, bits):
             m.update(test_kl=60.0 + seed, test_bits_per_dim=b, test_scale_at_floor=0.1 * seed)
         (sweep / job / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
         for kind, metrics in (("samples", {"sample_confident_share": 0.1 * (int(job) + 1)}), ("pixels", {"groups": {
                 "background": {"median_scale": 0.0012, "bits_per_pixel": 1.6}, "edge": {"median_scale": 0.16, "bits_per_pixel": 7.7}}})):
-            (multirun / f"likelihoods_beta_{kind}" / job).mkdir(parents=True)
-            (multirun / f"likelihoods_beta_{kind}" / job / "metrics.json").write_text(json.dumps({"run": str(sweep / job), **metrics}))
-        for name in ("samples.png", "samples_drawn.png"):
-            (multirun / "likelihoods_beta_samples" / job / name).write_bytes(b"png")
-    block = fill("<!-- report:likelihoods_beta -->\n<!-- /report:likelihoods_beta -->\n",
+            (multirun / f"{name}_{kind}" / job).mkdir(parents=True)
+            (multirun / f"{name}_{kind}" / job / "metrics.json").write_text(json.dumps({"run": str(sweep / job), **metrics}))
+        for picture in ("samples.png", "samples_drawn.png"):
+            (multirun / f"{name}_samples" / job / picture).write_bytes(b"png")
+    block = fill(f"<!-- report:{name} -->\n<!-- /report:{name} -->\n",
                  Outputs(tmp_path / "outputs", multirun, tmp_path / "figures", full=False))
     rows = [line for line in block.splitlines() if line.startswith("| `")]
     assert rows == ["| `trainer.nll_beta=0` (the ELBO) | 3 | **5.100** | 6.500 / 3.700 | 60.0 / 61.0 | 0.0% / 10.0% "
                     "| +3.00 / +0.00 | 10% / 20% | 0.0012 / 0.1600 | 1.60 / 7.70 | none |",
-                    "| `trainer.nll_beta=0.5` | 3 | **3.200** | 3.200 | 60.0 | 0.0% | +0.00 | 30% | 0.0012 / 0.1600 "
+                    "| `trainer.nll_beta=0.5`" + (", `nll_beta_target=loc`" if target == "loc" else "") + " | 3 | **3.200** | 3.200 | 60.0 | 0.0% | +0.00 | 30% | 0.0012 / 0.1600 "
                     "| 1.60 / 7.70 | none |"]
-    assert "![gaussian_pixel_beta_0.5: E[x|t]](likelihoods_gaussian_pixel_beta_0.5_samples.png)" in block
+    figure = "gaussian_pixel_beta_0.5" + ("_loc" if target == "loc" else "")
+    assert f"![{figure}: E[x|t]](likelihoods_{figure}_samples.png)" in block
 
 
 def test_generation_block_gives_the_classifiers_judgement_of_the_samples(tmp_path):
@@ -314,7 +316,7 @@ def test_likelihood_pixels_block_compares_background_and_edges(tmp_path):
     assert "| `gaussian` | `pixel` | 3.287 | 2.03 | 9.04 | 9.45 | 0.0010 / 0.4000 | 11.5% | 1.6e+05 |" in block
 
 
-@pytest.mark.parametrize("name", ["one_hour_gray", "one_hour_gaussian"])
+@pytest.mark.parametrize("name", ["one_hour_gray", "one_hour_gaussian", "one_hour_gaussian_loc"])
 def test_one_hour_gray_block_gives_each_seed_and_the_k5000_bits_per_dim(name, tmp_path):
     sweep = tmp_path / "multirun" / name
     for seed, bits in ((0, 1.31), (1, 1.33)):

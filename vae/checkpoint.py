@@ -42,7 +42,8 @@ MAY_CHANGE = ("trainer.epochs", "trainer.max_minutes", "trainer.test_every", "tr
               "trainer.keep_checkpoints", "trainer.check_every_step", "trainer.channels_last", "trainer.bf16",
               "trainer.compile", "optim", "device", "threads", "resume", "data.root", "data.dataset.download")
 # Keys added after checkpoints were first written, with the value an older checkpoint implies.
-ADDED_KEYS = {"data.exclude_classes": [], "model.flows": 0, "model.encoder.flows": 0, "trainer.kl_warmup_epochs": 0, "trainer.nll_beta": 0,
+ADDED_KEYS = {"data.exclude_classes": [], "model.flows": 0, "model.encoder.flows": 0, "trainer.kl_warmup_epochs": 0,
+              "trainer.nll_beta": 0, "trainer.nll_beta_target": "both",
               "model.residual_blocks": 0, "model.encoder.residual_blocks": 0, "model.decoder.residual_blocks": 0}
 
 

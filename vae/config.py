@@ -82,6 +82,10 @@ def check_config(cfg: DictConfig) -> None:
     nll_beta = cfg.trainer.get("nll_beta", 0)
     if not is_number(nll_beta) or not 0 <= nll_beta <= 1:
         raise ConfigError(f"trainer.nll_beta={nll_beta!r}: must be a number from 0 (the ELBO) to 1")
+    target = cfg.trainer.get("nll_beta_target", "both")
+    if target not in ("both", "loc"):
+        raise ConfigError(f"trainer.nll_beta_target={target!r}: must be both (the pixel's log p(x|t) weighed) or loc "
+                          "(the mean's gradient only)")
     if nll_beta and cfg.model.likelihood != "gaussian":
         raise ConfigError(f"trainer.nll_beta={nll_beta} with model.likelihood={cfg.model.likelihood}: the beta-NLL "
                           "weighs the Gaussian's pixels by their scale; use model.likelihood=gaussian or trainer.nll_beta=0")

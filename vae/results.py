@@ -327,14 +327,15 @@ def largest_rise(metrics: list[dict[str, Any]], last_epoch: int) -> float:
     return max([0.0, *(later - earlier for earlier, later in zip(bits, bits[1:]))])
 
 
-def likelihoods_beta(out: Outputs) -> str:
-    """The lecture's Gaussian (per-pixel scale) trained on the ELBO and on the beta-NLL: each seed's
-    test bits/dim and KL (the ELBO's, whatever the training objective), the samples' confident share,
-    and seed 0's scales (`task=pixels`)."""
-    sweep, jobs = trained_jobs(out, "likelihoods_beta")
-    name_of = lambda label: f"gaussian_pixel_beta_{nll_beta_of(label):g}"  # noqa: E731
-    samples, pictures = likelihood_sample_quality(out, "likelihoods_beta_samples", name_of)
-    pixels = {label: metrics["groups"] for label, seed, metrics, _ in run_evaluations(out.sweep("likelihoods_beta_pixels"))
+def likelihoods_beta(out: Outputs, name: str = "likelihoods_beta", target: str = "both") -> str:
+    """The lecture's Gaussian (per-pixel scale) trained on the ELBO and on the beta-NLL (recipe `name`, its
+    weight on `target`: trainer.nll_beta_target): each seed's test bits/dim and KL (the ELBO's, whatever
+    the training objective), the samples' confident share, and seed 0's scales (`task=pixels`)."""
+    sweep, jobs = trained_jobs(out, name)
+    suffix = "" if target == "both" else f"_{target}"
+    name_of = lambda label: f"gaussian_pixel_beta_{nll_beta_of(label):g}{suffix}"  # noqa: E731
+    samples, pictures = likelihood_sample_quality(out, f"{name}_samples", name_of)
+    pixels = {label: metrics["groups"] for label, seed, metrics, _ in run_evaluations(out.sweep(f"{name}_pixels"))
               if seed == 0}
     failed = failed_seeds(sweep)
     rows = []
@@ -343,7 +344,8 @@ def likelihoods_beta(out: Outputs) -> str:
         bits = [m["test_bits_per_dim"] for m in at]
         beta = nll_beta_of(label)
         groups = pixels.get(label)
-        rows.append([f"`trainer.nll_beta={beta:g}`" + (" (the ELBO)" if beta == 0 else ""), epoch,
+        rows.append([f"`trainer.nll_beta={beta:g}`" + (" (the ELBO)" if beta == 0 else "")
+                     + (f", `nll_beta_target={target}`" if beta and target != "both" else ""), epoch,
                      f"**{statistics.median(bits):.3f}**", " / ".join(f"{b:.3f}" for b in bits),
                      " / ".join(f"{m['test_kl']:.1f}" for m in at),
                      " / ".join(f"{m.get('test_scale_at_floor', 0):.1%}" for m in at),
@@ -357,7 +359,7 @@ def likelihoods_beta(out: Outputs) -> str:
             "seed 0: median scale, background / edge",
             "seed 0: bits per pixel, background / edge", "failed or diverged"]
     return (table(head, rows) + sweep_progress(sweep) + "\n\n"
-            + provenance_line(out, sweep, out.sweep("likelihoods_beta_samples")) + pictures)
+            + provenance_line(out, sweep, out.sweep(f"{name}_samples")) + pictures)
 
 
 # --- gradient variance -------------------------------------------------------------------------
@@ -712,6 +714,8 @@ BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "one_hour_gaussian": lambda out: one_hour_gray(out, "one_hour_gaussian"), "levers": levers,
     "levers_training": levers_training, "levers_schedule": levers_schedule, "best_one_hour": best_one_hour,
     "data_parallel": data_parallel, "likelihoods_beta": likelihoods_beta,
+    "likelihoods_beta_loc": lambda out: likelihoods_beta(out, "likelihoods_beta_loc", "loc"),
+    "one_hour_gaussian_loc": lambda out: one_hour_gray(out, "one_hour_gaussian_loc"),
 }
 
 
