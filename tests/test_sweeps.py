@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from report import report
 from train import train
-from vae.results import Outputs, fill, sweep_progress
+from vae.results import NotRun, Outputs, fill, run_evaluations, sweep_progress
 from vae.sweeps import plot, read_jobs, summarize
 
 LAUNCHERS = sorted(path.stem for path in (CONF_DIR / "hydra" / "launcher").glob("*.yaml"))
@@ -282,6 +282,16 @@ def test_likelihoods_beta_block_orders_by_beta_with_the_worst_rise_samples_and_s
                     "| 1.60 / 7.70 | none |"]
     figure = "gaussian_pixel_beta_0.5" + ("_loc" if target == "loc" else "")
     assert f"![{figure}: E[x|t]](likelihoods_{figure}_samples.png)" in block
+
+
+def test_an_evaluation_whose_run_is_not_found_is_not_given_a_label(tmp_path):
+    """An evaluation names its run by a path relative to where it ran; read from elsewhere, the run's
+    overrides (its label and seed) are not found, and the block says so instead of filing it under 'default'."""
+    evaluations = tmp_path / "multirun" / "likelihoods_beta_samples" / "0"
+    evaluations.mkdir(parents=True)
+    (evaluations / "metrics.json").write_text(json.dumps({"run": "multirun/likelihoods_beta/0", "sample_confident_share": 0.2}))
+    with pytest.raises(NotRun, match="multirun/likelihoods_beta/0"):
+        run_evaluations(evaluations.parent)
 
 
 def test_generation_block_gives_the_classifiers_judgement_of_the_samples(tmp_path):

@@ -233,7 +233,10 @@ def run_evaluations(sweep: Path) -> list[tuple[str, int, dict[str, Any], Path]]:
     evaluations = []
     for metrics_file in sorted(sweep.glob("*/metrics.json")):
         metrics = json.loads(metrics_file.read_text())
-        label, seed = configuration(Path(metrics["run"]))
+        run = Path(metrics["run"])
+        if not run.is_dir():  # its label and seed come from the run's overrides: never guess them
+            raise NotRun(f"the run {run} that {metrics_file} evaluated (run the report where the runs are)")
+        label, seed = configuration(run)
         evaluations.append((label, seed, metrics, metrics_file.parent))
     return evaluations
 
