@@ -13,7 +13,8 @@ block of steps each in turn, so that a slow moment of the machine hits all of th
   (b)...(e)     one SVI step per `bench.variants` entry (estimator and ELBO overrides)
   (f) data      producing one training batch: index the in-memory images, binarize afresh
   (g) eval      images per second of the importance-weighted log p(x) with K particles (one
-                chunk of K * B latents), against the decoder's own forward pass over as many latents
+                chunk of K * B latents), against the decoder's own forward pass over as many latents,
+                and the same estimate with `bench.eval_flows` flows in q(t|x) (its own log q(t|x))
 
 Prints a table (median and interquartile range of the time per step; the ratio to (a), median
 and IQR over rounds of the ratio within each round) and writes bench.json with every round's time.
@@ -35,7 +36,7 @@ import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from model import likelihood
 from vae.build import build_networks, build_svi, svi_step
@@ -99,7 +100,7 @@ def bench(cfg: DictConfig, variant_configs: dict[str, DictConfig]) -> dict[str, 
     check_config(cfg)
     use_threads(cfg)
     for key, least in (("rounds", 1), ("steps_per_round", 1), ("warmup_rounds", 0), ("eval_images", 1),
-                       ("eval_particles", 1)):
+                       ("eval_particles", 1), ("eval_flows", 0)):
         value = cfg.bench[key]
         if not isinstance(value, int) or isinstance(value, bool) or value < least:
             raise ConfigError(f"bench.{key}={value!r}: must be an integer >= {least}")
@@ -113,11 +114,11 @@ def bench(cfg: DictConfig, variant_configs: dict[str, DictConfig]) -> dict[str, 
     index = batches[0].to(device)
 
     # (a) the hand-written reference, with the configured optimizer class over all parameters
-    encoder, decoder = networks(cfg, image_shape, device, cfg.seed)
+    raw_encoder, raw_decoder = networks(cfg, image_shape, device, cfg.seed)
     optim = instantiate(cfg.optim)
-    raw_optimizer = optim.pt_optim_constructor([*encoder.parameters(), *decoder.parameters()],
+    raw_optimizer = optim.pt_optim_constructor([*raw_encoder.parameters(), *raw_decoder.parameters()],
                                                **optim.pt_optim_args)
-    steps_to_time = {"raw": partial(raw_step, encoder, decoder, raw_optimizer, x, num_data)}
+    steps_to_time = {"raw": partial(raw_step, raw_encoder, raw_decoder, raw_optimizer, x, num_data)}
 
     # (b)-(e) SVI steps, each with its own networks and its own param store scope
     scopes = {}
@@ -132,11 +133,16 @@ def bench(cfg: DictConfig, variant_configs: dict[str, DictConfig]) -> dict[str, 
     next_batch = iter(batches * (1 + (cfg.bench.rounds + cfg.bench.warmup_rounds) * steps // len(batches)))
     steps_to_time["data"] = lambda: observe(images[next(next_batch).to(device)], cfg.model.likelihood)
 
-    # (g) the importance-weighted log p(x) with K particles against the bare decoder on K * B latents
-    x_eval, num_particles = x[: cfg.bench.eval_images], cfg.bench.eval_particles
+    # (g) the importance-weighted log p(x) with K particles against the bare decoder on K * B latents,
+    # and with q(t|x) followed by `eval_flows` inverse autoregressive flows (the same decoder)
+    x_eval, num_particles, flows = x[: cfg.bench.eval_images], cfg.bench.eval_particles, cfg.bench.eval_flows
     t_eval = torch.randn(num_particles * len(x_eval), cfg.model.latent_dim, device=device)
-    steps_to_time["eval_iw"] = partial(iw_estimates, x_eval, encoder, decoder, num_particles, num_particles)
-    steps_to_time["eval_decoder"] = partial(torch.no_grad()(decoder), t_eval)
+    steps_to_time["eval_iw"] = partial(iw_estimates, x_eval, raw_encoder, raw_decoder, num_particles, num_particles)
+    steps_to_time["eval_decoder"] = partial(torch.no_grad()(raw_decoder), t_eval)
+    if flows:
+        flow_encoder, _ = networks(OmegaConf.merge(cfg, {"model": {"flows": flows}}), image_shape, device, cfg.seed)
+        steps_to_time["eval_iw_flows"] = partial(iw_estimates, x_eval, flow_encoder, raw_decoder, num_particles,
+                                                 num_particles)
 
     # Every variant runs with the checks a training step has after the epoch's first (train.py)
     seconds: dict[str, list[float]] = {name: [] for name in steps_to_time}
@@ -153,6 +159,10 @@ def bench(cfg: DictConfig, variant_configs: dict[str, DictConfig]) -> dict[str, 
                   "decoder_images_per_second": len(x_eval) / decoder_seconds,  # K latents make one image
                   "iw_throughput_fraction_of_decoder": statistics.median(  # paired by round, as the ratios
                       decoder / iw for decoder, iw in zip(seconds["eval_decoder"], seconds["eval_iw"]))}
+    if flows:  # the time per image with the flows over the configured q(t|x)'s, paired by round
+        evaluation.update(flows=flows, flow_iw_images_per_second=len(x_eval) / statistics.median(seconds["eval_iw_flows"]),
+                          flow_time_ratio=statistics.median(
+                              with_flows / iw for with_flows, iw in zip(seconds["eval_iw_flows"], seconds["eval_iw"])))
     return {"machine": provenance(device), "batch_size": batch_size, "steps_per_round": steps,
             "rounds": cfg.bench.rounds, "results": results, "evaluation": evaluation,
             "data_fraction_of_step": results["data"]["ratio_to_raw"]}
@@ -172,6 +182,9 @@ def table(report: dict[str, Any]) -> str:
               f"(g) IW log p(x), K={e['particles']}: {e['iw_images_per_second']:.2f} images/s, "
               f"{e['iw_throughput_fraction_of_decoder']:.1%} of the bare decoder's "
               f"{e['decoder_images_per_second']:.2f} images/s"]
+    if "flows" in e:
+        lines.append(f"(g) with {e['flows']} flows in q(t|x): {e['flow_iw_images_per_second']:.2f} images/s, "
+                     f"{e['flow_time_ratio']:.2f}x the time per image")
     return "\n".join(lines)
 
 

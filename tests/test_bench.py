@@ -106,7 +106,7 @@ def test_bench_times_every_variant():
     variant_configs = {name: compose_config(*overrides, *extra, config_name="bench") for name, extra in variants.items()}
     report = bench(cfg, variant_configs)
     results = report["results"]
-    assert list(results) == ["raw", "reparam", "score", "data", "eval_iw", "eval_decoder"]
+    assert list(results) == ["raw", "reparam", "score", "data", "eval_iw", "eval_decoder", "eval_iw_flows"]
     assert results["raw"]["ratio_to_raw"] == 1.0 and results["raw"]["ratio_iqr"] == 0.0
     raw_seconds = results["raw"]["seconds_per_round"]
     for name, result in results.items():
@@ -120,11 +120,18 @@ def test_bench_times_every_variant():
     assert results["data"]["median_ms"] < results["raw"]["median_ms"]  # a batch costs less than a step
     evaluation = report["evaluation"]
     assert evaluation["decoder_images_per_second"] > evaluation["iw_images_per_second"] > 0  # IW decodes too
+    flows, gaussian = results["eval_iw_flows"]["seconds_per_round"], results["eval_iw"]["seconds_per_round"]
+    assert evaluation["flows"] == 2  # conf/bench.yaml: the flow posterior's time per image, paired by round
+    assert evaluation["flow_time_ratio"] == pytest.approx(statistics.median(f / g for f, g in zip(flows, gaussian)))
+    assert "with 2 flows in q(t|x)" in table(report)
+    without = bench(compose_config(*overrides, "bench.eval_flows=0", config_name="bench"), {})
+    assert "eval_iw_flows" not in without["results"] and "flows" not in without["evaluation"]
     assert report["machine"]["torch"] == torch.__version__
     assert "reparam" in table(report)
 
 
-@pytest.mark.parametrize("override", ["bench.rounds=0", "bench.steps_per_round=0", "bench.warmup_rounds=-1"])
+@pytest.mark.parametrize("override", ["bench.rounds=0", "bench.steps_per_round=0", "bench.warmup_rounds=-1",
+                                      "bench.eval_flows=-1"])
 def test_bench_refuses_settings_that_time_nothing(override):
     cfg = compose_config(*FAST, override, config_name="bench")
     with pytest.raises(ConfigError, match=rf"^{re.escape(override.split('=')[0])}="):

@@ -677,7 +677,10 @@ def speed(out: Outputs) -> str:
             + table(["variant", "median ms per step", "IQR ms", "ratio to `raw`, median over rounds", "IQR"], rows)
             + f"\n\nProducing one training batch costs {report['data_fraction_of_step']:.1%} of a raw step; the IW "
             f"estimate of log p(x) (K={e['particles']}) runs at {e['iw_throughput_fraction_of_decoder']:.1%} of the "
-            f"bare decoder's throughput.\n\n" + provenance_line(out, out.run("bench")))
+            f"bare decoder's throughput" + (f"; with {e['flows']} inverse autoregressive flows in q(t|x) it takes "
+                                            f"{e['flow_time_ratio']:.2f}x the time per image of the Gaussian q(t|x)"
+                                            if "flows" in e else "")
+            + ".\n\n" + provenance_line(out, out.run("bench")))
 
 
 def speed_short(out: Outputs) -> str:
