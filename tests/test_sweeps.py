@@ -401,9 +401,12 @@ def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll
     fake_job(out.run("best_one_hour"), ["experiment=best_one_hour"], [-540.0, -90.5])
     (out.run("best_one_hour_likelihood")).mkdir(parents=True)
     (out.run("best_one_hour_likelihood") / "metrics.json").write_text(json.dumps(
-        {"num_particles": 5000, "num_images": 1000, "whole_split_nll": 84.321, "whole_split_nll_standard_error": 0.04}))
+        {"num_particles": 5000, "num_images": 1000, "whole_split_nll": 84.321, "whole_split_nll_standard_error": 0.04,
+         "nll": 84.2, "nll_standard_error": 0.3, "whole_split_particles": 100, "whole_split_images": 10000,
+         "whole_split_elbo": -88.0, "whole_split_nll_with_whole_split_particles": 85.1}))
     block = fill("<!-- report:best_one_hour -->\n<!-- /report:best_one_hour -->\n", out)
-    assert "| ELBO after epoch 1 (0 min 10 s of training) | -90.50 |" in block
+    assert "| ELBO after epoch 1 (0 min 10 s of training), one t per image | -90.50 |" in block
+    assert "| **NLL, IW bound with K=100 on every image** | **85.10** |" in block
     assert "1,000 random images | **84.32 ± 0.04** |" in block and "| IWAE, two stochastic layers, k=50 (Burda et al. 2016) | 82.90 |" in block
 
 

@@ -390,15 +390,18 @@ def variance(out: Outputs) -> str:
 
 # --- likelihood --------------------------------------------------------------------------------
 
-def likelihood_numbers(out: Outputs) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    training_metrics = read_jsonl(out.run("one_hour") / "metrics.jsonl", "python train.py experiment=one_hour")
-    nll = read_json(out.run("one_hour_likelihood") / "metrics.json", "python evaluate.py experiment=one_hour_likelihood")
+def likelihood_numbers(out: Outputs, name: str = "one_hour") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(the training metrics of `python train.py experiment=NAME`, the metrics of its NAME_likelihood)."""
+    training_metrics = read_jsonl(out.run(name) / "metrics.jsonl", f"python train.py experiment={name}")
+    nll = read_json(out.run(f"{name}_likelihood") / "metrics.json", f"python evaluate.py experiment={name}_likelihood")
     return training_metrics, nll
 
 
-def likelihood(out: Outputs) -> str:
-    training_metrics, nll = likelihood_numbers(out)
-    last = training_metrics[-1]
+def likelihood(out: Outputs, name: str = "one_hour") -> str:
+    """The test set's NLL of the run of `experiment=NAME`: the ELBO it ended with, the direct IW bound on
+    every image and the whole-split estimator (every image's ELBO + the IW gap on a random sample)."""
+    training_metrics, nll = likelihood_numbers(out, name)
+    last = [m for m in training_metrics if m.get("test_elbo") is not None][-1]
     k, images = nll["whole_split_particles"], nll["whole_split_images"]
     rows = [[f"ELBO after epoch {last['epoch']} ({minutes(last['wall_time'])} of training), one t per image",
              nats(last["test_elbo"])],
@@ -408,9 +411,9 @@ def likelihood(out: Outputs) -> str:
              f"{nll['num_images']:,} random images", f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**"],
             [f"NLL, K={nll['num_particles']}, on the {nll['num_images']:,} random images alone",
              f"{nats(nll['nll'])} ± {nll['nll_standard_error']:.2f}"]]
-    rows += [[name, f"{value:.2f}"] for name, value in ANCHORS]
+    rows += [[anchor, f"{value:.2f}"] for anchor, value in ANCHORS]
     return (table([f"test set, {images:,} images, nats per image", "value"], rows) + "\n\n"
-            + provenance_line(out, out.run("one_hour"), out.run("one_hour_likelihood")))
+            + provenance_line(out, out.run(name), out.run(f"{name}_likelihood")))
 
 
 def likelihood_short(out: Outputs) -> str:
@@ -518,16 +521,7 @@ def levers_schedule(out: Outputs) -> str:
 
 def best_one_hour(out: Outputs) -> str:
     """The strongest configuration of the lever tables under the one-hour protocol, its K=5000 NLL."""
-    training_metrics = read_jsonl(out.run("best_one_hour") / "metrics.jsonl", "python train.py experiment=best_one_hour")
-    nll = read_json(out.run("best_one_hour_likelihood") / "metrics.json",
-                    "python evaluate.py experiment=best_one_hour_likelihood")
-    last = [m for m in training_metrics if m.get("test_elbo") is not None][-1]
-    rows = [[f"ELBO after epoch {last['epoch']} ({minutes(last['wall_time'])} of training)", nats(last["test_elbo"])],
-            [f"**NLL, IW bound with K={nll['num_particles']}**: every image's ELBO + the IW gap on "
-             f"{nll['num_images']:,} random images", f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**"]]
-    rows += [[name, f"{value:.2f}"] for name, value in ANCHORS]
-    return (table(["test set, nats per image", "value"], rows) + "\n\n"
-            + provenance_line(out, out.run("best_one_hour"), out.run("best_one_hour_likelihood")))
+    return likelihood(out, "best_one_hour")
 
 
 # --- data-parallel training ---------------------------------------------------------------------
