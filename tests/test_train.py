@@ -406,6 +406,25 @@ def test_resume_refuses_a_change_of_the_runs_identity(fast_config, tmp_path):
     assert (tmp_path / "checkpoint.pt").read_bytes() == before and len(read_metrics(tmp_path)) == 2
 
 
+def test_resume_may_change_the_objective_of_a_reparameterized_guide(fast_config, tmp_path):
+    """`estimator=iwae` on resume fine-tunes a run with the IW bound: the epochs before it are kept,
+    the next one trains the IW bound (above the ELBO of the same run continued as it was)."""
+    plain, tuned = tmp_path / "plain", tmp_path / "tuned"
+    train(fast_config("trainer.epochs=1"), plain)
+    shutil.copytree(plain, tuned)
+    pyro.clear_param_store()
+    train(fast_config("trainer.epochs=2"), plain)
+    plain_params = param_snapshot()
+    pyro.clear_param_store()
+    train(fast_config("trainer.epochs=2", "estimator=iwae"), tuned)
+    assert read_metrics(tuned)[:2] == read_metrics(plain)[:2]
+    assert read_metrics(tuned)[2]["train_elbo"] > read_metrics(plain)[2]["train_elbo"]  # log p(x) >= IW bound >= ELBO
+    assert not all(torch.equal(v, plain_params[k]) for k, v in param_snapshot().items())
+    pyro.clear_param_store()
+    with pytest.raises(CheckpointError, match=r"estimator.reparameterized: True -> False"):
+        train(fast_config("trainer.epochs=3", "estimator=score"), tuned)
+
+
 def test_metrics_agree_with_the_checkpoint_after_a_crash(fast_config, tmp_path):
     """A crash after an epoch's line was written but before its checkpoint (and a last line cut
     short): the resumed run keeps each epoch once, and ends where an uninterrupted run ends."""

@@ -6,8 +6,10 @@ stands. It is written atomically (a temporary file, then a rename), so a crash m
 leaves a broken file. Checkpoints are pickles: load only those you made yourself.
 
 Resuming continues a run with its own saved config. Only the keys of MAY_CHANGE may be changed
-on resume (how long to train, the optimizer and its learning rate, where and how fast to run);
-each change is logged, and any other difference is refused with the list. `resume=<run dir>`
+on resume (how long to train, the optimizer and its learning rate, the objective that trains a
+reparameterized guide, `estimator.elbo` (say, the IW bound for the last minutes of a run: the
+weights and q(t|x) stay what they are, `estimator.reparameterized` may not change), where and how
+fast to run); each change is logged, and any other difference is refused with the list. `resume=<run dir>`
 (or its checkpoint.pt) continues the run in its directory; an older copy
 (checkpoint_epoch_NNN.pt) starts a new run directory from it, never overwriting the newer one.
 """
@@ -40,7 +42,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 # they are; the speed options change how the networks run, not what they compute.
 MAY_CHANGE = ("trainer.epochs", "trainer.max_minutes", "trainer.test_every", "trainer.num_grid_images",
               "trainer.keep_checkpoints", "trainer.check_every_step", "trainer.channels_last", "trainer.bf16",
-              "trainer.compile", "optim", "device", "threads", "resume", "data.root", "data.dataset.download")
+              "trainer.compile", "optim", "estimator.elbo", "device", "threads", "resume", "data.root",
+              "data.dataset.download")
 # Keys added after checkpoints were first written, with the value an older checkpoint implies.
 ADDED_KEYS = {"data.exclude_classes": [], "model.flows": 0, "model.encoder.flows": 0, "trainer.kl_warmup_epochs": 0,
               "trainer.nll_beta": 0, "trainer.nll_beta_target": "both",
