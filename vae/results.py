@@ -524,6 +524,31 @@ def best_one_hour(out: Outputs) -> str:
     return likelihood(out, "best_one_hour")
 
 
+
+FORK_COMMAND = ("python train.py resume=outputs/experiments/best_one_hour_iwae estimator=iwae trainer.max_minutes=59, "
+                "in a copy of outputs/experiments/best_one_hour after its first 40 minutes")
+
+
+def best_one_hour_iwae(out: Outputs) -> str:
+    """The hour of `experiment=best_one_hour` forked after 40 minutes: its last 20 minutes on the ELBO
+    as it was, or on the IW bound (`estimator=iwae`), side by side with their K=5000 NLLs."""
+    elbo_run = likelihood_numbers(out, "best_one_hour")
+    read_jsonl(out.run("best_one_hour_iwae") / "metrics.jsonl", FORK_COMMAND)
+    runs = {"on the ELBO": elbo_run, "on the IW bound, K=5": likelihood_numbers(out, "best_one_hour_iwae")}
+    columns = {}
+    for label, (training_metrics, nll) in runs.items():
+        last = [m for m in training_metrics if m.get("test_elbo") is not None][-1]
+        columns[label] = [last["epoch"], minutes(last["wall_time"]), nats(last["test_elbo"]),
+                          f"**{nats(nll['whole_split_nll_with_whole_split_particles'])}**",
+                          f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**"]
+    k, nll = runs["on the ELBO"][1]["whole_split_particles"], runs["on the ELBO"][1]
+    names = ["epochs", "training time", "test ELBO after the last epoch (nats)", f"NLL, IW bound with K={k} on every image",
+             f"NLL, K={nll['num_particles']}: every image's ELBO + the IW gap on {nll['num_images']:,} random images"]
+    rows = [[name, *(column[i] for column in columns.values())] for i, name in enumerate(names)]
+    return (table(["last 20 minutes trained", *columns], rows) + "\n\n"
+            + provenance_line(out, out.run("best_one_hour"), out.run("best_one_hour_iwae"),
+                              out.run("best_one_hour_likelihood"), out.run("best_one_hour_iwae_likelihood")))
+
 # --- data-parallel training ---------------------------------------------------------------------
 
 def data_parallel(out: Outputs) -> str:
@@ -713,6 +738,7 @@ BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "likelihood_pixels": likelihood_pixels, "one_hour_gray": one_hour_gray,
     "one_hour_gaussian": lambda out: one_hour_gray(out, "one_hour_gaussian"), "levers": levers,
     "levers_training": levers_training, "levers_schedule": levers_schedule, "best_one_hour": best_one_hour,
+    "best_one_hour_iwae": best_one_hour_iwae,
     "data_parallel": data_parallel, "likelihoods_beta": likelihoods_beta,
     "likelihoods_beta_loc": lambda out: likelihoods_beta(out, "likelihoods_beta_loc", "loc"),
     "one_hour_gaussian_loc": lambda out: one_hour_gray(out, "one_hour_gaussian_loc"),
