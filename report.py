@@ -1,5 +1,6 @@
 """Tables and figures from results: `python report.py` writes docs/results.md and the README's
 result tables from the outputs of the recipes in conf/experiment/ (see vae/results.py);
+`python report.py blocks=[best_one_hour]` fills only the blocks named;
 `python report.py sweep=multirun/<date>/<time>` reports one multirun over seeds, with
 `include=[<run or multirun dir>,...]` to add jobs run apart (e.g. more seeds, later).
 
@@ -46,12 +47,16 @@ def report(sweep: str | Path, include: list[str | Path] = ()) -> list[dict[str, 
 def main(cfg: DictConfig) -> None:
     try:
         if cfg.sweep is None:
-            for path in write_results(Path(cfg.experiments), Path(cfg.sweeps), [Path(p) for p in cfg.documents], Path(cfg.figures)):
+            only = None if cfg.blocks is None else list(cfg.blocks)
+            for path in write_results(Path(cfg.experiments), Path(cfg.sweeps), [Path(p) for p in cfg.documents],
+                                      Path(cfg.figures), only):
                 print(f"wrote {path}")
             return
         report(cfg.sweep, cfg.include)
     except FileNotFoundError as error:
         sys.exit(f"error: {error}")
+    except KeyError as error:  # a block name that vae/results.py does not know
+        sys.exit(f"error: {error.args[0]}")
     print(Path(cfg.sweep, "report.md").read_text(), end="")
 
 

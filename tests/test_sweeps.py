@@ -135,6 +135,10 @@ def test_documents_are_filled_from_the_recipes_outputs(tmp_path):
     assert fill(filled, out) == filled  # filling again changes nothing
     with pytest.raises(KeyError, match="nope"):
         fill("<!-- report:nope -->\n<!-- /report:nope -->", out)
+    partly = fill(document, out, only=["speed"])  # `python report.py blocks=[speed]`: the others stay as they are
+    assert "old text" in partly and "_Not run yet: `python bench.py experiment=bench`._" in partly
+    with pytest.raises(KeyError, match=r"blocks=\['nope'\]"):
+        fill(document, out, only=["speed", "nope"])
 
 
 def test_a_diverging_job_is_recorded_and_the_sweep_goes_on(tmp_path):
@@ -181,6 +185,18 @@ def test_report_of_a_missing_sweep_is_one_line_and_creates_nothing(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"error: no such directory: {tmp_path / 'nowhere'}"
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_report_of_an_unknown_block_is_one_line_and_leaves_the_document_as_it_was(tmp_path):
+    document = tmp_path / "results.md"
+    document.write_text("<!-- report:speed -->\nold\n<!-- /report:speed -->\n")
+    result = subprocess.run([sys.executable, "report.py", "blocks=[speed,nope]", f"documents=[{document}]",
+                             f"experiments={tmp_path}", f"sweeps={tmp_path}", f"figures={tmp_path / 'figures'}"],
+                            cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: blocks=['nope']: no such block; known: quickstart")
+    assert document.read_text() == "<!-- report:speed -->\nold\n<!-- /report:speed -->\n"
+    assert not (tmp_path / "figures").exists()
 
 
 def test_a_sweep_in_progress_says_how_many_jobs_are_done(tmp_path):

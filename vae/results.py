@@ -13,7 +13,7 @@ import math
 import re
 import shutil
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -745,12 +745,23 @@ BLOCKS: dict[str, Callable[[Outputs], str]] = {
 }
 
 
-def fill(text: str, out: Outputs) -> str:
-    """`text` with every report block's contents made anew from the outputs."""
+def check_blocks(only: Collection[str] | None) -> None:
+    unknown = sorted(set(only or ()) - set(BLOCKS))
+    if unknown:
+        raise KeyError(f"blocks={unknown}: no such block; known: {', '.join(BLOCKS)}")
+
+
+def fill(text: str, out: Outputs, only: Collection[str] | None = None) -> str:
+    """`text` with every report block's contents (or those of the blocks named in `only`) made
+    anew from the outputs."""
+    check_blocks(only)
+
     def block(match: re.Match) -> str:
         name = match.group(2)
         if name not in BLOCKS:
             raise KeyError(f"<!-- report:{name} -->: no such block; known: {', '.join(BLOCKS)}")
+        if only is not None and name not in only:
+            return match.group(0)
         try:
             contents = BLOCKS[name](out)
         except NotRun as missing:
@@ -760,12 +771,15 @@ def fill(text: str, out: Outputs) -> str:
     return BLOCK.sub(block, text)
 
 
-def write_results(experiments: Path, sweeps: Path, documents: list[Path], figures: Path) -> list[Path]:
-    """Fill the report blocks of each document (docs/ documents with commits and dates); return them."""
+def write_results(experiments: Path, sweeps: Path, documents: list[Path], figures: Path,
+                  only: Collection[str] | None = None) -> list[Path]:
+    """Fill the report blocks of each document (those named in `only`; docs/ documents with commits
+    and dates); return them."""
+    check_blocks(only)
     figures.mkdir(parents=True, exist_ok=True)
     for document in documents:
         if not document.is_file():
             raise FileNotFoundError(f"no document {document} to fill in")
         out = Outputs(experiments, sweeps, figures, full=document.name != "README.md")
-        document.write_text(fill(document.read_text(), out))
+        document.write_text(fill(document.read_text(), out, only))
     return documents
