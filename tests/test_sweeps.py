@@ -410,6 +410,8 @@ def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll
     rows = [line for line in block.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert rows == ["| 1 | 32 | 3 | 1 | 0 min 10 s | -92.00 | 25.0 | **86.20 ± 0.05** |",
                     "| 0 | 16 | 0 | 1 | 0 min 10 s | -93.00 | 25.0 | **87.00 ± 0.05** |"]
+    assert "_Not run yet: `python train.py -m experiment=levers_bf16`._" in fill(
+        "<!-- report:levers_bf16 -->\n<!-- /report:levers_bf16 -->\n", out)
     assert "_Not run yet: `python train.py -m experiment=levers_schedule`._" in fill(
         "<!-- report:levers_schedule -->\n<!-- /report:levers_schedule -->\n", out)
     assert "_Not run yet: `python train.py experiment=best_one_hour`._" in fill(
@@ -424,6 +426,23 @@ def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll
     assert "| ELBO after epoch 1 (0 min 10 s of training), one t per image | -90.50 |" in block
     assert "| **NLL, IW bound with K=100 on every image** | **85.10** |" in block
     assert "1,000 random images | **84.32 ± 0.04** |" in block and "| IWAE, two stochastic layers, k=50 (Burda et al. 2016) | 82.90 |" in block
+
+
+def test_the_bf16_lever_table_names_each_runs_layers(tmp_path):
+    sweep, evaluations = tmp_path / "multirun" / "levers_bf16", tmp_path / "multirun" / "levers_bf16_likelihood"
+    for job, (overrides, elbo, nll) in {"0": (["trainer.bf16=false"], -91.0, 85.9), "1": (["trainer.bf16=true"], -90.5, 85.6)}.items():
+        fake_job(sweep / job, [*overrides, "experiment=levers_bf16"], [-540.0, elbo])
+        lines = [{**json.loads(line), "test_kl": 26.0} for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
+        (sweep / job / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+        (evaluations / job).mkdir(parents=True)
+        (evaluations / job / "metrics.json").write_text(json.dumps(
+            {"run": str(sweep / job), "whole_split_nll": nll, "whole_split_nll_standard_error": 0.09}))
+    out = Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False)
+    block = fill("<!-- report:levers_bf16 -->\n<!-- /report:levers_bf16 -->\n", out)
+    assert "| bfloat16 layers (`trainer.bf16`) | epochs in the budget |" in block
+    rows = [line for line in block.splitlines() if line.startswith("| `")]
+    assert rows == ["| `true` | 1 | 0 min 10 s | -90.50 | 26.0 | **85.60 ± 0.09** |",
+                    "| `false` | 1 | 0 min 10 s | -91.00 | 26.0 | **85.90 ± 0.09** |"]
 
 
 def test_the_best_one_hour_iwae_block_sets_the_two_forks_side_by_side(tmp_path):

@@ -519,6 +519,11 @@ def levers_schedule(out: Outputs) -> str:
     return lever_table(out, "levers_schedule", [("schedule", "learning-rate schedule", "none")], "epochs")
 
 
+def levers_bf16(out: Outputs) -> str:
+    """The best configuration's layers in float32 against bfloat16 autocast, at equal wall time."""
+    return lever_table(out, "levers_bf16", [("trainer.bf16", "bfloat16 layers (`trainer.bf16`)", "false")])
+
+
 def best_one_hour(out: Outputs) -> str:
     """The strongest configuration of the lever tables under the one-hour protocol, its K=5000 NLL."""
     return likelihood(out, "best_one_hour")
@@ -737,7 +742,7 @@ BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "speed": speed, "speed_short": speed_short, "faults": faults, "likelihoods": likelihoods,
     "likelihood_pixels": likelihood_pixels, "one_hour_gray": one_hour_gray,
     "one_hour_gaussian": lambda out: one_hour_gray(out, "one_hour_gaussian"), "levers": levers,
-    "levers_training": levers_training, "levers_schedule": levers_schedule, "best_one_hour": best_one_hour,
+    "levers_training": levers_training, "levers_schedule": levers_schedule, "levers_bf16": levers_bf16, "best_one_hour": best_one_hour,
     "best_one_hour_iwae": best_one_hour_iwae,
     "data_parallel": data_parallel, "likelihoods_beta": likelihoods_beta,
     "likelihoods_beta_loc": lambda out: likelihoods_beta(out, "likelihoods_beta_loc", "loc"),
