@@ -394,17 +394,23 @@ def test_levers_table_ranks_the_runs_by_their_test_nll_and_says_which_are_not_ev
     assert rows[2].startswith("| `iwae` | 0 | 1 |") and "not evaluated yet" in rows[2]
 
 
-def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll(tmp_path):
-    sweep, evaluations = tmp_path / "multirun" / "levers_training", tmp_path / "multirun" / "levers_training_likelihood"
-    runs = {"0": (["model.residual_blocks=0", "model.latent_dim=16"], -93.0, 87.0),
-            "1": (["model.residual_blocks=1", "model.latent_dim=32", "trainer.kl_warmup_epochs=3"], -92.0, 86.2)}
+def fake_lever_sweep(tmp_path, name, runs, kl, standard_error):
+    """multirun/NAME and multirun/NAME_likelihood as `experiment=NAME` leaves them: one job per entry
+    of `runs` ({job: (overrides, last test ELBO, test NLL)}), each run's test KL `kl`."""
+    sweep, evaluations = tmp_path / "multirun" / name, tmp_path / "multirun" / f"{name}_likelihood"
     for job, (overrides, elbo, nll) in runs.items():
-        fake_job(sweep / job, [*overrides, "experiment=levers_training"], [-540.0, elbo])
-        lines = [{**json.loads(line), "test_kl": 25.0} for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
+        fake_job(sweep / job, [*overrides, f"experiment={name}"], [-540.0, elbo])
+        lines = [{**json.loads(line), "test_kl": kl} for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
         (sweep / job / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
         (evaluations / job).mkdir(parents=True)
         (evaluations / job / "metrics.json").write_text(json.dumps(
-            {"run": str(sweep / job), "whole_split_nll": nll, "whole_split_nll_standard_error": 0.05}))
+            {"run": str(sweep / job), "whole_split_nll": nll, "whole_split_nll_standard_error": standard_error}))
+
+
+def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll(tmp_path):
+    fake_lever_sweep(tmp_path, "levers_training", {
+        "0": (["model.residual_blocks=0", "model.latent_dim=16"], -93.0, 87.0),
+        "1": (["model.residual_blocks=1", "model.latent_dim=32", "trainer.kl_warmup_epochs=3"], -92.0, 86.2)}, 25.0, 0.05)
     out = Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False)
     block = fill("<!-- report:levers_training -->\n<!-- /report:levers_training -->\n", out)
     rows = [line for line in block.splitlines() if line.startswith("| ") and line[2].isdigit()]
@@ -429,14 +435,8 @@ def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll
 
 
 def test_the_bf16_lever_table_names_each_runs_layers(tmp_path):
-    sweep, evaluations = tmp_path / "multirun" / "levers_bf16", tmp_path / "multirun" / "levers_bf16_likelihood"
-    for job, (overrides, elbo, nll) in {"0": (["trainer.bf16=false"], -91.0, 85.9), "1": (["trainer.bf16=true"], -90.5, 85.6)}.items():
-        fake_job(sweep / job, [*overrides, "experiment=levers_bf16"], [-540.0, elbo])
-        lines = [{**json.loads(line), "test_kl": 26.0} for line in (sweep / job / "metrics.jsonl").read_text().splitlines()]
-        (sweep / job / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
-        (evaluations / job).mkdir(parents=True)
-        (evaluations / job / "metrics.json").write_text(json.dumps(
-            {"run": str(sweep / job), "whole_split_nll": nll, "whole_split_nll_standard_error": 0.09}))
+    fake_lever_sweep(tmp_path, "levers_bf16", {"0": (["trainer.bf16=false"], -91.0, 85.9),
+                                               "1": (["trainer.bf16=true"], -90.5, 85.6)}, 26.0, 0.09)
     out = Outputs(tmp_path / "outputs", tmp_path / "multirun", tmp_path / "figures", full=False)
     block = fill("<!-- report:levers_bf16 -->\n<!-- /report:levers_bf16 -->\n", out)
     assert "| bfloat16 layers (`trainer.bf16`) | epochs in the budget |" in block
