@@ -21,7 +21,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
-from vae.results import write_results
+from vae.results import UnknownBlock, write_results
 from vae.sweeps import plot, read_failures, read_jobs, summarize, write_table
 
 
@@ -55,7 +55,7 @@ def main(cfg: DictConfig) -> None:
         report(cfg.sweep, cfg.include)
     except FileNotFoundError as error:
         sys.exit(f"error: {error}")
-    except KeyError as error:  # a block name that vae/results.py does not know
+    except UnknownBlock as error:  # a block name that vae/results.py does not know
         sys.exit(f"error: {error.args[0]}")
     print(Path(cfg.sweep, "report.md").read_text(), end="")
 
