@@ -33,6 +33,18 @@ def fast_config():
     return lambda *overrides: compose_config(*FAST, *overrides)
 
 
+def process_starts(run_dir: Path) -> list[tuple[int, int]]:
+    """(epoch, batch) at which each process that trained in `run_dir` began, oldest first, from its
+    provenance.jsonl: (1, 0) for a fresh start; a resume begins where its checkpoint stopped.
+
+    Resume tests assert these, not only the final weights and epoch list: training is determined
+    by the seed and a fresh start rewrites metrics.jsonl, so a resume that ignored its checkpoint
+    and trained again from epoch 1 would end with the same weights and epochs, but start at (1, 0)."""
+    from vae.provenance import read_provenance
+
+    return [(entry["epoch"], entry["batch"]) for entry in read_provenance(run_dir)]
+
+
 def trained_run(out_dir: Path, *overrides: str) -> Path:
     """`out_dir`, holding a run of train.py on the FAST settings plus the overrides, from seed 0."""
     from train import train  # imported here: the config fixtures above need no training code

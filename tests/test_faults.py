@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from conftest import FAST, PROJECT_DIR
+from conftest import FAST, PROJECT_DIR, process_starts
 
 SETTINGS = [*FAST, "data.subset=512", "data.batch_size=16", "trainer.epochs=3"]  # 32 steps an epoch
 
@@ -27,6 +27,14 @@ def provenance_lines(run_dir) -> int:
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
     return torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["param_store"]["params"]
+
+
+def saved_position(run_dir) -> tuple[int, int]:
+    """(epoch, batch) the run directory's checkpoint continues at; (1, 0) before the first one."""
+    if not (run_dir / "checkpoint.pt").is_file():
+        return (1, 0)
+    saved = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return (saved["epoch"], saved["next_batch"] if saved["batches"] is not None else 0)
 
 
 def start(run_dir) -> tuple[subprocess.Popen, float]:
@@ -45,17 +53,22 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
     assert process.wait(timeout=300) == 0
     duration = time.monotonic() - began  # the moments are fractions of it: as fast or slow as this machine
     moments = random.Random(0)
-    kills = 0
+    kills, positions = 0, []
     for _ in range(3):  # each time: start (or resume), let it train a random part of a run, kill -9
+        positions.append(saved_position(killed))  # where the next process must begin
         process, began = start(killed)
         time.sleep(max(0.0, began + moments.uniform(0.05, 0.4) * duration - time.monotonic()))
         if process.poll() is None:
             process.send_signal(signal.SIGKILL)
             kills += 1
         process.wait(timeout=60)
+    positions.append(saved_position(killed))
     finished = subprocess.run(command(killed), cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300)
     assert finished.returncode == 0, finished.stderr
     assert kills >= 2  # the moments fell inside the training, not after it
+    # every process began where the checkpoint left by the one before it stopped (a restart from
+    # scratch would begin at (1, 0) and, being seeded, still end with the same weights and epochs)
+    assert process_starts(killed) == positions and positions[-1] > (1, 0), positions
     epochs = [json.loads(line)["epoch"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [0, 1, 2, 3]
     straight_weights = weights(straight)

@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from guide import Encoder, ScoreFunctionNormal, guide, posterior
-from model import Decoder, likelihood as likelihood_of, log_joint, model, prior
+from model import Decoder, log_joint, model, prior
 
 IMAGE_SHAPE = (1, 8, 8)
 LATENT_DIM = 3
@@ -156,14 +156,21 @@ def test_network_rejects_image_shape_it_cannot_take():
         Encoder((1, 30, 30), LATENT_DIM, channels=[4, 8], hidden_dim=16)
 
 
-def test_gaussian_scale_stays_above_floor():
+@pytest.mark.parametrize("raw_scale", [-200.0, 0.0, 3.0])
+def test_gaussian_scale_is_the_floor_plus_softplus_and_reaches_the_floor(raw_scale):
+    """x_scale = min_scale + softplus(raw): pushed far negative the scale is exactly the floor, never
+    below it or NaN; the decoder's output channels are (loc, raw scale) in that order, x_loc = sigmoid."""
     _, decoder = networks("gaussian")
+    last = decoder.upsample[-1]  # the transposed convolution that outputs (loc, raw scale) per pixel
     with torch.no_grad():
-        for p in decoder.parameters():
-            p.fill_(-50.0)  # drive the raw scale far negative
-    x_loc, x_scale = decoder(torch.ones(2, LATENT_DIM))
-    assert (x_scale >= 1e-3).all() and torch.isfinite(x_scale).all()
-    assert ((x_loc >= 0) & (x_loc <= 1)).all()
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([0.7, raw_scale]))  # channel 0: loc, channel 1: the raw scale
+    x_loc, x_scale = decoder(torch.randn(2, LATENT_DIM))
+    assert torch.equal(x_loc, torch.full_like(x_loc, torch.sigmoid(torch.tensor(0.7)).item()))
+    expected = torch.tensor(1e-3) + F.softplus(torch.tensor(raw_scale))
+    assert torch.equal(x_scale, torch.full_like(x_scale, expected.item()))
+    if raw_scale < -100:
+        assert torch.equal(x_scale, torch.full_like(x_scale, 1e-3))  # the floor itself, in float32
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
@@ -190,5 +197,10 @@ def test_posterior_and_log_joint_read_the_guide_and_model(likelihood):
     assert t.shape == (5, LATENT_DIM) and q_t.batch_shape == (5,) and q_t.event_shape == (LATENT_DIM,)
     log_p_x, log_p_t = log_joint(x, t, decoder)
     torch.testing.assert_close(log_p_t, normal_log_density(t, torch.zeros_like(t), torch.ones_like(t)).sum(-1))
-    torch.testing.assert_close(log_p_x, likelihood_of(decoder, t).log_prob(x))
+    if likelihood == "bernoulli":  # log p(x|t) written out, not read through model.likelihood again
+        logits = decoder(t)
+        by_hand = (x * logits - F.softplus(logits)).sum((1, 2, 3))
+    else:
+        by_hand = normal_log_density(x, *decoder(t)).sum((1, 2, 3))
+    torch.testing.assert_close(log_p_x, by_hand)
     torch.testing.assert_close(prior(5, LATENT_DIM, like=x).log_prob(t), log_p_t)

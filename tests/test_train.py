@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_module
-from conftest import FAST, PROJECT_DIR, compose_config, mnist_root
+from conftest import FAST, PROJECT_DIR, compose_config, mnist_root, process_starts
 from train import TrainingDiverged, train
 from vae import build
 from vae import checkpoint as checkpoint_module
@@ -96,7 +96,8 @@ def test_resume_gives_identical_parameters_and_metrics(fast_config, tmp_path):
     train(fast_config("trainer.epochs=2", f"resume={split}"), tmp_path / "ignored")
     for name, value in param_snapshot().items():
         assert torch.equal(value, straight_params[name]), name
-    assert [entry["epoch"] for entry in read_provenance(split)] == [1, 2]  # a line per process: start, resume
+    assert process_starts(split) == [(1, 0), (2, 0)]  # a line per process: start, resume after epoch 1
+    assert not (tmp_path / "ignored").exists()  # the resumed run goes on in its own directory
     timing = {"seconds", "test_seconds", "wall_time"}
     strip = lambda ms: [{k: v for k, v in m.items() if k not in timing} for m in ms]
     assert strip(read_metrics(split)) == strip(read_metrics(straight))
@@ -111,6 +112,7 @@ def test_time_budget_ends_training_with_the_epoch_that_spends_it(fast_config, tm
     assert resumed["epoch"] == 1 and len(read_metrics(tmp_path)) == 2
     train(fast_config("trainer.epochs=2", "trainer.test_every=5"), tmp_path)  # without a budget it goes on
     assert [m["epoch"] for m in read_metrics(tmp_path)] == [0, 1, 2]
+    assert process_starts(tmp_path) == [(1, 0), (2, 0), (2, 0)]  # each later process began after epoch 1
 
 
 def observe_then_signal(observe, signum, step=5):
@@ -146,6 +148,7 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(fast_config, tmp_path, mo
     for name, value in param_snapshot().items():
         assert torch.equal(value, straight_params[name]), name
     assert [m["epoch"] for m in read_metrics(interrupted)] == [0, 1, 2]
+    assert process_starts(interrupted) == [(1, 0), (1, 5)]  # the second process began at the saved step
 
 
 def test_preemption_signal_saves_then_hands_on_to_submitit(fast_config, tmp_path, monkeypatch):
@@ -178,6 +181,7 @@ def test_preemption_signal_saves_then_hands_on_to_submitit(fast_config, tmp_path
     train(fast_config(), preempted)  # the requeued job: continues from step 5
     for name, value in param_snapshot().items():
         assert torch.equal(value, straight_params[name]), name
+    assert process_starts(preempted) == [(1, 0), (1, 5)]
 
 
 @pytest.mark.parametrize("option", ["trainer.channels_last=true", "trainer.compile=true"])
@@ -200,6 +204,7 @@ def test_speed_options_compute_the_same_networks(fast_config, tmp_path, option):
     pyro.clear_param_store()
     train(fast_config("trainer.epochs=2"), tmp_path)  # resumed without the option
     assert [m["epoch"] for m in read_metrics(tmp_path)] == [0, 1, 2]
+    assert process_starts(tmp_path) == [(1, 0), (2, 0)]
 
 
 def test_kl_warm_up_raises_beta_linearly_over_its_epochs_then_trains_the_elbo(fast_config, tmp_path, monkeypatch):
@@ -247,6 +252,7 @@ def test_bf16_runs_the_layers_in_bfloat16_and_keeps_log_densities_float32(fast_c
     pyro.clear_param_store()
     train(fast_config("trainer.epochs=2"), tmp_path)  # resumed without the option
     assert [m["epoch"] for m in read_metrics(tmp_path)] == [0, 1, 2]
+    assert process_starts(tmp_path) == [(1, 0), (2, 0)]
     assert all(math.isfinite(m["test_elbo"]) for m in read_metrics(tmp_path))
 
 
@@ -377,6 +383,7 @@ def test_resume_takes_a_new_learning_rate_and_a_new_optimizer(fast_config, tmp_p
         train(fast_config("trainer.epochs=2", *overrides), run)
         weights[name] = param_snapshot()
         assert [m["epoch"] for m in read_metrics(run)] == [0, 1, 2]
+        assert process_starts(run) == [(1, 0), (2, 0)], name
     pyro.clear_param_store()
     train(fast_config("trainer.epochs=2"), tmp_path / "straight")
     assert all(torch.equal(v, param_snapshot()[k]) for k, v in weights["same"].items())  # nothing changed: exact
@@ -417,6 +424,7 @@ def test_resume_may_change_the_objective_of_a_reparameterized_guide(fast_config,
     plain_params = param_snapshot()
     pyro.clear_param_store()
     train(fast_config("trainer.epochs=2", "estimator=iwae"), tuned)
+    assert process_starts(tuned) == [(1, 0), (2, 0)]  # epoch 1 kept, not trained again on the IW bound
     assert read_metrics(tuned)[:2] == read_metrics(plain)[:2]
     assert read_metrics(tuned)[2]["train_elbo"] > read_metrics(plain)[2]["train_elbo"]  # log p(x) >= IW bound >= ELBO
     assert not all(torch.equal(v, plain_params[k]) for k, v in param_snapshot().items())
@@ -438,6 +446,7 @@ def test_metrics_agree_with_the_checkpoint_after_a_crash(fast_config, tmp_path):
     assert read_metrics_leaving_out_a_cut_line(crashed)[-1]["epoch"] == 2  # the cut line is left out when read
     pyro.clear_param_store()
     train(fast_config(), crashed)
+    assert process_starts(crashed) == [(1, 0), (2, 0)]
     assert [m["epoch"] for m in read_metrics(crashed)] == [0, 1, 2]
     assert all(torch.equal(v, straight_params[k]) for k, v in param_snapshot().items())
     assert (crashed / "metrics.jsonl").read_text().count("\n") == 3  # no cut line left behind
@@ -453,6 +462,7 @@ def test_an_older_checkpoint_starts_a_new_run_and_never_overwrites_the_newer(fas
     train(fast_config(f"resume={run / 'checkpoint_epoch_001.pt'}"), branch)
     assert (run / "checkpoint.pt").read_bytes() == newest and len(read_metrics(run)) == 3
     assert [m["epoch"] for m in read_metrics(branch)] == [0, 1, 2]  # epochs 0-1 carried over, 2 trained anew
+    assert process_starts(branch) == [(2, 0)]  # the branch began after epoch 1, from the copy
     assert read_metrics(branch)[:2] == read_metrics(run)[:2]
 
 

@@ -15,7 +15,7 @@ import sys
 import pyro
 import pytest
 import torch
-from conftest import FAST, PROJECT_DIR, compose_config
+from conftest import FAST, PROJECT_DIR, compose_config, process_starts
 from hydra.utils import instantiate
 
 from train import train
@@ -123,6 +123,8 @@ def test_nn_baseline_run_resumes_exactly(tmp_path):
     train(compose_config(*overrides, "trainer.epochs=1"), tmp_path / "split")
     pyro.clear_param_store()
     train(compose_config(*overrides, "trainer.epochs=2", f"resume={tmp_path / 'split'}"), tmp_path / "ignored")
+    assert process_starts(tmp_path / "split") == [(1, 0), (2, 0)]  # resumed after epoch 1, not trained again
+    assert not (tmp_path / "ignored").exists()
     for name, value in pyro.get_param_store().items():
         assert torch.equal(value, straight[name]), name
 
