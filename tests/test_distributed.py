@@ -1,6 +1,7 @@
 """Data-parallel training (vae/distributed.py): two gloo processes on their shares of each batch take
 the same steps as one process on the whole batch, for each kind of estimator; torchrun trains one
-run that one process resumes; a signal to one rank stops both after the same step, saved."""
+run that one process resumes, and a run of one process resumes on two ranks; a signal to one rank
+stops both after the same step, saved."""
 from __future__ import annotations
 
 import json
@@ -22,7 +23,7 @@ import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 from hydra import compose, initialize_config_dir
 
-from conftest import FAST, PROJECT_DIR, compose_config
+from conftest import FAST, PROJECT_DIR, compose_config, process_starts
 from guide import ScoreFunctionNormal
 from vae import distributed
 from vae.build import build_networks, build_svi, svi_step
@@ -179,7 +180,69 @@ def test_torchrun_trains_one_run_that_one_process_resumes(tmp_path):
                              text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [m["epoch"] for m in read_metrics(run_dir)] == [0, 1, 2, 3]
+    assert process_starts(run_dir) == [(1, 0), (3, 0)]  # the resumed process began after epoch 2
     assert sorted(p.name for p in run_dir.parent.iterdir()) == ["run"]  # rank 1 wrote no directory of its own here
+
+
+def resume_worker(rank: int, port: int, run_dir: str, overrides: list[str], out: str) -> None:
+    """Rank `rank` of two: train.train resuming `run_dir`; saved to `out`.<rank>: this rank's parameters
+    after it, and its torch RNG state as each epoch began (as restored, for the first)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch_dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        from train import train
+
+        rng_states, epoch_batches = [], distributed.epoch_batches
+
+        def recording_epoch_batches(*args):
+            rng_states.append(torch.get_rng_state())
+            return epoch_batches(*args)
+
+        distributed.epoch_batches = recording_epoch_batches  # this spawned process's module only
+        pyro.clear_param_store()
+        train(compose_config(*FAST, *overrides, f"resume={run_dir}"), Path(run_dir), Ranks(rank, 2, rank))
+        params = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+        torch.save({"params": params, "rng_states": rng_states}, f"{out}.{rank}")
+    finally:
+        torch_dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # as rank_worker, without the interpreter's teardown
+
+
+def test_a_run_of_one_process_resumes_on_two_ranks(tmp_path):
+    """README: any number of processes resumes the run. Trained alone for epoch 1, then two ranks
+    go on from its checkpoint: both with its weights and optimizer, in step (the same parameters on
+    each rank after epoch 2), rank 1 with noise of its own; epochs 0 and 1 stay the alone run's."""
+    from train import train
+
+    run_dir, out = tmp_path / "run", tmp_path / "params"
+    train(compose_config(*FAST, "threads=1", "trainer.epochs=1"), run_dir)
+    alone = read_metrics(run_dir)
+    epoch_1 = torch.load(run_dir / "checkpoint.pt", weights_only=False)["param_store"]["params"]
+    mp.spawn(resume_worker, args=(free_port(), str(run_dir), ["threads=1", "trainer.epochs=2"], str(out)), nprocs=2,
+             join=True)
+    assert process_starts(run_dir) == [(1, 0), (2, 0)]  # the two ranks began after epoch 1
+    assert [entry["ranks"] for entry in json_lines(run_dir / "provenance.jsonl")] == [1, 2]
+    metrics = read_metrics(run_dir)
+    assert [m["epoch"] for m in metrics] == [0, 1, 2] and metrics[:2] == alone
+
+    params, rng_states = zip(*((saved["params"], saved["rng_states"]) for saved in
+                               (torch.load(f"{out}.{rank}", weights_only=False) for rank in (0, 1))))
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    assert set(params[0]) == set(params[1]) == set(epoch_1)
+    for name, value in params[0].items():
+        assert torch.equal(params[1][name], value), name  # in step: one model on two ranks
+        assert torch.equal(saved["param_store"]["params"][name], value), name  # rank 0's, saved
+    assert not all(torch.equal(params[0][name], epoch_1[name]) for name in epoch_1)  # epoch 2 trained
+    assert len(rng_states[0]) == len(rng_states[1]) == 1  # epoch 2 only
+    assert not torch.equal(rng_states[0][0], rng_states[1][0])  # rank 1 draws noise of its own, not rank 0's
+    assert len(saved["rank_rngs"]) == 2
+
+
+def json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def rank_pid(ancestor: int, rank: int, timeout: float = 120) -> int:
@@ -229,6 +292,7 @@ def test_a_signal_to_one_rank_stops_both_after_the_same_step_saved(tmp_path):
                               f"resume={run_dir}"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert [m["epoch"] for m in read_metrics(run_dir)] == list(range(41))  # each epoch once
+    assert process_starts(run_dir) == [(1, 0), stopped_at]  # the resume began at the step both ranks stopped after
 
 
 def test_what_does_not_train_data_parallel_is_refused():

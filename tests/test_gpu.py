@@ -5,6 +5,7 @@ import pyro
 import pytest
 import torch
 
+from conftest import process_starts
 from train import train
 
 pytestmark = [
@@ -26,6 +27,7 @@ def test_cuda_training_keeps_everything_on_the_gpu_and_resumes(fast_config, tmp_
     result = train(fast_config("device=cuda", "trainer.epochs=2", f"resume={split}"), tmp_path / "ignored")
     for name, value in pyro.get_param_store().items():
         torch.testing.assert_close(value, straight_params[name], msg=name)
+    assert process_starts(split) == [(1, 0), (2, 0)]  # resumed after epoch 1, not trained afresh
     assert result["test_elbo"] < 0
 
 
