@@ -161,13 +161,25 @@ def at_common_epoch(seeds: list[list[dict[str, Any]]]) -> tuple[int, list[dict[s
     return epoch, [next(m for m in metrics if m["epoch"] == epoch) for metrics in seeds]
 
 
-def estimator_rows(out: Outputs) -> tuple[list[dict[str, Any]], dict[str, list[list[dict[str, Any]]]]]:
-    sweep, jobs = trained_jobs(out, "estimators")
+def estimator_numbers(jobs: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    """summarize's row per estimator, in ESTIMATOR_ORDER, each with every seed's best test ELBO up to
+    the row's epoch (the last that all its seeds reached) and its test KL at that epoch, as its test ELBO."""
     rows = summarize(jobs)
     order = {f"estimator={name}": i for i, name in enumerate(ESTIMATOR_ORDER)}
     rows.sort(key=lambda row: order.get(row["configuration"], len(order)))
+    for row in rows:
+        seeds = [[m for m in metrics if m["epoch"] <= row["epoch"]] for metrics in jobs[row["configuration"]]]
+        row["test_elbo_best_seeds"] = [max(m["test_elbo"] for m in metrics if m.get("test_elbo") is not None)
+                                       for metrics in seeds]
+        row["test_kl_seeds"] = [metrics[-1].get("test_kl") for metrics in seeds]
+    return rows
+
+
+def estimator_rows(out: Outputs) -> list[dict[str, Any]]:
+    """estimator_numbers of experiment=estimators; its figure, estimators.png, into the figures."""
+    rows = estimator_numbers(trained_jobs(out, "estimators")[1])
     plot(rows).savefig(out.figures / "estimators.png", dpi=110)
-    return rows, jobs
+    return rows
 
 
 def sweep_progress(sweep: Path) -> str:
@@ -199,16 +211,11 @@ def estimator_name(row: dict[str, Any]) -> str:
 
 
 def estimators(out: Outputs) -> str:
-    rows, jobs = estimator_rows(out)
-    lines = []
-    for row in rows:
-        seeds = [[m for m in metrics if m["epoch"] <= row["epoch"]] for metrics in jobs[row["configuration"]]]
-        best = [max(m["test_elbo"] for m in metrics if m.get("test_elbo") is not None) for metrics in seeds]
-        kl = [metrics[-1]["test_kl"] for metrics in seeds]  # at the row's epoch, as its test ELBO
-        lines.append([estimator_name(row), row["seeds"], row["epoch"], f"**{nats(row['test_elbo_median'])}**",
-                      f"{nats(row['test_elbo_mean'])} ± {nats(row['test_elbo_spread'])}",
-                      " / ".join(nats(v) for v in row["test_elbo_seeds"]), " / ".join(nats(v) for v in best),
-                      " / ".join(nats(v) for v in kl), f"{row['wall_time_mean']:.0f}"])
+    lines = [[estimator_name(row), row["seeds"], row["epoch"], f"**{nats(row['test_elbo_median'])}**",
+              f"{nats(row['test_elbo_mean'])} ± {nats(row['test_elbo_spread'])}",
+              " / ".join(nats(v) for v in row["test_elbo_seeds"]), " / ".join(nats(v) for v in row["test_elbo_best_seeds"]),
+              " / ".join(nats(v) for v in row["test_kl_seeds"]), f"{row['wall_time_mean']:.0f}"]
+             for row in estimator_rows(out)]
     head = ["estimator", "seeds", "epochs", "test ELBO: median", "mean ± sd", "each seed (0 / 1 / 2)",
             "best epoch, each seed", "KL(q ‖ p) at that epoch, each seed", "wall time (s), mean, two jobs at a time"]
     failures = "".join(f"\n\nFailed: `{f['configuration']}` seed {f['seed']}: {f['message']}"
@@ -218,9 +225,8 @@ def estimators(out: Outputs) -> str:
 
 
 def estimators_short(out: Outputs) -> str:
-    rows, _ = estimator_rows(out)
     lines = [[estimator_name(row), row["epoch"], f"**{nats(row['test_elbo_median'])}**",
-              " / ".join(nats(v) for v in row["test_elbo_seeds"])] for row in rows]  # speed: the speed table
+              " / ".join(nats(v) for v in row["test_elbo_seeds"])] for row in estimator_rows(out)]  # speed: the speed table
     return (table(["estimator", "epochs", "test ELBO, median of seeds", "each seed"], lines)
             + sweep_progress(out.sweep("estimators")) + "\n\n" + provenance_line(out, out.sweep("estimators")))
 
@@ -268,26 +274,36 @@ def likelihood_sample_quality(out: Outputs, sweep: str = "likelihoods_samples",
     return {label: [share for _, share in sorted(pairs)] for label, pairs in shares.items()}, pictures
 
 
-def likelihoods(out: Outputs) -> str:
-    sweep, jobs = trained_jobs(out, "likelihoods")
-    failed = failed_seeds(sweep)
-    samples, pictures = likelihood_sample_quality(out)
+def likelihood_rows(jobs: dict[str, list[list[dict[str, Any]]]], failed: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """One row per configuration of experiment=likelihoods whose seeds all have test bits/dim, best
+    (lowest) median first: at the last epoch every seed reached, the median bits/dim over seeds and
+    each seed's bits/dim, KL and share of pixels at the scale's floor (None when not recorded), and
+    the seeds that failed or diverged."""
     rows = []
     for label, seeds in jobs.items():
-        epoch, at = at_common_epoch(seeds)  # the last epoch every seed reached
+        epoch, at = at_common_epoch(seeds)
         bits = [m.get("test_bits_per_dim") for m in at]
         if any(b is None for b in bits):
             continue
-        rows.append((statistics.median(bits), [
-            *(f"`{option}`" for option in likelihood_options(label)), epoch,
-            f"**{statistics.median(bits):.3f}**", " / ".join(f"{b:.3f}" for b in bits),
-            " / ".join(f"{m['test_kl']:.1f}" for m in at),
-            " / ".join(f"{m.get('test_scale_at_floor', 0):.1%}" for m in at) if "test_scale_at_floor" in at[0] else "",
-            " / ".join(f"{share:.0%}" for share in samples[label]) if label in samples else "",
-            ", ".join(f"seed {seed}" for seed in failed.get(label, [])) or "none"]))
+        rows.append({"configuration": label, "options": likelihood_options(label), "epoch": epoch,
+                     "median": statistics.median(bits), "bits": bits, "kl": [m["test_kl"] for m in at],
+                     "at_floor": [m.get("test_scale_at_floor", 0) for m in at] if "test_scale_at_floor" in at[0] else None,
+                     "failed": failed.get(label, [])})
+    return sorted(rows, key=lambda row: row["median"])
+
+
+def likelihoods(out: Outputs) -> str:
+    sweep, jobs = trained_jobs(out, "likelihoods")
+    samples, pictures = likelihood_sample_quality(out)
+    rows = [[*(f"`{option}`" for option in row["options"]), row["epoch"], f"**{row['median']:.3f}**",
+             " / ".join(f"{b:.3f}" for b in row["bits"]), " / ".join(f"{kl:.1f}" for kl in row["kl"]),
+             " / ".join(f"{share:.1%}" for share in row["at_floor"]) if row["at_floor"] is not None else "",
+             " / ".join(f"{share:.0%}" for share in samples[row["configuration"]]) if row["configuration"] in samples else "",
+             ", ".join(f"seed {seed}" for seed in row["failed"]) or "none"]
+            for row in likelihood_rows(jobs, failed_seeds(sweep))]
     head = ["likelihood", "scale", "epochs", "test bits/dim (ELBO): median", "each seed", "KL (nats), each seed",
             "pixels at the scale's floor", "confident samples, each seed", "failed or diverged"]
-    return (table(head, [cells for _, cells in sorted(rows, key=lambda row: row[0])]) + sweep_progress(sweep)
+    return (table(head, rows) + sweep_progress(sweep)
             + "\n\n" + provenance_line(out, sweep, out.sweep("likelihoods_samples")) + pictures)
 
 
@@ -330,6 +346,21 @@ def largest_rise(metrics: list[dict[str, Any]], last_epoch: int) -> float:
     return max([0.0, *(later - earlier for earlier, later in zip(bits, bits[1:]))])
 
 
+def beta_rows(jobs: dict[str, list[list[dict[str, Any]]]], failed: dict[str, list[int]]) -> list[dict[str, Any]]:
+    """One row per trainer.nll_beta of experiment=likelihoods_beta, smallest beta first: at the last
+    epoch every seed reached, the median test bits/dim over seeds, each seed's bits/dim, KL, share of
+    pixels at the scale's floor and largest rise of bits/dim up to there, and the seeds that failed
+    or diverged."""
+    rows = []
+    for label, seeds in sorted(jobs.items(), key=lambda item: nll_beta_of(item[0])):
+        epoch, at = at_common_epoch(seeds)
+        bits = [m["test_bits_per_dim"] for m in at]
+        rows.append({"configuration": label, "beta": nll_beta_of(label), "epoch": epoch, "median": statistics.median(bits),
+                     "bits": bits, "kl": [m["test_kl"] for m in at], "at_floor": [m.get("test_scale_at_floor", 0) for m in at],
+                     "largest_rise": [largest_rise(metrics, epoch) for metrics in seeds], "failed": failed.get(label, [])})
+    return rows
+
+
 def likelihoods_beta(out: Outputs, name: str = "likelihoods_beta", target: str = "both") -> str:
     """The lecture's Gaussian (per-pixel scale) trained on the ELBO and on the beta-NLL (recipe `name`, its
     weight on `target`: trainer.nll_beta_target): each seed's test bits/dim and KL (the ELBO's, whatever
@@ -340,23 +371,19 @@ def likelihoods_beta(out: Outputs, name: str = "likelihoods_beta", target: str =
     samples, pictures = likelihood_sample_quality(out, f"{name}_samples", name_of)
     pixels = {label: metrics["groups"] for label, seed, metrics, _ in run_evaluations(out.sweep(f"{name}_pixels"))
               if seed == 0}
-    failed = failed_seeds(sweep)
     rows = []
-    for label, seeds in sorted(jobs.items(), key=lambda item: nll_beta_of(item[0])):
-        epoch, at = at_common_epoch(seeds)
-        bits = [m["test_bits_per_dim"] for m in at]
-        beta = nll_beta_of(label)
+    for row in beta_rows(jobs, failed_seeds(sweep)):
+        beta, label = row["beta"], row["configuration"]
         groups = pixels.get(label)
         rows.append([f"`trainer.nll_beta={beta:g}`" + (" (the ELBO)" if beta == 0 else "")
-                     + (f", `nll_beta_target={target}`" if beta and target != "both" else ""), epoch,
-                     f"**{statistics.median(bits):.3f}**", " / ".join(f"{b:.3f}" for b in bits),
-                     " / ".join(f"{m['test_kl']:.1f}" for m in at),
-                     " / ".join(f"{m.get('test_scale_at_floor', 0):.1%}" for m in at),
-                     " / ".join(f"{largest_rise(metrics, epoch):+.2f}" for metrics in seeds),
+                     + (f", `nll_beta_target={target}`" if beta and target != "both" else ""), row["epoch"],
+                     f"**{row['median']:.3f}**", " / ".join(f"{b:.3f}" for b in row["bits"]),
+                     " / ".join(f"{kl:.1f}" for kl in row["kl"]), " / ".join(f"{share:.1%}" for share in row["at_floor"]),
+                     " / ".join(f"{rise:+.2f}" for rise in row["largest_rise"]),
                      " / ".join(f"{share:.0%}" for share in samples[label]) if label in samples else "",
                      f"{groups['background']['median_scale']:.4f} / {groups['edge']['median_scale']:.4f}" if groups else "",
                      f"{groups['background']['bits_per_pixel']:.2f} / {groups['edge']['bits_per_pixel']:.2f}" if groups else "",
-                     ", ".join(f"seed {seed}" for seed in failed.get(label, [])) or "none"])
+                     ", ".join(f"seed {seed}" for seed in row["failed"]) or "none"])
     head = ["trained on", "epochs", "test bits/dim (ELBO): median", "each seed", "KL (nats), each seed",
             "pixels at the scale's floor", "largest rise of bits/dim in one epoch", "confident samples, each seed",
             "seed 0: median scale, background / edge",
@@ -482,21 +509,31 @@ def lever_table(out: Outputs, name: str, columns: list[tuple[str, str, str]],
     NAME_likelihood (ELBO + the IW gap at K=1000), best NLL first."""
     sweep, jobs = trained_jobs(out, name)
     evaluation = out.sweep(f"{name}_likelihood")
-    evaluated = {label: metrics for label, _, metrics, _ in run_evaluations(evaluation)}
-    rows = []
-    for label, seeds in jobs.items():
-        options = label_options(label)
-        tested = [m for m in seeds[0] if m.get("test_elbo") is not None]  # seed 0
-        nll = evaluated.get(label)
-        rows.append((nll["whole_split_nll"] if nll else math.inf, [
-            *(option_cell(options.get(key, default)) for key, _, default in columns), tested[-1]["epoch"],
-            minutes(tested[-1]["wall_time"]), nats(tested[-1]["test_elbo"]), f"{tested[-1]['test_kl']:.1f}",
-            f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**" if nll
-            else f"_not evaluated yet: `python evaluate.py -m experiment={name}_likelihood`_"]))
+    rows = [[*(option_cell(row["options"].get(key, default)) for key, _, default in columns), row["epoch"],
+             minutes(row["wall_time"]), nats(row["test_elbo"]), f"{row['test_kl']:.1f}",
+             f"**{nats(row['nll'])} ± {row['nll_standard_error']:.2f}**" if row["nll"] is not None
+             else f"_not evaluated yet: `python evaluate.py -m experiment={name}_likelihood`_"]
+            for row in lever_rows(jobs, run_evaluations(evaluation))]
     head = [header for _, header, _ in columns] + [
         epochs_header, "training time", "test ELBO (nats)", "KL(q ‖ p)", "test NLL (nats): ELBO + IW gap at K=1000"]
-    return (table(head, [cells for _, cells in sorted(rows, key=lambda row: row[0])]) + sweep_progress(sweep)
-            + "\n\n" + provenance_line(out, sweep, evaluation))
+    return table(head, rows) + sweep_progress(sweep) + "\n\n" + provenance_line(out, sweep, evaluation)
+
+
+def lever_rows(jobs: dict[str, list[list[dict[str, Any]]]], evaluations: list[tuple[str, int, dict[str, Any], Path]],
+               ) -> list[dict[str, Any]]:
+    """One row per run (seed 0 of each configuration), best (lowest) test NLL first, those not
+    evaluated last: its options, its last tested epoch's epoch, wall time, test ELBO and KL, and the
+    NLL and its standard error of its evaluation (None when not evaluated)."""
+    evaluated = {label: metrics for label, _, metrics, _ in evaluations}
+    rows = []
+    for label, seeds in jobs.items():
+        last = [m for m in seeds[0] if m.get("test_elbo") is not None][-1]  # seed 0
+        nll = evaluated.get(label)
+        rows.append({"configuration": label, "options": label_options(label), "epoch": last["epoch"],
+                     "wall_time": last["wall_time"], "test_elbo": last["test_elbo"], "test_kl": last["test_kl"],
+                     "nll": nll["whole_split_nll"] if nll else None,
+                     "nll_standard_error": nll["whole_split_nll_standard_error"] if nll else None})
+    return sorted(rows, key=lambda row: math.inf if row["nll"] is None else row["nll"])
 
 
 def option_cell(value: str) -> str:
