@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
@@ -37,9 +38,10 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     dataset_cls = get_class(cfg.data.dataset._target_)
     kwargs = {k: v for k, v in cfg.data.dataset.items() if k != "_target_"}
     inspect.signature(dataset_cls).bind(root=str(tmp_path), train=True, **kwargs)
-    if dataset_cls.__module__ == "data":  # file-free datasets are built for real
+    if dataset_cls.__module__ == "vae.data":  # file-free datasets are built for real
         dataset = instantiate(cfg.data.dataset, root=str(tmp_path), train=False)
-        assert len(dataset.data) == len(dataset.targets) > 0
+        assert dataset.data.shape == (cfg.data.dataset.num_test, 16, 16) and dataset.data.dtype == torch.uint8
+        assert len(dataset.targets) == len(dataset.data) and set(dataset.targets.tolist()) <= set(range(10))
 
     encoder = instantiate(cfg.model.encoder, image_shape=(1, 28, 28))
     decoder = instantiate(cfg.model.decoder, image_shape=(1, 28, 28))

@@ -11,7 +11,7 @@ import pyro
 import pytest
 import torch
 
-from conftest import FAST, compose_config
+from conftest import FAST, compose_config, process_starts
 from guide import Encoder
 from model import Decoder
 from train import train
@@ -64,6 +64,7 @@ def test_a_scheduled_run_stopped_and_resumed_equals_the_straight_run(tmp_path):
     run(tmp_path / "split", *schedule, "trainer.epochs=1")
     resumed = run(tmp_path / "ignored", *schedule, "trainer.epochs=3", f"resume={tmp_path / 'split'}")
     assert all(torch.equal(value, resumed[name]) for name, value in straight.items())
+    assert process_starts(tmp_path / "split") == [(1, 0), (2, 0)]  # resumed after epoch 1, not trained again
     rates = lambda d: [m["lr"] for m in read_metrics(d)[1:]]
     assert rates(tmp_path / "split") == rates(tmp_path / "straight") and len(rates(tmp_path / "split")) == 3
 
