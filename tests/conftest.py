@@ -1,13 +1,18 @@
 """Shared fixtures: configs composed the way Hydra composes them, and a clean Pyro state."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
+import numpy as np
 import pyro
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
+from PIL import Image
+from torchvision.utils import make_grid
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = PROJECT_DIR / "conf"
@@ -69,3 +74,17 @@ def mnist_root() -> Path | None:
     if root and (Path(root) / "MNIST" / "raw" / "train-images-idx3-ubyte").is_file():
         return Path(root)
     return None
+
+
+def assert_png_shows(path, images: torch.Tensor, nrow: int, rows: list[int] | None = None) -> None:
+    """The PNG at `path`, read back, is torchvision's grid of `images` (N, C, H, W) in [0, 1] with `nrow`
+    to a row (make_grid: 2-pixel padding, grey as RGB), within 8-bit rounding; only the grid rows
+    `rows` when given (the others, e.g. random draws, are not compared)."""
+    images = images.detach().float().cpu()
+    expected = make_grid(images, nrow=nrow) * 255  # (3, H', W'), the levels save_image rounds
+    saved = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float()  # (3, H', W')
+    assert saved.shape == expected.shape, (path.name, saved.shape, expected.shape)
+    band = images.shape[-2] + 2  # one grid row of tiles and its padding
+    for row in rows if rows is not None else range(math.ceil(len(images) / nrow)):
+        difference = (saved - expected)[:, row * band: (row + 1) * band + 2].abs().max().item()
+        assert difference <= 0.51, (path.name, row, difference)  # 0.5: save_image's rounding

@@ -15,12 +15,10 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import FAST, PROJECT_DIR, compose_config, trained_run
+from conftest import FAST, PROJECT_DIR, assert_png_shows, compose_config, trained_run
 from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
-from PIL import Image
 from torch import nn
-from torchvision.utils import make_grid
 
 import evaluate as evaluate_module
 from model import likelihood, log_joint, mean_image
@@ -50,20 +48,6 @@ def run_dir(tmp_path_factory):
 def evaluate(run_dir, tmp_path, task, *overrides):
     cfg = compose_config(f"run={run_dir if run_dir else 'null'}", f"task={task}", "device=cpu", *overrides, config_name="evaluate")
     return evaluate_module.evaluate(cfg, tmp_path)
-
-
-def assert_png_shows(path, images: torch.Tensor, nrow: int, rows: list[int] | None = None) -> None:
-    """The PNG at `path`, read back, is torchvision's grid of `images` (N, C, H, W) in [0, 1] with `nrow`
-    to a row (make_grid: 2-pixel padding, grey as RGB), within 8-bit rounding; only the grid rows
-    `rows` when given (the others, e.g. random draws, are not compared)."""
-    images = images.detach().float().cpu()
-    expected = make_grid(images, nrow=nrow) * 255  # (3, H', W'), the levels save_image rounds
-    saved = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float()  # (3, H', W')
-    assert saved.shape == expected.shape, (path.name, saved.shape, expected.shape)
-    band = images.shape[-2] + 2  # one grid row of tiles and its padding
-    for row in rows if rows is not None else range(math.ceil(len(images) / nrow)):
-        difference = (saved - expected)[:, row * band: (row + 1) * band + 2].abs().max().item()
-        assert difference <= 0.51, (path.name, row, difference)  # 0.5: save_image's rounding
 
 
 def assert_detection_is_the_saved_scores(metrics: dict, out_dir) -> None:

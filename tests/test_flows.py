@@ -12,12 +12,12 @@ import pytest
 import torch
 from pyro.infer import SVI, Trace_ELBO
 
-from conftest import FAST, compose_config, trained_run
+from conftest import FAST, assert_png_shows, compose_config, trained_run
 from evaluate import evaluate as evaluate_run
 from guide import Encoder, code, guide, posterior
 from model import Decoder, likelihood, model
 from tasks.impute import make_mask
-from test_evaluate import LinearGaussianDecoder, assert_detection_is_the_saved_scores, assert_png_shows
+from test_evaluate import LinearGaussianDecoder, assert_detection_is_the_saved_scores
 from vae.config import ConfigError, check_config
 from vae.data import load_split
 from vae.importance import log_weights

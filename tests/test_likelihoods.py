@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar
-from conftest import FAST, compose_config, trained_run
+from conftest import FAST, assert_png_shows, compose_config, trained_run
 
 import evaluate as evaluate_module
 from guide import Encoder
 from model import Decoder, likelihood, mean_image
 from tasks.generate import drawn_samples, prior_samples
 from tasks.impute import make_mask
-from test_evaluate import assert_detection_is_the_saved_scores, assert_png_shows
+from test_evaluate import assert_detection_is_the_saved_scores
 from train import train
 from vae.config import ConfigError, check_config
 from vae.data import bits_per_dim, load_split, observe
