@@ -145,8 +145,6 @@ def guide(
     baseline: dict[str, Any] | None = None,
     baseline_net: BaselineNet | None = None,
     kl_weight: float = 1.0,
-    nll_beta: float = 0.0,
-    nll_beta_target: str = "both",
 ) -> None:
     """q(t|x) for the minibatch `x` (B, C, H, W) at positions `index` (B,) of `num_data` images.
 
@@ -157,8 +155,6 @@ def guide(
         N/B * (log p(x_i, t_i) - log q(t_i|x_i)) - avg - N/B * b(x_i)
     (TraceGraph_ELBO's costs carry the plate's scale N/B, so b(x) is scaled alike).
     `kl_weight` scales log q(t|x) as `model` scales log p(t) (the KL warm-up; 1 is the ELBO).
-    `nll_beta`, `nll_beta_target` are the model's (SVI hands model and guide the same arguments); q(t|x)
-    does not use them.
     """
     pyro.module("encoder", encoder)
     options = dict(baseline or {})

@@ -257,44 +257,6 @@ class DiscretizedLogisticMixture(dist.TorchDistribution):
         return draws.gather(-1, k).squeeze(-1).reshape(shape)
 
 
-class ScaleWeighted(dist.TorchDistribution):
-    """A training objective, not a density: each pixel's log-density under the Gaussian `base` times
-    the fixed weight w = stop_gradient(scale^(2 beta)), scaled to average one over each image's
-    `event_dims` pixels: the beta-NLL of Seitzer et al. (2022), kept at the ELBO's total weight
-    against the KL. The mean's gradient at a pixel, (x - loc) / scale^2 under the ELBO, becomes
-    proportional to (x - loc) / scale^(2 - 2 beta): at beta = 1 every pixel's error counts alike, as
-    in a squared error. The weights are positive and held fixed, so each pixel's best scale for its
-    mean is the ELBO's; what changes is how much each pixel's fit counts in the gradient, the
-    1/scale^2 by which a collapsed background drowns the strokes. One scale for all pixels: w = 1.
-
-    `target="loc"` weighs the mean's gradient only (the "faithful" heteroscedastic fit of Stirn et al.
-    2023): log_prob is the Gaussian's own, its gradient in the scale the ELBO's, its gradient in the
-    mean w (x - loc) / scale^2, so the scale is fitted to the errors the weighed means leave."""
-
-    arg_constraints = {}
-
-    def __init__(self, base: dist.Normal, beta: float, event_dims: int, target: str = "both",
-                 validate_args: bool | None = None) -> None:
-        self.base, self.beta, self.target = base, beta, target
-        weight = base.scale.detach() ** (2 * beta)  # sg(scale^(2 beta)), per pixel
-        pixels = tuple(range(-event_dims, 0))
-        self.weight = weight / weight.mean(dim=pixels, keepdim=True)  # mean one over each image
-        super().__init__(base.batch_shape, base.event_shape, validate_args=False)
-
-    @property
-    def support(self) -> constraints.Constraint:
-        return self.base.support
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        if self.target == "loc":  # the value of loc, the gradient w d/d loc: loc's gradient weighed, not the scale's
-            loc = self.base.loc.detach() + self.weight * (self.base.loc - self.base.loc.detach())
-            return dist.Normal(loc, self.base.scale).log_prob(value)
-        return self.weight * self.base.log_prob(value)
-
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
-        return self.base.sample(sample_shape)
-
-
 def logit_gaussian(y_loc: Tensor, y_scale: Tensor, squeeze: float) -> dist.TorchDistribution:
     """x in (0, 1) with y = logit(squeeze + (1 - 2 squeeze) x) ~ N(y_loc, y_scale^2): the logit transform
     of density models of images (Dinh et al. 2017, RealNVP). `log_prob(x)` counts the transform's
@@ -349,7 +311,7 @@ def mean_image(decoder: Decoder, t: Tensor) -> Tensor:
 
 
 def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tensor | None = None,
-          kl_weight: float = 1.0, nll_beta: float = 0.0, nll_beta_target: str = "both") -> None:
+          kl_weight: float = 1.0) -> None:
     """p(x, t) = p(x|t) p(t) for the minibatch `x` (B, C, H, W) at positions `index` (B,).
 
     The plate spans the whole dataset of `num_data` images and is told which of them this
@@ -363,19 +325,12 @@ def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tenso
     `kl_weight` = beta scales log p(t) here and log q(t|x) in `guide` alike, so the objective is
     E_q[log p(x|t)] - beta KL(q || p): the KL warm-up of `trainer.kl_warmup_epochs` (beta rising
     linearly to 1, from 1 / its steps: poutine.scale needs beta > 0); beta = 1 is the ELBO.
-
-    `nll_beta` > 0 (training the Gaussian only, `trainer.nll_beta`): each pixel's log p(x|t) weighed by
-    stop_gradient(x_scale^(2 nll_beta)), averaging one per image (`ScaleWeighted`); 0 is the ELBO,
-    which evaluation always reads. `nll_beta_target="loc"`: only the mean's gradient weighed.
     """
     pyro.module("decoder", decoder)
     with pyro.plate("data", size=num_data, subsample=index):
         with poutine.scale(scale=kl_weight):
             t = pyro.sample("t", prior(x.shape[0], decoder.latent_dim, like=x))  # log p(t), times beta
         p_x = likelihood(decoder, t)  # p(x|t), event (C, H, W)
-        if nll_beta:  # the beta-NLL objective: sg(x_scale^(2 beta)) log p(x_pixel|t), pixel by pixel
-            event_dims = p_x.reinterpreted_batch_ndims
-            p_x = ScaleWeighted(p_x.base_dist, nll_beta, event_dims, nll_beta_target).to_event(event_dims)
         if mask is not None:  # mask the pixels, inside the image event
             p_x = p_x.base_dist.mask(mask).to_event(p_x.reinterpreted_batch_ndims)
         pyro.sample("x", p_x, obs=x)  # log p(x|t), or log p(x_obs|t) under the mask

@@ -147,8 +147,7 @@ def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: Dict
     batches, num_data = state.batches, len(train_images)
     likelihood, check_every_step = cfg.model.likelihood, cfg.trainer.check_every_step  # read once, not per step
     warmup_steps = cfg.trainer.get("kl_warmup_epochs", 0) * len(batches)
-    objective = ({"nll_beta": cfg.trainer.nll_beta, "nll_beta_target": cfg.trainer.get("nll_beta_target", "both")}
-                 if cfg.trainer.get("nll_beta", 0) else {})  # beta-NLL, or the ELBO
+    objective = {}  # the warm-up's kl_weight, for model and guide
     with tqdm(total=len(batches), initial=state.next_batch, desc=f"epoch {state.epoch}", unit="batch",
               disable=None, leave=False) as bar:
         stopping = False

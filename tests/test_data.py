@@ -14,7 +14,8 @@ import torch
 import train as train_module
 from conftest import FAST, compose_config
 from guide import posterior
-from model import ScaleWeighted, likelihood
+from model import likelihood
+from vae.beta_nll import BetaNLL
 from vae.data import load_split, load_training_data
 from vae.logbook import read_metrics
 
@@ -137,5 +138,5 @@ def test_every_test_number_is_the_elbo_whatever_the_training_objective(objective
         else:  # the beta-NLL's recon, each pixel's log-density weighed by its scale^(2 beta)
             with torch.no_grad():
                 p_x = likelihood(decoder, expected["t"]).base_dist
-                weighed = ScaleWeighted(p_x, 0.5, 3).to_event(3).log_prob(x).mean().item()
+                weighed = BetaNLL(p_x, 0.5, 3).to_event(3).log_prob(x).mean().item()
             assert abs(weighed - expected["test_recon"]) > 0.02

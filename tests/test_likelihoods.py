@@ -24,7 +24,7 @@ from test_evaluate import assert_detection_is_the_saved_scores
 from train import train
 from vae.config import ConfigError, check_config
 from vae.data import bits_per_dim, load_split, observe
-from model import (LEVELS, DiscretizedLogistic, DiscretizedLogisticMixture, ScaleWeighted, logit_gaussian,
+from model import (LEVELS, DiscretizedLogistic, DiscretizedLogisticMixture, logit_gaussian,
                    logit_gaussian_mean, model)
 from vae.elbo import dataset_elbo
 from vae.logbook import Logbook
@@ -400,86 +400,3 @@ def test_pixels_task_splits_the_bits_by_level(gray_run, tmp_path):
         assert groups[group]["at_floor"] == pytest.approx(at_floor)
         assert groups[group]["mean_gradient_weight"] == pytest.approx(scale[inside].pow(-2).mean().item(), rel=1e-4)
     assert "| background |" in (tmp_path / "pixels.md").read_text()
-
-
-# --- the beta-NLL of trainer.nll_beta (model.ScaleWeighted) ---------------------------------------
-
-def test_beta_nll_weighs_each_pixel_by_its_scale_and_keeps_the_elbo_total():
-    torch.manual_seed(0)
-    loc = torch.rand(3, 1, 4, 4, requires_grad=True)
-    scale = (0.001 + torch.rand(3, 1, 4, 4)).requires_grad_()
-    x = torch.rand(3, 1, 4, 4)
-    for beta in (0.5, 1.0):
-        weighted = ScaleWeighted(torch.distributions.Normal(loc, scale), beta, event_dims=3)
-        weight = scale.detach() ** (2 * beta)
-        weight = weight / weight.mean(dim=(-3, -2, -1), keepdim=True)
-        torch.testing.assert_close(weighted.weight.mean(dim=(-3, -2, -1)), torch.ones(3))  # the ELBO's total
-        torch.testing.assert_close(weighted.log_prob(x), weight * torch.distributions.Normal(loc, scale).log_prob(x))
-        grad_loc, = torch.autograd.grad(weighted.log_prob(x).sum(), loc)
-        torch.testing.assert_close(grad_loc, weight * (x - loc) / scale**2)  # the weight is held fixed
-        if beta == 1.0:  # every pixel's error alike: (x - loc) / mean(scale^2), one factor per image
-            mean_variance = (scale.detach() ** 2).mean(dim=(-3, -2, -1), keepdim=True)
-            torch.testing.assert_close(grad_loc * mean_variance, (x - loc).detach())
-    best = (x - loc).detach().abs().requires_grad_()  # at scale = |x - loc|, the ELBO's best scale for this mean,
-    grad_at_best, = torch.autograd.grad(  # the weighted objective is flat in the scale too
-        ScaleWeighted(torch.distributions.Normal(loc.detach(), best), 0.5, 3).log_prob(x).sum(), best)
-    torch.testing.assert_close(grad_at_best, torch.zeros_like(best), atol=1e-3, rtol=0)
-    one_scale = torch.full_like(x, 0.2)  # one scale for all pixels: the weight is one, the log-density the Gaussian's
-    torch.testing.assert_close(ScaleWeighted(torch.distributions.Normal(loc, one_scale), 1.0, 3).log_prob(x),
-                               torch.distributions.Normal(loc, one_scale).log_prob(x))
-
-
-def test_the_beta_nll_on_the_mean_only_keeps_the_gaussians_value_and_its_scale_gradient():
-    """target="loc": log_prob and d/d scale are the Gaussian's own; d/d loc is the weighed w (x - loc) / scale^2."""
-    torch.manual_seed(1)
-    loc = torch.rand(3, 1, 4, 4, requires_grad=True)
-    scale = (0.001 + torch.rand(3, 1, 4, 4)).requires_grad_()
-    x = torch.rand(3, 1, 4, 4)
-    gaussian = torch.distributions.Normal(loc, scale)
-    for beta in (0.25, 1.0):
-        weighted = ScaleWeighted(gaussian, beta, event_dims=3, target="loc")
-        log_p = weighted.log_prob(x)
-        torch.testing.assert_close(log_p, gaussian.log_prob(x))  # the ELBO's value
-        grad_loc, grad_scale = torch.autograd.grad(log_p.sum(), (loc, scale))
-        elbo_loc, elbo_scale = torch.autograd.grad(gaussian.log_prob(x).sum(), (loc, scale))
-        torch.testing.assert_close(grad_scale, elbo_scale)  # the scale is fitted by the ELBO itself
-        torch.testing.assert_close(grad_loc, weighted.weight * elbo_loc)  # w (x - loc) / scale^2
-        assert not torch.allclose(grad_loc, elbo_loc)
-
-
-def test_the_model_scores_x_by_the_beta_nll_and_the_loop_hands_it_to_every_step(tmp_path, monkeypatch):
-    """model(nll_beta=b) scores x by ScaleWeighted, t as ever; the loop hands trainer.nll_beta to every step."""
-    import pyro.poutine as poutine
-
-    import train as train_module
-    decoder = Decoder((1, 8, 8), latent_dim=2, channels=[4], hidden_dim=8, likelihood="gaussian", min_scale=1e-3)
-    x, index, t = torch.rand(4, 1, 8, 8), torch.arange(4), torch.randn(4, 2)
-    conditioned = poutine.condition(model, data={"t": t})
-    plain = poutine.trace(conditioned).get_trace(x, index, decoder, 4).nodes
-    weighted = poutine.trace(conditioned).get_trace(x, index, decoder, 4, nll_beta=0.5).nodes
-    torch.testing.assert_close(weighted["t"]["fn"].log_prob(t), plain["t"]["fn"].log_prob(t))
-    x_loc, x_scale = decoder(t)
-    torch.testing.assert_close(weighted["x"]["fn"].log_prob(x),
-                               ScaleWeighted(torch.distributions.Normal(x_loc, x_scale), 0.5, 3).log_prob(x).sum((-3, -2, -1)))
-    assert not torch.allclose(weighted["x"]["fn"].log_prob(x), plain["x"]["fn"].log_prob(x))
-
-    svi_step = train_module.svi_step
-    for target in ("both", "loc"):
-        passed = []
-        monkeypatch.setattr(train_module, "svi_step", lambda svi, x, index, **kw: passed.append(kw) or svi_step(svi, x, index, **kw))
-        train(compose_config(*FAST, "model.likelihood=gaussian", "trainer.nll_beta=0.5", f"trainer.nll_beta_target={target}",
-                             "trainer.epochs=1"), tmp_path / target)
-        assert passed and all(kw == {"nll_beta": 0.5, "nll_beta_target": target} for kw in passed)
-        metrics = [json.loads(line) for line in (tmp_path / target / "metrics.jsonl").read_text().splitlines()]
-        assert [m["epoch"] for m in metrics] == [0, 1] and math.isfinite(metrics[-1]["test_elbo"])
-
-
-@pytest.mark.parametrize("override, message", [
-    ("trainer.nll_beta=1.5", "trainer.nll_beta=1.5: must be a number from 0"),
-    ("model.likelihood=discretized_logistic", "trainer.nll_beta=0.5 with model.likelihood=discretized_logistic"),
-    ("estimator=iwae", "trainer.nll_beta=0.5 with estimator.elbo._target_=vae.iwae"),
-    ("trainer.nll_beta_target=scale", "trainer.nll_beta_target='scale': must be both"),
-])
-def test_bad_beta_nll_settings_stop_before_any_work(override, message):
-    with pytest.raises(ConfigError, match=message):
-        check_config(compose_config(*FAST, "model.likelihood=gaussian", "trainer.nll_beta=0.5", override))

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from guide import Encoder, guide
 from model import Decoder, model
+from vae.beta_nll import beta_nll
 from vae.config import JIT_ELBOS
 
 
@@ -59,7 +60,8 @@ def run_in_bfloat16(block: nn.Module, device_type: str) -> None:
 
 
 def build_svi(cfg: DictConfig, encoder: Encoder, decoder: Decoder, num_data: int) -> SVI:
-    """SVI on the configured ELBO and optimizer, for `model` and `guide` over `num_data` images.
+    """SVI on the configured ELBO and optimizer, for `model` and `guide` over `num_data` images; with
+    `trainer.nll_beta` > 0 the model's site "x" is scored by the beta-NLL (vae/beta_nll.py), for training.
 
     A score-function estimator may add `estimator.baseline` (Pyro's baseline options for site
     "t") and `estimator.baseline_net` (a network b(x), built here and trained with the guide)."""
@@ -71,8 +73,10 @@ def build_svi(cfg: DictConfig, encoder: Encoder, decoder: Decoder, num_data: int
     elbo = instantiate(cfg.estimator.elbo)
     if isinstance(elbo, JIT_ELBOS):  # Pyro's JIT ELBOs call torch.jit.trace, which warns on every run
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace` is deprecated", category=FutureWarning)
+    trainer = cfg.get("trainer") or {}
     return SVI(
-        partial(model, decoder=decoder, num_data=num_data),
+        beta_nll(partial(model, decoder=decoder, num_data=num_data), trainer.get("nll_beta", 0),
+                 trainer.get("nll_beta_target", "both")),
         partial(guide, encoder=encoder, num_data=num_data, reparameterized=cfg.estimator.reparameterized,
                 baseline=OmegaConf.to_container(baseline) if baseline else None, baseline_net=baseline_net),
         build_optimizer(cfg),
