@@ -74,7 +74,7 @@ def outlier_sets(run: TrainedRun, x_normal: Tensor, other_datasets: dict[str, st
     generator = torch.Generator().manual_seed(seed)
     likelihood = run.cfg.model.likelihood
     noise = observe(torch.rand(x_normal.shape, generator=generator), likelihood, generator)
-    sets = {"noise": noise, "inverted": 1 - x_normal.cpu()}  # 1 - x is a valid observation under both likelihoods
+    sets = {"noise": noise, "inverted": 1 - x_normal.cpu()}  # 1 - x is a valid observation under every likelihood
     for name, target in other_datasets.items():
         if target == run.cfg.data.dataset._target_:
             continue  # the run's own data is not an outlier

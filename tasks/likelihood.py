@@ -1,5 +1,5 @@
 """The likelihood task: test NLL = -(1/N) sum_i log p(x_i) by the importance-weighted bound
-(vae/importance.py), with its standard error, beside the ELBO; bits/dim for the Gaussian likelihood.
+(vae/importance.py), with its standard error, beside the ELBO; bits/dim for the likelihoods of gray levels.
 
 `python evaluate.py run=<run dir> task=likelihood` (tasks/conf/task/likelihood.yaml).
 """
@@ -40,7 +40,7 @@ def evaluate_likelihood(
 ) -> dict[str, float]:
     """Test NLL = -(1/N) sum_i log p(x_i) by the IW bound with K = `num_particles`, its standard
     error, and the ELBO beside it (one sample per image, as in training, and K samples); bits/dim
-    too for the Gaussian likelihood. Writes the per-image values (and their indices) to likelihood.npz.
+    too for the likelihoods of gray levels. Writes the per-image values (and their indices) to likelihood.npz.
 
     On a random sample of the split (`sample_seed`), also the whole split's NLL by a difference
     estimator: its mean log p_K(x) = mean ELBO + mean gap, with gap_i = log p_K(x_i) - ELBO(x_i).
