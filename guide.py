@@ -14,9 +14,8 @@ scales to any dataset size and infers t for a new image in one forward pass.
                    grad ELBO = E_q[(log p(x, t) - log q(t|x)) * grad log q(t|x)]
                    (unbiased, but high variance: log p(x|t) is hundreds of nats early on)
 
-With `TraceGraph_ELBO`, `baseline` and `baseline_net` subtract a baseline b(x) from the
-learning signal, which keeps the estimate unbiased (E_q[grad log q(t|x)] = 0) and cuts its
-variance:  grad ELBO = E_q[(log p(x, t) - log q(t|x) - b(x)) * grad log q(t|x)]
+A baseline b(x) subtracted from the score function's learning signal keeps it unbiased
+(E_q[grad log q(t|x)] = 0) and cuts its variance; vae/baselines.py hands it to site "t" from outside.
 
 With `model.flows` = F > 0 the Gaussian is only the start (Kingma et al. 2016, inverse
 autoregressive flow): t_0 ~ N(t_loc, diag t_scale^2), then t_f = f_f(t_{f-1}; h), f = 1..F, each
@@ -34,9 +33,6 @@ the cached inverse as a constant).
 t(x) for the uses that take one latent per image, for evaluation.
 """
 from __future__ import annotations
-
-import math
-from typing import Any
 
 import pyro
 import pyro.distributions as dist
@@ -117,49 +113,20 @@ class Encoder(nn.Module):
         return t_loc, t_scale, h
 
 
-class BaselineNet(nn.Module):
-    """x (B, C, H, W) -> b(x) (B,): an input-dependent baseline for the score function (NVIL).
-
-    Trained jointly with the guide (TraceGraph_ELBO adds the loss (signal - baseline)^2) to
-    predict each image's learning signal log p(x, t) - log q(t|x), in nats per image, left over
-    after the decaying average when both are used. It never sees t, so it keeps the gradient
-    unbiased. A small dense network: the baseline only has to be roughly right.
-    """
-
-    def __init__(self, image_shape: tuple[int, int, int], hidden_dim: int) -> None:
-        super().__init__()
-        self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(math.prod(image_shape), hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1)
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).squeeze(-1)  # b(x) (B,)
-
-
 def guide(
     x: Tensor,
     index: Tensor,
     encoder: Encoder,
     num_data: int,
     reparameterized: bool = True,
-    baseline: dict[str, Any] | None = None,
-    baseline_net: BaselineNet | None = None,
     kl_weight: float = 1.0,
 ) -> None:
     """q(t|x) for the minibatch `x` (B, C, H, W) at positions `index` (B,) of `num_data` images.
 
     Same plate ("data") and latent site ("t") as `model`, so Pyro pairs them in the ELBO.
-    Score function only, read by TraceGraph_ELBO: `baseline` holds Pyro's baseline options for
-    site "t" (e.g. `use_decaying_avg_baseline`, `baseline_beta`), and `baseline_net` adds the
-    learned b(x). The learning signal of image i is then
-        N/B * (log p(x_i, t_i) - log q(t_i|x_i)) - avg - N/B * b(x_i)
-    (TraceGraph_ELBO's costs carry the plate's scale N/B, so b(x) is scaled alike).
     `kl_weight` scales log q(t|x) as `model` scales log p(t) (the KL warm-up; 1 is the ELBO).
     """
     pyro.module("encoder", encoder)
-    options = dict(baseline or {})
-    if baseline_net is not None:  # restored weights in the param store win over fresh ones
-        pyro.module("baseline", baseline_net, update_module_params=True)
     with pyro.plate("data", size=num_data, subsample=index):
         t_loc, t_scale, h = encoder(x)  # (B, latent_dim) each; the features h (B, hidden_dim)
         if reparameterized:
@@ -168,10 +135,8 @@ def guide(
             q_t = ScoreFunctionNormal(t_loc, t_scale).to_event(1)  # E_q[(log p - log q) * grad log q]
         if len(encoder.flows):  # t = f_F(...f_1(t_0; h)...; h), log q(t|x) by the change of variables
             q_t = dist.TransformedDistribution(q_t, [flow.condition(h) for flow in encoder.flows])
-        if baseline_net is not None:
-            options["baseline_value"] = num_data / x.shape[0] * baseline_net(x)  # N/B * b(x) (B,)
         with poutine.scale(scale=kl_weight):
-            pyro.sample("t", q_t, infer={"baseline": options} if options else {})  # log q(t|x), times beta
+            pyro.sample("t", q_t)  # log q(t|x), times beta
 
 
 def posterior(x: Tensor, encoder: Encoder) -> tuple[dist.Distribution, Tensor]:

@@ -160,3 +160,42 @@ def test_a_minibatch_larger_than_the_data_is_refused(tmp_path):
                          config_name="variance")
     with pytest.raises(ConfigError, match=r"^batch_size=100000: larger than the 64 training images$"):
         variance(cfg, {"reparam": compose_config("estimator=reparam").estimator}, tmp_path)
+
+
+def test_with_baselines_hands_site_t_its_options_and_n_over_b_times_b_x():
+    """vae/baselines.py gives the guide's site "t" Pyro's baseline options and baseline_value = N/B * b(x)
+    from outside guide.guide; without baselines the guide is handed back as it is."""
+    import pyro.poutine as poutine
+
+    from guide import Encoder, guide
+    from vae.baselines import BaselineNet, with_baselines
+
+    encoder, net = Encoder(IMAGE_SHAPE, 2, channels=[2], hidden_dim=4), BaselineNet(IMAGE_SHAPE, hidden_dim=4)
+    x, index = torch.rand(3, *IMAGE_SHAPE), torch.tensor([0, 5, 9])
+    options = {"use_decaying_avg_baseline": True, "baseline_beta": 0.9}
+    wrapped = with_baselines(guide, 12, options, net)
+    site = poutine.trace(wrapped).get_trace(x, index, encoder, 12, False).nodes["t"]
+    baseline = site["infer"]["baseline"]
+    assert {k: v for k, v in baseline.items() if k != "baseline_value"} == options
+    torch.testing.assert_close(baseline["baseline_value"], 12 / 3 * net(x))
+    assert "baseline$$$net.1.weight" in pyro.get_param_store()  # trained with the guide
+    assert with_baselines(guide, 12) is guide
+    plain = poutine.trace(guide).get_trace(x, index, encoder, 12, False).nodes["t"]
+    assert "baseline" not in plain["infer"]
+
+
+def test_a_checkpoint_naming_the_baseline_network_where_it_was_resumes(tmp_path):
+    """Runs saved while BaselineNet lived in guide.py name `guide.BaselineNet`: their config is read with
+    the class where it is now, so they resume and evaluate as before."""
+    from vae import checkpoint as checkpoint_module
+
+    overrides = [*FAST, "estimator=score_nn_baseline", "data.subset=128"]
+    train(compose_config(*overrides, "trainer.epochs=1"), tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    contents = torch.load(path, weights_only=False)
+    contents["config"]["estimator"]["baseline_net"]["_target_"] = "guide.BaselineNet"  # as an older run wrote it
+    torch.save(contents, path)
+    assert checkpoint_module.saved_config(contents).estimator.baseline_net._target_ == "vae.baselines.BaselineNet"
+    pyro.clear_param_store()
+    train(compose_config(*overrides, "trainer.epochs=2"), tmp_path)
+    assert process_starts(tmp_path) == [(1, 0), (2, 0)]

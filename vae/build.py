@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from guide import Encoder, guide
 from model import Decoder, model
+from vae.baselines import with_baselines
 from vae.beta_nll import beta_nll
 from vae.config import JIT_ELBOS
 
@@ -64,7 +65,8 @@ def build_svi(cfg: DictConfig, encoder: Encoder, decoder: Decoder, num_data: int
     `trainer.nll_beta` > 0 the model's site "x" is scored by the beta-NLL (vae/beta_nll.py), for training.
 
     A score-function estimator may add `estimator.baseline` (Pyro's baseline options for site
-    "t") and `estimator.baseline_net` (a network b(x), built here and trained with the guide)."""
+    "t") and `estimator.baseline_net` (a network b(x), built here and trained with the guide), which
+    vae/baselines.py hands to the guide's site "t"."""
     baseline_net = None
     if cfg.estimator.get("baseline_net") is not None:
         baseline_net = instantiate(cfg.estimator.baseline_net, image_shape=decoder.image_shape)
@@ -77,8 +79,8 @@ def build_svi(cfg: DictConfig, encoder: Encoder, decoder: Decoder, num_data: int
     return SVI(
         beta_nll(partial(model, decoder=decoder, num_data=num_data), trainer.get("nll_beta", 0),
                  trainer.get("nll_beta_target", "both")),
-        partial(guide, encoder=encoder, num_data=num_data, reparameterized=cfg.estimator.reparameterized,
-                baseline=OmegaConf.to_container(baseline) if baseline else None, baseline_net=baseline_net),
+        with_baselines(partial(guide, encoder=encoder, num_data=num_data, reparameterized=cfg.estimator.reparameterized),
+                       num_data, OmegaConf.to_container(baseline) if baseline else None, baseline_net),
         build_optimizer(cfg),
         loss=elbo,
     )

@@ -48,6 +48,8 @@ MAY_CHANGE = ("trainer.epochs", "trainer.max_minutes", "trainer.test_every", "tr
 ADDED_KEYS = {"data.exclude_classes": [], "model.flows": 0, "model.encoder.flows": 0, "trainer.kl_warmup_epochs": 0,
               "trainer.nll_beta": 0, "trainer.nll_beta_target": "both",
               "model.residual_blocks": 0, "model.encoder.residual_blocks": 0, "model.decoder.residual_blocks": 0}
+# Classes that moved after checkpoints were first written: key -> {the old _target_: the new one}.
+MOVED_TARGETS = {"estimator.baseline_net._target_": {"guide.BaselineNet": "vae.baselines.BaselineNet"}}
 
 
 class CheckpointError(RuntimeError):
@@ -285,10 +287,14 @@ def restore_params(param_store_state: dict, device: torch.device, **networks: nn
 
 
 def with_added_keys(cfg: DictConfig) -> DictConfig:
-    """`cfg` with every key of ADDED_KEYS that it lacks set to the value an older run implies."""
+    """`cfg` with every key of ADDED_KEYS that it lacks set to the value an older run implies, and
+    every _target_ of MOVED_TARGETS where its class is now."""
     for key, value in ADDED_KEYS.items():
         if OmegaConf.select(cfg, key) is None:
             OmegaConf.update(cfg, key, value, force_add=True)
+    for key, moved in MOVED_TARGETS.items():
+        if OmegaConf.select(cfg, key) in moved:
+            OmegaConf.update(cfg, key, moved[OmegaConf.select(cfg, key)])
     return cfg
 
 
