@@ -18,6 +18,7 @@ import logging
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -78,10 +79,11 @@ def train(cfg: DictConfig, out_dir: str | Path, ranks: Ranks = ALONE) -> dict[st
             svi.optim = distributed.GradientAveraging(svi.optim)
         distributed.seed_noise(cfg.seed, ranks)  # the same weights on every rank, each its own noise
         state = checkpoint.restore(saved, svi.optim, cfg, device, ranks, encoder=encoder, decoder=decoder) if saved else RunState()
+        state.run_id = state.run_id or distributed.from_writer(uuid.uuid4().hex, ranks)  # this run's, from its start
         if saved:
             log.info(f"resuming {resume_from} {state.position(cfg.trainer.epochs)}")
         metrics = logbook.start(state.epoch if saved else 0, device, resume_from.parent if saved else None,
-                                epoch=state.epoch, ranks=ranks.world_size,
+                                epoch=state.epoch, ranks=ranks.world_size, run_id=state.run_id,
                                 batch=state.next_batch if state.batches is not None else 0)  # where it begins
         x_shown = x_test[: cfg.trainer.num_grid_images]
         t_prior = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(PRIOR_GRID_SEED)).to(device)

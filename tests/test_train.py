@@ -356,6 +356,28 @@ def test_checkpoint_of_another_model_is_refused_and_kept(fast_config, tmp_path):
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
 
 
+def test_a_checkpoint_copied_in_from_another_run_is_refused_and_changes_nothing(fast_config, tmp_path):
+    """A latent-1 run's checkpoint.pt copied into a latent-4 run's directory: resuming there (by resume=,
+    or as a requeued job would, from the directory's own checkpoint) is refused in one line before any
+    work, and the directory's metrics stay the latent-4 run's."""
+    other, run = tmp_path / "other", tmp_path / "run"
+    train(fast_config("trainer.epochs=1", "model.latent_dim=1"), other)
+    pyro.clear_param_store()
+    train(fast_config("trainer.epochs=2"), run)
+    shutil.copy(other / "checkpoint.pt", run / "checkpoint.pt")
+    before = {name: (run / name).read_bytes() for name in ("metrics.jsonl", "provenance.jsonl", "checkpoint.pt")}
+    for overrides in ([f"resume={run}", "model.latent_dim=1"], ["model.latent_dim=1"]):
+        pyro.clear_param_store()
+        with pytest.raises(CheckpointError, match=r"was written by another run .* than the one that trained in") as error:
+            train(fast_config("trainer.epochs=3", *overrides), run)
+        assert "\n" not in str(error.value)
+        assert {name: (run / name).read_bytes() for name in before} == before
+    assert len({entry["run_id"] for entry in read_provenance(run)}) == 1  # one run, one id, in every process's line
+    pyro.clear_param_store()
+    train(fast_config("trainer.epochs=2", "model.latent_dim=1"), other)  # in its own directory it goes on
+    assert process_starts(other) == [(1, 0), (2, 0)]
+
+
 def test_nan_loss_stops_with_a_hint_and_keeps_the_last_checkpoint(fast_config, tmp_path, monkeypatch):
     train(fast_config("trainer.epochs=1"), tmp_path)
     before = (tmp_path / "checkpoint.pt").read_bytes()

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from vae import distributed
 from vae.distributed import ALONE, Ranks
-from vae.provenance import PROJECT_DIR
+from vae.provenance import PROJECT_DIR, read_provenance
 
 log = logging.getLogger(__name__)
 CONF_DIR = PROJECT_DIR / "conf"
@@ -66,6 +66,7 @@ class RunState:
     loss_sum: float = 0.0  # the sum of this epoch's step losses so far
     epoch_seconds: float = 0.0  # seconds spent in this epoch's steps before the last stop
     wall_time: float = 0.0  # seconds of training and testing, over every resume
+    run_id: str | None = None  # drawn when the run starts, kept by every checkpoint and provenance line
 
     def start_epoch(self, batches: list[Tensor]) -> None:
         self.batches, self.next_batch, self.loss_sum, self.epoch_seconds = batches, 0, 0.0, 0.0
@@ -88,7 +89,7 @@ class RunState:
 
 
 STATE_KEYS = tuple(field.name for field in fields(RunState))
-REQUIRED_KEYS = ("param_store", "optimizer", "rng", "config", *STATE_KEYS)
+REQUIRED_KEYS = ("param_store", "optimizer", "rng", "config", *(key for key in STATE_KEYS if key != "run_id"))
 
 
 def checkpoint_path(run_or_checkpoint: str | Path) -> Path:
@@ -192,6 +193,7 @@ def load(path: Path, cfg: DictConfig) -> dict[str, Any]:
     """Read a checkpoint and check that `cfg` differs from the config it was made with in the
     keys of MAY_CHANGE only; log each such change."""
     contents = read(path)
+    check_run(path, contents)
     refused, changed = config_differences(saved_config(contents), cfg)
     if cfg.get("schedule") is not None:  # the scheduler owns the learning rate from epoch to epoch
         refused += [f"{change} (a run with a schedule keeps its optimizer)" for change in changed if change.startswith("optim.")]
@@ -203,6 +205,17 @@ def load(path: Path, cfg: DictConfig) -> dict[str, Any]:
     for change in changed:
         log.info(f"resume changes {change}")
     return contents
+
+
+def check_run(path: Path, contents: dict[str, Any]) -> None:
+    """A checkpoint continues the run that trained in its directory: its run_id must be the one that
+    directory's provenance.jsonl last recorded (a checkpoint copied in from another run is refused,
+    before it could train there and mix its metrics with the run's). Runs from before run_id: no check."""
+    recorded = [entry["run_id"] for entry in read_provenance(path.parent) if entry.get("run_id")]
+    if recorded and contents.get("run_id") and contents["run_id"] != recorded[-1]:
+        raise CheckpointError(f"{path} was written by another run (run_id {contents['run_id']}) than the one that "
+                              f"trained in {path.parent} (run_id {recorded[-1]} in its provenance.jsonl); resume it "
+                              "from the directory it was written in, or start a new run; nothing was changed")
 
 
 def saved_config(contents: dict[str, Any]) -> DictConfig:
@@ -268,7 +281,7 @@ def restore(contents: dict[str, Any], optimizer: PyroOptim, cfg: DictConfig, dev
                              for name, state in contents["optimizer"].items()})
     else:
         log.info(f"optim._target_ changed from {saved_target} to {cfg.optim._target_}: its moment estimates start afresh")
-    state = RunState(**{key: contents[key] for key in STATE_KEYS})
+    state = RunState(**{key: contents[key] for key in STATE_KEYS if key in contents})  # no run_id before 2026-12
     rank_rngs = contents.get("rank_rngs") or [contents["rng"]]  # rank 0's is "rng" too
     if ranks.rank < len(rank_rngs):
         set_rng_state(rank_rngs[ranks.rank])
