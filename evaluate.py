@@ -24,12 +24,13 @@ import hydra
 import pyro
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from vae.config import ConfigError, check_task, use_threads
 from vae.data import DataNotFoundError
 from vae.provenance import record_provenance
 from vae.runs import RunError, load_run
+from vae.sweeps import SweepNotRun, sweep_jobs
 
 log = logging.getLogger(__name__)
 
@@ -60,5 +61,14 @@ def main(cfg: DictConfig) -> None:
         sys.exit(f"error: {error}")
 
 
+def jobs_of(sweep: str) -> str:
+    """`${sweep_jobs:<training sweep dir>}` in an evaluation recipe: its jobs (vae/sweeps.py), or one line."""
+    try:
+        return sweep_jobs(sweep)
+    except SweepNotRun as error:
+        sys.exit(f"error: {error}")  # a SystemExit passes through OmegaConf and Hydra as it is
+
+
 if __name__ == "__main__":
+    OmegaConf.register_new_resolver("sweep_jobs", jobs_of)  # an evaluation recipe's runs: a training sweep's jobs
     main()

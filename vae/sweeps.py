@@ -22,6 +22,21 @@ IGNORED_OVERRIDES = ("seed=", "resume=", "hydra.", "experiment=")  # what does n
 # (a recipe names the sweep; the overrides its sweeper adds are what tell its configurations apart)
 
 
+class SweepNotRun(ValueError):
+    """A sweep directory that holds no finished job."""
+
+
+def sweep_jobs(sweep: str) -> str:
+    """The jobs of the multirun in `sweep` that hold a checkpoint, as Hydra's sweep syntax "a,b,c" in job
+    order: an evaluation recipe sweeps `run: ${sweep_jobs:multirun/experiments/NAME}` instead of listing
+    them (evaluate.py registers the resolver)."""
+    jobs = sorted((job for job in Path(sweep).glob("*") if job.name.isdigit() and (job / "checkpoint.pt").is_file()),
+                  key=lambda job: int(job.name))
+    if not jobs:
+        raise SweepNotRun(f"no trained job in {sweep}: run its training recipe first (its command is in the recipe's header)")
+    return ",".join(str(job) for job in jobs)
+
+
 def configuration(job_dir: Path) -> tuple[str, int]:
     """(the label of a job's configuration: its overrides but the seed's, the job's seed)."""
     overrides = run_overrides(job_dir)
