@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import inspect
 import json
-import math
 import subprocess
 import sys
 
@@ -21,7 +20,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import evaluate as evaluate_module
-from model import likelihood, log_joint, mean_image
+from model import likelihood, log_joint
 from tasks.anomaly import SCORES, auroc, average_precision
 from tasks.generate import CLASSIFIER_SEED, normal_quantile_grid, prior_samples
 from tasks.impute import (BCE_CLIP, fit_posterior, impute_fitted_importance, impute_gibbs, impute_importance,

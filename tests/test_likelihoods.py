@@ -3,7 +3,6 @@ levels) and where their scale comes from; the 8-bit datasets besides MNIST on ge
 torchvision's layouts (Fashion-MNIST, CIFAR-10); every evaluation task with every likelihood."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import pickle
@@ -24,8 +23,7 @@ from test_evaluate import assert_detection_is_the_saved_scores
 from train import train
 from vae.config import ConfigError, check_config
 from vae.data import bits_per_dim, load_split, observe
-from model import (LEVELS, DiscretizedLogistic, DiscretizedLogisticMixture, logit_gaussian,
-                   logit_gaussian_mean, model)
+from model import LEVELS, DiscretizedLogistic, DiscretizedLogisticMixture, logit_gaussian, logit_gaussian_mean
 from vae.elbo import dataset_elbo
 from vae.logbook import Logbook
 from vae.runs import load_run
