@@ -16,6 +16,7 @@ import torch
 
 import train as train_module
 from conftest import FAST, PROJECT_DIR, compose_config, process_starts
+from vae.runs import resume_command
 
 
 # The runs below train with threads=1: on a machine whose cores are busy, torch's threads wait for
@@ -151,3 +152,19 @@ def test_resume_alone_continues_with_the_runs_own_config_in_its_own_directory(tm
     refused = run_train(f"resume={run_dir}", "estimator=score", cwd=tmp_path)
     assert refused.returncode == 1
     assert refused.stderr.strip().splitlines()[-1].startswith("error: checkpoint") and "estimator.reparameterized" in refused.stderr
+
+
+def test_a_refused_command_leaves_the_runs_saved_config_as_it_was(tmp_path):
+    """A command refused against an existing run's directory (another latent size) must not rewrite
+    that run's .hydra/config.yaml and overrides.yaml, which report.py labels the run by and the
+    resume command is built from: the refused invocation's own go to .hydra/resume-<time>/."""
+    run_dir = tmp_path / "run"
+    first = run_train(*FAST, "trainer.epochs=1", "data.subset=128", f"hydra.run.dir={run_dir}")
+    assert first.returncode == 0, first.stderr
+    saved = {name: (run_dir / ".hydra" / name).read_bytes() for name in ("config.yaml", "overrides.yaml", "hydra.yaml")}
+    refused = run_train(*FAST, "trainer.epochs=1", "data.subset=128", "model.latent_dim=5", f"hydra.run.dir={run_dir}")
+    assert refused.returncode == 1 and "model.latent_dim: 4 -> 5" in refused.stderr.strip().splitlines()[-1]
+    assert {name: (run_dir / ".hydra" / name).read_bytes() for name in saved} == saved
+    (invocation,) = (run_dir / ".hydra").glob("resume-*/overrides.yaml")
+    assert "model.latent_dim=5" in invocation.read_text()
+    assert "model.latent_dim=5" not in resume_command(run_dir)  # the printed command continues the run as it was

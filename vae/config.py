@@ -180,10 +180,13 @@ def resume_directory(resume: str | None, fresh: str) -> str:
     return fresh
 
 
-def resume_subdirectory(resume: str | None, fresh: str, stamp: str) -> str:
-    """hydra.output_subdir: a run continued in place keeps its .hydra/ (its overrides and config)
-    and gets .hydra/resume-<stamp>/ for this invocation's."""
-    return fresh if resume_directory(resume, "") == "" else f"{fresh}/resume-{stamp}"
+def resume_subdirectory(resume: str | None, fresh: str, stamp: str, output_dir: str | None = None) -> str:
+    """hydra.output_subdir: a run continued in place (resume=<its dir>, or a command whose output
+    directory already holds a run's checkpoint.pt: a requeued job, a sweep run again, or a command
+    that will be refused) keeps its .hydra/ (its overrides and config) and gets .hydra/resume-<stamp>/
+    for this invocation's."""
+    in_place = resume_directory(resume, "") != "" or (output_dir is not None and (Path(output_dir) / "checkpoint.pt").is_file())
+    return f"{fresh}/resume-{stamp}" if in_place else fresh
 
 
 def register_resolvers() -> None:
