@@ -195,7 +195,7 @@ def main(cfg: DictConfig) -> float | None:
     fit, a busy directory, divergence) says why in one line. Alone, it exits with status 1; in a
     multirun it returns None, so that the other jobs go on (Optuna counts the trial as failed).
     failed.json in the job's directory keeps the reason of a divergence, and of any failed job of
-    a sweep, for report.py."""
+    a sweep, whatever the error, for report.py."""
     hydra_cfg = HydraConfig.get()
     job_dir, multirun = Path(hydra_cfg.runtime.output_dir), hydra_cfg.mode == RunMode.MULTIRUN
     ranks, job_dir = distributed.join(resolve_device(cfg.device), job_dir)  # torchrun, SLURM tasks: rank 0's directory
@@ -209,6 +209,13 @@ def main(cfg: DictConfig) -> float | None:
             log.error(f"error: {error} (job {job_dir}; the sweep goes on)")
             return None
         sys.exit(f"error: {error}")
+    except Exception as error:  # an error the checks did not foresee: in a sweep, recorded like the others
+        if not multirun:
+            raise  # alone, the traceback says where
+        distributed.leave(ranks)
+        record_failure(job_dir, error)
+        log.exception(f"error: {type(error).__name__}: {error} (job {job_dir}; the sweep goes on)")
+        return None
     distributed.leave(ranks)
     if metrics.get("interrupted"):
         sys.exit(128 + metrics["interrupted"])  # the shell's code for a process ended by that signal

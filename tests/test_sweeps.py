@@ -70,6 +70,23 @@ def test_a_diverging_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["failed"][0]["job"] == str(tmp_path / "0")
 
 
+def test_a_job_failing_with_any_error_is_recorded_and_listed_and_the_sweep_goes_on(tmp_path):
+    """An error no check foresaw (here the leave-one-out ELBO's refusal of 1 particle, raised while SVI
+    is built) still writes the job's failed.json; the next job trains and report.py lists the failure."""
+    result = subprocess.run(
+        [sys.executable, "train.py", "-m", *FAST, "data.subset=64", "trainer.epochs=1", "estimator=score_loo",
+         "estimator.elbo.num_particles=1,2", f"hydra.sweep.dir={tmp_path}"], cwd=PROJECT_DIR, capture_output=True,
+        text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    failure = json.loads((tmp_path / "0" / "failed.json").read_text())
+    assert "num_particles=1: a leave-one-out baseline needs at least 2" in failure["message"], failure
+    assert not (tmp_path / "1" / "failed.json").exists()
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "1" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    report(tmp_path)
+    (failed,) = json.loads((tmp_path / "report.json").read_text())["failed"]
+    assert failed["job"] == str(tmp_path / "0") and "estimator.elbo.num_particles=1" in failed["configuration"]
+
+
 def test_a_diverging_trial_does_not_end_the_optuna_study(tmp_path):
     """The Optuna preset counts a diverged trial as failed (train.main returns None) and goes on to
     its other trials and a best value (max_failure_rate: 1.0)."""
