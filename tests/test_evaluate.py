@@ -635,3 +635,11 @@ def test_an_evaluation_recipe_evaluates_every_job_of_its_training_sweep(tmp_path
     assert refused.stderr.strip() == "error: no trained job in multirun/experiments/levers: run its training recipe first " \
                                      "(its command is in the recipe's header)"
     assert list(empty.iterdir()) == []
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_evaluate_on_cuda_without_cuda_is_one_line_before_the_run_is_loaded(tmp_path):
+    result = subprocess.run([sys.executable, str(PROJECT_DIR / "evaluate.py"), f"run={tmp_path / 'no-such-run'}", "device=cuda",
+                             f"hydra.run.dir={tmp_path / 'out'}"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == ["error: device='cuda': CUDA is not available on this machine; use device=cpu or auto"]

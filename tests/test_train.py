@@ -298,6 +298,7 @@ def test_bf16_runs_the_layers_in_bfloat16_and_keeps_log_densities_float32(fast_c
         ("data.batch_size=100000", "data.batch_size=100000: larger than the 512 training images"),
         ("optim.optim_args.lr=inf", "optim.optim_args.lr=inf"),
         ("threads=0", "threads=0"),
+        ("threads=100000", "threads=100000: this process may use"),
         ("trainer.kl_warmup_epochs=-1", "trainer.kl_warmup_epochs=-1"),
         ("trainer.kl_warmup_epochs=2 estimator=iwae", "trainer.kl_warmup_epochs=2 with estimator.elbo._target_=vae.iwae"),
     ],

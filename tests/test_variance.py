@@ -99,10 +99,10 @@ def test_variance_cli_reads_every_kept_checkpoint(tmp_path):
     out = tmp_path / "variance"
     result = subprocess.run(
         [sys.executable, "variance.py", f"run={run_dir}", "estimators=[reparam,score]", "samples=10",
-         "batch_size=8", "threads=3", f"hydra.run.dir={out}"], cwd=PROJECT_DIR, capture_output=True, text=True,
+         "batch_size=8", "threads=1", f"hydra.run.dir={out}"], cwd=PROJECT_DIR, capture_output=True, text=True,
         timeout=300, check=False)
     assert result.returncode == 0, result.stderr
-    assert read_provenance(out)[-1]["threads"] == 3  # it ran on the threads it was given
+    assert read_provenance(out)[-1]["threads"] == 1  # it ran on the threads it was given, not all cores
     points = json.loads((out / "variance.json").read_text())
     assert [p["epoch"] for p in points] == [0, 1, 2]
     for point in points:

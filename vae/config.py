@@ -101,6 +101,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"optim.optim_args.lr={lr!r}: the learning rate must be a finite number > 0")
     check_threads(cfg)
     check_estimator(cfg)
+    check_device(cfg)
+
+
+def check_device(cfg: DictConfig) -> None:
+    """`device`, for every entry point alike: auto, cpu, or a CUDA device this machine has."""
     device = str(cfg.device)
     if device != "auto" and not (device == "cpu" or device.startswith("cuda")):
         raise ConfigError(f"device={device!r}: must be auto, cpu, cuda or cuda:N")
@@ -108,11 +113,20 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"device={device!r}: CUDA is not available on this machine; use device=cpu or auto")
 
 
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the system says, else all)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def check_threads(cfg: DictConfig) -> None:
-    """`threads`, for every entry point alike: torch's CPU threads."""
+    """`threads`, for every entry point alike: torch's CPU threads, at most one per available core
+    (more only make each step wait for the others)."""
     threads = cfg.get("threads")
     if threads is not None and (not is_int(threads) or threads <= 0):
         raise ConfigError(f"threads={threads!r}: must be null (torch's default) or a positive integer")
+    if threads is not None and threads > available_cores():
+        raise ConfigError(f"threads={threads}: this process may use {available_cores()} CPU cores; give at most that "
+                          "many, or null for torch's default")
 
 
 def use_threads(cfg: DictConfig) -> None:
