@@ -473,6 +473,17 @@ def test_resume_may_change_the_objective_of_a_reparameterized_guide(fast_config,
         train(fast_config("trainer.epochs=3", "estimator=score"), tuned)
 
 
+def test_a_score_function_run_keeps_its_elbo_on_resume(fast_config, tmp_path):
+    """README: overrides on resume may change the objective of a reparameterized guide only; a
+    score-function run's estimator.elbo change is refused in one line, the checkpoint kept."""
+    train(fast_config("trainer.epochs=1", "estimator=score"), tmp_path)
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+    pyro.clear_param_store()
+    with pytest.raises(CheckpointError, match=r"estimator.elbo._target_: .* \(only a reparameterized guide may change its"):
+        train(fast_config("trainer.epochs=2", "estimator=score", "estimator.elbo._target_=pyro.infer.TraceGraph_ELBO"), tmp_path)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before and len(read_metrics(tmp_path)) == 2
+
+
 def test_metrics_agree_with_the_checkpoint_after_a_crash(fast_config, tmp_path):
     """A crash after an epoch's line was written but before its checkpoint (and a last line cut
     short): the resumed run keeps each epoch once, and ends where an uninterrupted run ends."""

@@ -197,6 +197,9 @@ def load(path: Path, cfg: DictConfig) -> dict[str, Any]:
     refused, changed = config_differences(saved_config(contents), cfg)
     if cfg.get("schedule") is not None:  # the scheduler owns the learning rate from epoch to epoch
         refused += [f"{change} (a run with a schedule keeps its optimizer)" for change in changed if change.startswith("optim.")]
+    if not saved_config(contents).estimator.reparameterized:  # README: only a reparameterized guide changes objective
+        refused += [f"{change} (only a reparameterized guide may change its objective)" for change in changed
+                    if change.startswith("estimator.elbo")]
     if refused:
         raise CheckpointError(
             f"checkpoint {path} was made with a different config: {'; '.join(refused)}. Resume continues a run "
