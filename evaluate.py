@@ -46,9 +46,15 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     out_dir.mkdir(parents=True, exist_ok=True)
     run = load_run(cfg.run, cfg.device, cfg.data_root)
     record_provenance(out_dir, run.device, run=str(run.run_dir), task=cfg.task._target_)
+    trained = {"epochs_trained": run.state.epochs_done()}  # epochs behind the weights, fractional mid-epoch
+    if run.state.batches is not None:  # saved by a signal inside an epoch
+        trained.update(epoch=run.state.epoch, batch=run.state.next_batch)
+        log.warning(f"{run.run_dir}: its checkpoint was saved inside epoch {run.state.epoch}, after batch "
+                    f"{run.state.next_batch} of {len(run.state.batches)}: these weights have trained "
+                    f"{run.state.epochs_done():.2f} epochs")
     pyro.set_rng_seed(cfg.seed)
     task = instantiate(cfg.task)  # the task function with its options bound
-    metrics = {"run": str(run.run_dir), **task(run, out_dir)}
+    metrics = {"run": str(run.run_dir), **trained, **task(run, out_dir)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log.info(f"wrote {out_dir / 'metrics.json'}")
     return metrics

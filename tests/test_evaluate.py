@@ -563,9 +563,10 @@ def test_impute_task(run_dir, tmp_path):
 
 
 def test_run_from_before_a_config_key_existed_loads(run_dir, tmp_path):
-    """A run whose .hydra/config.yaml and checkpoint predate data.exclude_classes loads as []."""
+    """A run whose .hydra/config.yaml and checkpoint predate data.exclude_classes (and run_id) loads, as []."""
     state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
     del state["config"]["data"]["exclude_classes"]
+    del state["run_id"]  # checkpoints from before run_id
     torch.save(state, tmp_path / "checkpoint.pt")
     (tmp_path / ".hydra").mkdir()
     OmegaConf.save(OmegaConf.create(state["config"]), tmp_path / ".hydra" / "config.yaml")
@@ -643,3 +644,19 @@ def test_evaluate_on_cuda_without_cuda_is_one_line_before_the_run_is_loaded(tmp_
                              f"hydra.run.dir={tmp_path / 'out'}"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == ["error: device='cuda': CUDA is not available on this machine; use device=cpu or auto"]
+
+
+def test_an_evaluation_says_how_much_training_is_behind_the_weights(run_dir, tmp_path):
+    """metrics.json records the epochs of training behind the weights; a checkpoint saved inside an epoch
+    (by a signal) is warned about and its epoch and batch recorded."""
+    whole = evaluate(run_dir, tmp_path / "whole", "likelihood", "task.num_particles=2", "task.max_images=4",
+                     "task.whole_split_particles=null")
+    assert whole["epochs_trained"] == 3 and "batch" not in whole
+    state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+    state.update(epoch=4, batches=[torch.arange(4)] * 10, next_batch=3)  # as SIGTERM leaves it, inside epoch 4
+    (tmp_path / "mid").mkdir()
+    torch.save(state, tmp_path / "mid" / "checkpoint.pt")
+    mid = evaluate(tmp_path / "mid", tmp_path / "out", "likelihood", "task.num_particles=2", "task.max_images=4",
+                   "task.whole_split_particles=null")
+    assert (mid["epoch"], mid["batch"], mid["epochs_trained"]) == (4, 3, pytest.approx(3.3))
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["epochs_trained"] == pytest.approx(3.3)
