@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import signal
 import subprocess
@@ -33,6 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
+from vae.config import ConfigError, is_int, is_number
 from vae.logbook import METRICS_NAME
 from vae.provenance import PROJECT_DIR, PROVENANCE_NAME, record_provenance
 
@@ -104,7 +106,23 @@ def outcome(run_dir: Path, reference: Path) -> dict[str, Any]:
                              and all(torch.equal(weights[k], reference_weights[k]) for k in weights)}
 
 
+def check_plan(plan: DictConfig) -> None:
+    """faults.*, refused in one line before any training: counts, a finite moment, a seed."""
+    if not is_int(plan.runs) or plan.runs < 1:
+        raise ConfigError(f"faults.runs={plan.runs!r}: must be a positive integer")
+    for key in ("kills", "terms"):
+        if not is_int(plan[key]) or plan[key] < 0:
+            raise ConfigError(f"faults.{key}={plan[key]!r}: must be an integer >= 0")
+    if plan.kills + plan.terms == 0:
+        raise ConfigError("faults.kills=0 and faults.terms=0: no signal to send; give at least one")
+    if not is_number(plan.max_seconds) or not 0 < plan.max_seconds < math.inf:
+        raise ConfigError(f"faults.max_seconds={plan.max_seconds!r}: must be a finite number > 0")
+    if not is_int(plan.seed):
+        raise ConfigError(f"faults.seed={plan.seed!r}: must be an integer")
+
+
 def faults(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
+    check_plan(cfg.faults)
     settings, plan = list(cfg.faults.settings), cfg.faults
     scratch = out_dir / "runs"
     reference = scratch / "uninterrupted"
@@ -160,6 +178,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
 @hydra.main(version_base="1.3", config_path="conf", config_name="faults")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        check_plan(cfg.faults)
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
     record_provenance(out_dir)
     result = faults(cfg, out_dir)
     (out_dir / "faults.json").write_text(json.dumps(result, indent=2) + "\n")

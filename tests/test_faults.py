@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 from conftest import FAST, PROJECT_DIR, process_starts
@@ -93,3 +94,16 @@ def test_the_fault_script_counts_what_was_lost(tmp_path):
     assert summary["runs_equal_to_uninterrupted"] == 1 and sum(summary["moments"].values()) == 2
     assert [e["signal"] for e in report["events"]].count("SIGKILL") == 1
     assert (tmp_path / "faults.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["faults.runs=0"], "faults.runs=0: must be a positive integer"),
+    (["faults.kills=-1"], "faults.kills=-1: must be an integer >= 0"),
+    (["faults.max_seconds=nan"], "faults.max_seconds=nan: must be a finite number > 0"),
+    (["faults.kills=0", "faults.terms=0"], "faults.kills=0 and faults.terms=0: no signal to send"),
+])
+def test_a_bad_fault_plan_is_one_line_before_any_training(overrides, message, tmp_path):
+    result = subprocess.run([sys.executable, "faults.py", *overrides, f"hydra.run.dir={tmp_path}"], cwd=PROJECT_DIR,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "faults.json").exists()
