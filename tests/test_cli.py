@@ -168,3 +168,21 @@ def test_a_refused_command_leaves_the_runs_saved_config_as_it_was(tmp_path):
     (invocation,) = (run_dir / ".hydra").glob("resume-*/overrides.yaml")
     assert "model.latent_dim=5" in invocation.read_text()
     assert "model.latent_dim=5" not in resume_command(run_dir)  # the printed command continues the run as it was
+
+
+@pytest.mark.parametrize("entry,args", [
+    ("train.py", ["hydra.run.dir={file}"]),
+    ("train.py", ["hydra.run.dir={file}/run"]),
+    ("train.py", ["-m", "hydra.sweep.dir={file}/sweep"]),
+    ("evaluate.py", ["run=somewhere", "hydra.run.dir={file}/evaluation"]),
+], ids=["run-dir-is-a-file", "run-dir-under-a-file", "sweep-dir-under-a-file", "evaluation-dir-under-a-file"])
+def test_an_output_directory_that_cannot_be_made_is_one_line(entry, args, tmp_path):
+    file = tmp_path / "a-file"
+    file.write_text("not a directory\n")
+    command = [sys.executable, str(PROJECT_DIR / entry), *(a.format(file=file) for a in args),
+               *(FAST if entry == "train.py" else [])]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: hydra.") and "is a file, not a directory; give another directory" in line, line
+    assert file.read_text() == "not a directory\n" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

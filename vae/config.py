@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 from pyro.infer import (JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO,
@@ -201,6 +204,36 @@ def resume_subdirectory(resume: str | None, fresh: str, stamp: str, output_dir: 
     for this invocation's."""
     in_place = resume_directory(resume, "") != "" or (output_dir is not None and (Path(output_dir) / "checkpoint.pt").is_file())
     return f"{fresh}/resume-{stamp}" if in_place else fresh
+
+
+def unusable_directory(path: Path) -> str | None:
+    """Why `path` cannot be an output directory (a file where a directory must be, a folder this process
+    may not write in), or None."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory" if existing != path else "it is a file, not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable" if existing != path else "it is not writable"
+    return None
+
+
+class OutputDirectoryCheck(Callback):
+    """A Hydra callback: an output directory (hydra.run.dir, hydra.sweep.dir) that cannot be made or
+    written is one line before Hydra makes it, not a traceback from deep inside Hydra."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.check("hydra.run.dir", Path(str(config.hydra.run.dir)))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self.check("hydra.sweep.dir", Path(str(config.hydra.sweep.dir)))
+
+    @staticmethod
+    def check(key: str, path: Path) -> None:
+        problem = unusable_directory(path.expanduser().absolute())
+        if problem is not None:
+            sys.exit(f"error: {key}={path}: {problem}; give another directory")
 
 
 def register_resolvers() -> None:
