@@ -210,6 +210,12 @@ def main(cfg: DictConfig) -> float | None:
             return None
         sys.exit(f"error: {error}")
     except Exception as error:  # an error the checks did not foresee: in a sweep, recorded like the others
+        if ranks.parallel and distributed.lost_peer(error):  # another rank died: this one cannot go on
+            if multirun:
+                record_failure(job_dir, error)
+            sys.exit(f"error: rank {ranks.rank}: another rank of this job is gone ({str(error).splitlines()[0][:120]}); "
+                     f"the last checkpoint {job_dir / checkpoint.CHECKPOINT_NAME} is kept. Continue with: "
+                     f"{resume_command(job_dir)}")
         if not multirun:
             raise  # alone, the traceback says where
         distributed.leave(ranks)

@@ -349,4 +349,6 @@ def test_a_rank_that_dies_ends_the_job_with_a_message_not_a_hang(tmp_path):
     output, _ = process.communicate(timeout=120)  # not the process group's 10-minute timeout
     assert process.returncode != 0 and time.monotonic() - killed < 60
     assert "rank" in output and ("-9" in output or "SIGKILL" in output), output[-3000:]
+    assert "error: rank 0: another rank of this job is gone" in output, output[-3000:]  # the survivor: one line
+    assert 'File "' + str(PROJECT_DIR / "train.py") not in output  # no traceback of ours (torchrun prints its own)
     assert torch.load(run_dir / "checkpoint.pt", weights_only=False)["epoch"] >= 1

@@ -178,6 +178,14 @@ def agree(loss: float, weight: float, stop: StopRequest, ranks: Ranks) -> tuple[
     return both[0].item(), bool(both[1] > 0)
 
 
+LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Connection refused", "NCCL communicator was aborted")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Did a collective fail because another rank of the job is gone (killed, crashed)?"""
+    return isinstance(error, RuntimeError) and any(sign in str(error) for sign in LOST_PEER)
+
+
 def device_of_group() -> torch.device:
     """nccl reduces CUDA tensors, gloo CPU ones."""
     return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
