@@ -58,6 +58,9 @@ def check_config(cfg: DictConfig) -> None:
         value = cfg.model.get(key, 1.0)
         if not is_number(value) or not 0 < value < math.inf:
             raise ConfigError(f"model.{key}={value!r}: must be a finite number > 0")
+    if cfg.model.get("scale") == "fixed" and cfg.model.fixed_scale < cfg.model.get("min_scale", 0):
+        raise ConfigError(f"model.fixed_scale={cfg.model.fixed_scale}: below model.min_scale={cfg.model.min_scale}, "
+                          "the floor of every scale of the likelihood")
     components = cfg.model.get("components", 1)
     if not is_int(components) or components < 1:
         raise ConfigError(f"model.components={components!r}: must be a positive integer")

@@ -53,6 +53,8 @@ def load_split(data_cfg: DictConfig, train: bool) -> tuple[Tensor, Tensor]:
         dataset = instantiate(data_cfg.dataset, root=str(root), train=train)
     except InstantiationException as wrapped:
         error = wrapped.__cause__
+        if isinstance(error, ConfigError):  # the dataset refused one of its own keys
+            raise error from None
         if not isinstance(error, (RuntimeError, OSError, AssertionError, ValueError)):
             raise
         if files.is_dir() and any(files.iterdir()):  # the files are there: they cannot be read
@@ -165,6 +167,9 @@ class SyntheticImages:
         seed: int = 0,
     ) -> None:
         del root, download  # the same signature as torchvision's datasets; no files involved
+        for key, value in (("size", size), ("num_classes", num_classes), ("num_train", num_train), ("num_test", num_test)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"data.dataset.{key}={value!r}: must be a positive integer")
         generator = torch.Generator().manual_seed(seed + (0 if train else 1))
         num_images = num_train if train else num_test
         margin = size / 4
