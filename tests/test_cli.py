@@ -186,3 +186,19 @@ def test_an_output_directory_that_cannot_be_made_is_one_line(entry, args, tmp_pa
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: hydra.") and "is a file, not a directory; give another directory" in line, line
     assert file.read_text() == "not a directory\n" and sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+@pytest.mark.parametrize("entry,args", [
+    ("train.py", [*FAST, "model.latent_dim=-3"]),
+    ("train.py", [*FAST, "optim.optim_args.lr=0"]),
+    ("evaluate.py", ["run=somewhere", "task.num_particles=0"]),
+    ("evaluate.py", ["run=somewhere", "threads=0"]),
+], ids=["train-latent", "train-lr", "evaluate-task", "evaluate-threads"])
+def test_a_command_refused_for_a_value_leaves_nothing_behind(entry, args, tmp_path):
+    """Refused in one line by the config alone, before Hydra makes an output directory (no outputs/,
+    no .hydra/, no log): vae.config.RefuseBeforeWriting."""
+    result = subprocess.run([sys.executable, str(PROJECT_DIR / entry), *args], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().startswith("error: "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.utils import get_class
+from hydra.utils import get_class, get_method
 from omegaconf import DictConfig, OmegaConf
 from pyro.infer import (JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO,
                         TraceGraph_ELBO, TraceMeanField_ELBO)
@@ -222,18 +223,33 @@ def unusable_directory(path: Path) -> str | None:
     return None
 
 
-class OutputDirectoryCheck(Callback):
-    """A Hydra callback: an output directory (hydra.run.dir, hydra.sweep.dir) that cannot be made or
-    written is one line before Hydra makes it, not a traceback from deep inside Hydra."""
+class RefuseBeforeWriting(Callback):
+    """A Hydra callback: what can be refused from the config alone is refused in one line before Hydra
+    makes the output directory, so a refused command leaves nothing behind. An output directory
+    (hydra.run.dir, hydra.sweep.dir) that cannot be made or written; and, for a single new run, the
+    entry point's own `check` (a function of the config that raises ConfigError), e.g.
+    vae.config.check_config. A run that continues (resume=, or a directory holding its checkpoint)
+    is checked later, against its saved config; a sweep's jobs each record their own refusal."""
+
+    def __init__(self, check: str | None = None) -> None:
+        self.check = get_method(check) if check else None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.check("hydra.run.dir", Path(str(config.hydra.run.dir)))
+        HydraConfig.instance().set_config(config)  # as run_job will: hydra.run.dir may read ${hydra:...}
+        run_dir = Path(str(config.hydra.run.dir))
+        self.refuse_unusable("hydra.run.dir", run_dir)
+        continues = config.get("resume") is not None or (run_dir / "checkpoint.pt").is_file()
+        if self.check is not None and not continues:
+            try:
+                self.check(config)
+            except ConfigError as error:
+                sys.exit(f"error: {error}")
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.check("hydra.sweep.dir", Path(str(config.hydra.sweep.dir)))
+        self.refuse_unusable("hydra.sweep.dir", Path(str(config.hydra.sweep.dir)))
 
     @staticmethod
-    def check(key: str, path: Path) -> None:
+    def refuse_unusable(key: str, path: Path) -> None:
         problem = unusable_directory(path.expanduser().absolute())
         if problem is not None:
             sys.exit(f"error: {key}={path}: {problem}; give another directory")
@@ -269,6 +285,13 @@ TASK_RULES = {
     **{key: (lambda v: is_number(v) and 0 < v < math.inf, "a finite number > 0")
        for key in ("fit_lr", "l2", "traversal_radius")},
 }
+
+
+def check_evaluation(cfg: DictConfig) -> None:
+    """evaluate.py's config, before any work: the task's options, the device and the threads."""
+    check_task(cfg.task)
+    check_device(cfg)
+    check_threads(cfg)
 
 
 def check_task(task_cfg: DictConfig) -> None:
