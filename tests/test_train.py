@@ -92,14 +92,16 @@ def test_short_mnist_run(config, tmp_path):
 @pytest.mark.skipif(mnist_root() is None, reason="MNIST not found under VAE_DATA_ROOT (see ../shared/data/README.md)")
 def test_the_default_run_gives_the_readmes_first_epoch(config, tmp_path):
     """`python train.py` (seed 0) gives the README quickstart's untrained and first-epoch test ELBOs, as
-    the README prints them (two decimals; 0.05 nats of slack for another processor's float arithmetic):
-    a change of the initialisation, the data order, the binarization or the RNG's use shows here."""
+    the README prints them: the untrained one to its two decimals (the initialisation and the test
+    set's binarization), the first epoch's within 0.3 nats, the slack for another processor's float
+    arithmetic over 938 steps (on the processor that measured it, this one, it is equal to the
+    digit; a change of the data order or of the RNG's use moves it by more)."""
     quickstart = (PROJECT_DIR / "README.md").read_text().split("<!-- report:quickstart -->")[1]
     first, untrained = (float(v) for v in re.search(r"\((-[\d.]+) after the first epoch, (-[\d.]+) untrained\)", quickstart).groups())
     train(config("trainer.epochs=1", "device=cpu", f"data.root={mnist_root()}"), tmp_path)
     metrics = read_metrics(tmp_path)
     assert abs(metrics[0]["test_elbo"] - untrained) < 0.01, (metrics[0]["test_elbo"], untrained)
-    assert abs(metrics[1]["test_elbo"] - first) < 0.05, (metrics[1]["test_elbo"], first)
+    assert abs(metrics[1]["test_elbo"] - first) < 0.3, (metrics[1]["test_elbo"], first)
 
 
 def test_resume_gives_identical_parameters_and_metrics(fast_config, tmp_path):
