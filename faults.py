@@ -52,9 +52,18 @@ def starts(run_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
-def moment(run_dir: Path) -> str:
-    """What a run that has begun training was doing, as its files show: writing a checkpoint or training."""
-    return "writing a checkpoint" if any(run_dir.glob("*.tmp")) else "training"
+def moment(run_dir: Path, last_epoch: int) -> str:
+    """What a run that has begun training was doing, as its files show: writing a checkpoint, training,
+    or exiting after its last epoch (its signal handlers already put back: a SIGTERM then ends it at once,
+    with nothing left to save)."""
+    if any(run_dir.glob("*.tmp")):
+        return "writing a checkpoint"
+    lines = (run_dir / METRICS_NAME).read_text().splitlines() if (run_dir / METRICS_NAME).is_file() else []
+    try:
+        done = bool(lines) and json.loads(lines[-1])["epoch"] >= last_epoch
+    except (json.JSONDecodeError, KeyError):  # a line being written: still training
+        done = False
+    return "exiting after its last epoch" if done else "training"
 
 
 def wait_for_training(process: subprocess.Popen, run_dir: Path, started_before: int) -> bool:
@@ -65,7 +74,7 @@ def wait_for_training(process: subprocess.Popen, run_dir: Path, started_before: 
     return process.poll() is None
 
 
-def interrupt(settings: list[str], run_dir: Path, signum: int, seconds: float) -> tuple[str, int]:
+def interrupt(settings: list[str], run_dir: Path, signum: int, seconds: float, last_epoch: int) -> tuple[str, int]:
     """Start (or continue) the run and send `signum` `seconds` after it has begun training; (what it
     was doing, exit code). A run that ends first is not interrupted ('finished first')."""
     before = starts(run_dir)
@@ -76,7 +85,7 @@ def interrupt(settings: list[str], run_dir: Path, signum: int, seconds: float) -
             time.sleep(0.01)
     if process.poll() is not None:
         return "finished first", process.returncode
-    doing = moment(run_dir)
+    doing = moment(run_dir, last_epoch)
     process.send_signal(signum)
     return doing, process.wait(timeout=300)
 
@@ -127,6 +136,7 @@ def faults(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     scratch = out_dir / "runs"
     reference = scratch / "uninterrupted"
     reference_seconds = training_seconds(settings, reference)
+    last_epoch = json.loads((reference / METRICS_NAME).read_text().splitlines()[-1])["epoch"]
     chance = random.Random(plan.seed)
     signals = [signal.SIGKILL] * plan.kills + [signal.SIGTERM] * plan.terms
     chance.shuffle(signals)
@@ -134,7 +144,7 @@ def faults(cfg: DictConfig, out_dir: Path) -> dict[str, Any]:
     for i, signum in enumerate(signals):
         run_dir = scratch / f"run_{i % plan.runs}"
         seconds = chance.uniform(0.0, plan.max_seconds * reference_seconds)  # after training has begun
-        doing, code = interrupt(settings, run_dir, signum, seconds)
+        doing, code = interrupt(settings, run_dir, signum, seconds, last_epoch)
         events.append({"run": run_dir.name, "signal": signal.Signals(signum).name, "after_seconds": seconds,
                        "moment": doing, "exit_code": code})
         log.info(f"{i + 1}/{len(signals)} {run_dir.name}: {events[-1]['signal']} after {seconds:.1f} s, {doing} "
