@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vae.config import ConfigError, check_device, check_task, use_threads
+from vae.config import ConfigError, check_evaluation, use_threads
 from vae.data import DataNotFoundError
 from vae.provenance import record_provenance
 from vae.runs import RunError, load_run
@@ -39,8 +39,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Load the run `cfg.run`, run `cfg.task` on it, write and return its metrics."""
     if cfg.run is None:
         raise RunError("no run given: add run=<a training run directory>, e.g. run=outputs/2026-11-21/17-30-00")
-    check_task(cfg.task)
-    check_device(cfg)
+    check_evaluation(cfg)
     use_threads(cfg)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

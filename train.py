@@ -84,7 +84,7 @@ def train(cfg: DictConfig, out_dir: str | Path, ranks: Ranks = ALONE) -> dict[st
             log.info(f"resuming {resume_from} {state.position(cfg.trainer.epochs)}")
         metrics = logbook.start(state.epoch if saved else 0, device, resume_from.parent if saved else None,
                                 epoch=state.epoch, ranks=ranks.world_size, run_id=state.run_id,
-                                batch=state.next_batch if state.batches is not None else 0)  # where it begins
+                                batch=state.batch_in_epoch)  # where it begins
         x_shown = x_test[: cfg.trainer.num_grid_images]
         t_prior = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(PRIOR_GRID_SEED)).to(device)
 

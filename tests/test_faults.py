@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from conftest import FAST, PROJECT_DIR, process_starts
+from vae.checkpoint import saved_state
 
 SETTINGS = [*FAST, "data.subset=512", "data.batch_size=16", "trainer.epochs=3"]  # 32 steps an epoch
 
@@ -34,8 +35,8 @@ def saved_position(run_dir) -> tuple[int, int]:
     """(epoch, batch) the run directory's checkpoint continues at; (1, 0) before the first one."""
     if not (run_dir / "checkpoint.pt").is_file():
         return (1, 0)
-    saved = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
-    return (saved["epoch"], saved["next_batch"] if saved["batches"] is not None else 0)
+    state = saved_state(torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False))
+    return (state.epoch, state.batch_in_epoch)
 
 
 def start(run_dir) -> tuple[subprocess.Popen, float]:

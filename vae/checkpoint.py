@@ -74,6 +74,12 @@ class RunState:
     def end_epoch(self) -> None:
         self.epoch, self.batches = self.epoch + 1, None
 
+    @property
+    def batch_in_epoch(self) -> int:
+        """The batch of `epoch` the run continues at: 0 between epochs (`next_batch` then still counts the
+        epoch before's batches, which `restore` seeds a new rank from, so it is left as saved)."""
+        return self.next_batch if self.batches is not None else 0
+
     def position(self, epochs: int) -> str:
         """Where a resumed run continues, for the log: inside an epoch, at an epoch's start, or done."""
         if self.epoch > epochs:  # done, or stopped inside an epoch beyond a since-lowered trainer.epochs
@@ -194,10 +200,11 @@ def load(path: Path, cfg: DictConfig) -> dict[str, Any]:
     keys of MAY_CHANGE only; log each such change."""
     contents = read(path)
     check_run(path, contents)
-    refused, changed = config_differences(saved_config(contents), cfg)
+    saved = saved_config(contents)
+    refused, changed = config_differences(saved, cfg)
     if cfg.get("schedule") is not None:  # the scheduler owns the learning rate from epoch to epoch
         refused += [f"{change} (a run with a schedule keeps its optimizer)" for change in changed if change.startswith("optim.")]
-    if not saved_config(contents).estimator.reparameterized:  # README: only a reparameterized guide changes objective
+    if not saved.estimator.reparameterized:  # README: only a reparameterized guide changes objective
         refused += [f"{change} (only a reparameterized guide may change its objective)" for change in changed
                     if change.startswith("estimator.elbo")]
     if refused:
@@ -219,6 +226,11 @@ def check_run(path: Path, contents: dict[str, Any]) -> None:
         raise CheckpointError(f"{path} was written by another run (run_id {contents['run_id']}) than the one that "
                               f"trained in {path.parent} (run_id {recorded[-1]} in its provenance.jsonl); resume it "
                               "from the directory it was written in, or start a new run; nothing was changed")
+
+
+def saved_state(contents: dict[str, Any]) -> RunState:
+    """Where the run stood when the checkpoint was written (checkpoints from before run_id have none)."""
+    return RunState(**{key: contents[key] for key in STATE_KEYS if key in contents})
 
 
 def saved_config(contents: dict[str, Any]) -> DictConfig:
@@ -284,7 +296,7 @@ def restore(contents: dict[str, Any], optimizer: PyroOptim, cfg: DictConfig, dev
                              for name, state in contents["optimizer"].items()})
     else:
         log.info(f"optim._target_ changed from {saved_target} to {cfg.optim._target_}: its moment estimates start afresh")
-    state = RunState(**{key: contents[key] for key in STATE_KEYS if key in contents})  # no run_id before 2026-12
+    state = saved_state(contents)
     rank_rngs = contents.get("rank_rngs") or [contents["rng"]]  # rank 0's is "rng" too
     if ranks.rank < len(rank_rngs):
         set_rng_state(rank_rngs[ranks.rank])

@@ -79,5 +79,5 @@ def load_run(run: str | Path, device: str = "auto", data_root: str | None = None
     encoder, decoder = build_networks(cfg.model, image_shape, target)  # no speed options: plain float32
     pyro.clear_param_store()
     checkpoint.restore_params(contents["param_store"], target, encoder=encoder, decoder=decoder)
-    state = checkpoint.RunState(**{key: contents[key] for key in checkpoint.STATE_KEYS if key in contents})
+    state = checkpoint.saved_state(contents)
     return TrainedRun(cfg, encoder.eval(), decoder.eval(), image_shape, target, path.parent, state)

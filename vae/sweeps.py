@@ -15,6 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from vae.checkpoint import CHECKPOINT_NAME
 from vae.logbook import FAILED_NAME, METRICS_NAME
 from vae.runs import run_overrides
 
@@ -30,7 +31,7 @@ def sweep_jobs(sweep: str) -> str:
     """The jobs of the multirun in `sweep` that hold a checkpoint, as Hydra's sweep syntax "a,b,c" in job
     order: an evaluation recipe sweeps `run: ${sweep_jobs:multirun/experiments/NAME}` instead of listing
     them (evaluate.py registers the resolver)."""
-    jobs = sorted((job for job in Path(sweep).glob("*") if job.name.isdigit() and (job / "checkpoint.pt").is_file()),
+    jobs = sorted((job for job in Path(sweep).glob("*") if job.name.isdigit() and (job / CHECKPOINT_NAME).is_file()),
                   key=lambda job: int(job.name))
     if not jobs:
         raise SweepNotRun(f"no trained job in {sweep}: run its training recipe first (its command is in the recipe's header)")
