@@ -38,10 +38,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from model import likelihood
-from vae.build import build_networks, build_svi, svi_step
+from vae.build import build_likelihood, build_networks, build_svi, svi_step
 from vae.config import ConfigError, check_config, register_resolvers, resolve_device, use_threads
-from vae.data import DataNotFoundError, epoch_batches, load_split, observe
+from vae.data import DataNotFoundError, epoch_batches, load_split
 from vae.importance import iw_estimates
 from vae.provenance import provenance, record_provenance
 
@@ -52,7 +51,7 @@ def raw_step(encoder, decoder, optimizer: torch.optim.Optimizer, x: torch.Tensor
     """(a): one gradient step on the reparameterized minibatch ELBO, written out by hand."""
     t_loc, t_scale, _ = encoder(x)  # (B, latent_dim) each
     t = t_loc + t_scale * torch.randn_like(t_scale)  # t ~ q(t|x), reparameterized
-    log_p_x = likelihood(decoder, t).log_prob(x)  # log p(x|t), (B,)
+    log_p_x = decoder(t).log_prob(x)  # log p(x|t), (B,)
     log_p_t = torch.distributions.Normal(0.0, 1.0).log_prob(t).sum(-1)  # log p(t), (B,)
     log_q_t = torch.distributions.Normal(t_loc, t_scale).log_prob(t).sum(-1)  # log q(t|x), (B,)
     loss = -num_data / len(x) * (log_p_x + log_p_t - log_q_t).sum()  # -ELBO of the dataset
@@ -65,7 +64,7 @@ def raw_step(encoder, decoder, optimizer: torch.optim.Optimizer, x: torch.Tensor
 def networks(cfg: DictConfig, image_shape: tuple[int, ...], device: torch.device, seed: int):
     """Encoder and decoder with the same initial weights for every variant (and its speed options)."""
     torch.manual_seed(seed)
-    return build_networks(cfg.model, image_shape, device, cfg.trainer)
+    return build_networks(cfg, image_shape, device, cfg.trainer)
 
 
 def timed(fn: Callable[[], Any], steps: int, device: torch.device) -> float:
@@ -110,7 +109,8 @@ def bench(cfg: DictConfig, variant_configs: dict[str, DictConfig]) -> dict[str, 
     num_data, image_shape = len(images), tuple(images.shape[1:])
     batch_size, steps = cfg.data.batch_size, cfg.bench.steps_per_round
     batches = epoch_batches(num_data, batch_size, drop_last=True)
-    x = observe(images[batches[0].to(device)], cfg.model.likelihood)  # one fixed minibatch
+    observe = build_likelihood(cfg.likelihood, image_shape[0]).observe  # binarize (or dequantize)
+    x = observe(images[batches[0].to(device)])  # one fixed minibatch
     index = batches[0].to(device)
 
     # (a) the hand-written reference, with the configured optimizer class over all parameters
@@ -131,7 +131,7 @@ def bench(cfg: DictConfig, variant_configs: dict[str, DictConfig]) -> dict[str, 
 
     # (f) one training batch: index the in-memory images and binarize them afresh
     next_batch = iter(batches * (1 + (cfg.bench.rounds + cfg.bench.warmup_rounds) * steps // len(batches)))
-    steps_to_time["data"] = lambda: observe(images[next(next_batch).to(device)], cfg.model.likelihood)
+    steps_to_time["data"] = lambda: observe(images[next(next_batch).to(device)])
 
     # (g) the importance-weighted log p(x) with K particles against the bare decoder on K * B latents,
     # and with q(t|x) followed by `eval_flows` inverse autoregressive flows (the same decoder)

@@ -2,32 +2,27 @@
 
     p(t)   = N(0, I)                                            the prior over the latent code t
     p(x|t) = prod_pixels Bernoulli(x | sigmoid(x_logits(t)))                   (binarized images)
-           or prod_pixels N(x | x_loc(t), x_scale(t)^2)                     (dequantized images)
-           or prod_pixels N(logit x | x_loc(t), x_scale(t)^2) |d logit x / dx|    (the same, in logit space)
-           or prod_pixels DiscretizedLogistic(x | x_loc(t), x_scale(t))   (the 256 levels as they are)
-              or a mixture of K of them per pixel, its weights from the network too (`components=K`)
+           or prod_pixels N(x | x_loc(t), x_scale(t)^2)     (dequantized images: the lecture's Gaussian,
+                                                             its mean and diagonal scale from the network)
 
-The scale of the last three is the network's output per pixel (`scale="pixel"`, the diagonal
-covariance of the derivation), one learned value per channel (`"shared"`), or fixed (`"fixed"`).
-
-`Decoder` is the network that maps t to the likelihood's parameters; it never samples.
-`model` is the Pyro program that samples t from the prior and scores the observed image;
-`log_joint` reads log p(x|t) and log p(t) off that same program for a given t (evaluation).
+`Decoder` is the network that maps t to p(x|t): its layers give the likelihood's parameters per
+pixel and its `likelihood` (`Bernoulli`, `Gaussian`, or any other `Likelihood`, picked by the
+config group `likelihood=`) turns them into the distribution. `model` is the Pyro program that
+samples t from the prior and scores the observed image; `log_joint` reads log p(x|t) and log p(t)
+off that same program for a given t (evaluation). The likelihoods of gray levels beyond the
+lecture's (a learned or fixed shared scale, the logit-space Gaussian, the discretized logistic and
+its mixture) are extensions in vae/likelihoods.py.
 """
 from __future__ import annotations
 
-import numpy as np
+import math
+
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.distributions import constraints, transforms
 from torch import Tensor, nn
-from torch.distributions.utils import broadcast_all
 from torch.nn import functional as F
-
-LIKELIHOODS = ("bernoulli", "gaussian", "logit_gaussian", "discretized_logistic")
-SCALES = ("pixel", "shared", "fixed")  # where the Gaussian's or the logistic's scale comes from
 
 
 def check_image_shape(image_shape: tuple[int, int, int], channels: list[int]) -> None:
@@ -58,19 +53,93 @@ class ResidualBlock(nn.Module):
         return x + self.residual(x)
 
 
-class Decoder(nn.Module):
-    """t (..., latent_dim) -> parameters of p(x|t) over images of `image_shape` (C, H, W).
+# --- p(x|t) per pixel: the lecture's two likelihoods, and the interface every likelihood keeps ---
 
-    A dense layer lifts t to a small feature map; each transposed convolution doubles its
-    height and width, mirroring the encoder. Returns `x_logits` for the Bernoulli likelihood,
-    `(x_loc, x_scale)` for the others, `(logits, x_loc, x_scale)` (each (..., C, H, W, K)) for a
-    mixture of K discretized logistics. The Gaussian's mean is a sigmoid, inside (0, 1) like the
-    dequantized data; the logit-space Gaussian's and the logistic's loc are unbounded (the
-    logistic's end bins take the tails: loc < 0 puts the mass on level 0). The scale is kept above
-    `min_scale`; `squeeze` is the logit transform's lambda, logit(lambda + (1 - 2 lambda) x).
-    Hidden layers use ELU (smooth, so no unit is ever switched off for good). `residual_blocks`
-    = R adds R `ResidualBlock`s at each resolution below the output's, as in the encoder (R = 0:
-    the plain network, with the same parameter names).
+class Likelihood(nn.Module):
+    """The distribution of each pixel given the decoder's output. Every likelihood (here and in
+    vae/likelihoods.py) has, for images of `image_channels` channels:
+
+        params_per_pixel    how many outputs per pixel and channel the decoder gives it
+        forward(out)        out (..., C * params_per_pixel, H, W) -> one distribution per pixel,
+                            batch (..., C, H, W)
+        observe(images)     intensities in [0, 1] (N, C, H, W) -> the observations it scores
+        log_bin_width       each pixel's log p(x) plus this is (a bound on) the log-probability of its
+                            8-bit level, for bits/dim; None where the observations are not those levels
+        min_scale           the floor of a learned scale; None where there is no scale
+        learned_scale(p)    the per-pixel scale the network learns (floored at `min_scale`), else None
+    """
+
+    params_per_pixel = 1
+    log_bin_width: float | None = None
+    min_scale: float | None = None
+
+    def observe(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def learned_scale(self, p_x: dist.Distribution) -> Tensor | None:
+        return None
+
+
+class Bernoulli(Likelihood):
+    """p(x|t) = prod_pixels Bernoulli(x | sigmoid(x_logits)): one logit per pixel, for binarized images."""
+
+    def __init__(self, image_channels: int = 1) -> None:
+        super().__init__()
+        if image_channels != 1:
+            raise ValueError(f"likelihood=bernoulli with {image_channels}-channel images: binarizing colour is no "
+                             "model of them; use likelihood=discretized_logistic or gaussian")
+
+    def forward(self, x_logits: Tensor) -> dist.Bernoulli:
+        return dist.Bernoulli(logits=x_logits)
+
+    def observe(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Dynamic binarization: x ~ Bernoulli(intensity), a fresh draw every epoch."""
+        return torch.bernoulli(images, generator=generator)
+
+
+class Gaussian(Likelihood):
+    """p(x|t) = prod_pixels N(x | x_loc, x_scale^2), the mean and the diagonal scale both from the
+    network: x_loc = sigmoid(.) inside (0, 1) like the dequantized data, x_scale = min_scale +
+    softplus(.) kept above `min_scale`. It is a density of dequantized pixels x = (level + u) / 256,
+    so log p(x) - log 256 per pixel bounds the 8-bit level's log-probability (Theis et al. 2016)."""
+
+    params_per_pixel = 2  # x_loc and x_scale
+    log_bin_width = -math.log(256)
+
+    def __init__(self, image_channels: int = 1, min_scale: float = 1e-3) -> None:
+        super().__init__()
+        if isinstance(min_scale, bool) or not isinstance(min_scale, (int, float)) or not 0 < min_scale < math.inf:
+            raise ValueError(f"likelihood.min_scale={min_scale!r}: must be a finite number > 0")
+        self.min_scale = min_scale
+
+    def forward(self, out: Tensor) -> dist.Normal:
+        loc, raw_scale = out.chunk(2, dim=-3)  # along the channels: (..., C, H, W) each
+        return dist.Normal(torch.sigmoid(loc), self.min_scale + F.softplus(raw_scale))
+
+    def observe(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return dequantize(images, generator)
+
+    def learned_scale(self, p_x: dist.Normal) -> Tensor:
+        return p_x.scale
+
+
+def dequantize(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Uniform dequantization of 8-bit intensities: x = (level + u) / 256 in [0, 1), u ~ U[0, 1),
+    a fresh u every epoch."""
+    noise = torch.rand(images.shape, generator=generator, device=images.device)
+    return (images * 255 + noise) / 256
+
+
+# --- The decoder, the prior and the model ---------------------------------------------------------
+
+class Decoder(nn.Module):
+    """t (..., latent_dim) -> p(x|t) over images of `image_shape` (C, H, W), one distribution per image.
+
+    A dense layer lifts t to a small feature map; each transposed convolution doubles its height
+    and width, mirroring the encoder, to `likelihood.params_per_pixel` outputs per pixel and channel,
+    which `likelihood` turns into each pixel's distribution. Hidden layers use ELU (smooth, so no
+    unit is ever switched off for good). `residual_blocks` = R adds R `ResidualBlock`s at each
+    resolution below the output's, as in the encoder (R = 0: the plain network).
     """
 
     def __init__(
@@ -79,22 +148,10 @@ class Decoder(nn.Module):
         latent_dim: int,
         channels: list[int],
         hidden_dim: int,
-        likelihood: str = "bernoulli",
-        scale: str = "pixel",
-        min_scale: float = 1e-3,
-        fixed_scale: float = 0.1,
-        squeeze: float = 1e-3,
-        components: int = 1,
+        likelihood: Likelihood,
         residual_blocks: int = 0,
     ) -> None:
         super().__init__()
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"model.likelihood={likelihood!r}: choose one of {LIKELIHOODS}")
-        if scale not in SCALES:
-            raise ValueError(f"model.scale={scale!r}: choose one of {SCALES}")
-        if components > 1 and (likelihood != "discretized_logistic" or scale != "pixel"):
-            raise ValueError(f"model.components={components}: a mixture needs model.likelihood=discretized_logistic "
-                             f"and model.scale=pixel (not {likelihood}, {scale})")
         check_image_shape(image_shape, channels)
         image_channels, height, width = image_shape
         downsample = 2 ** len(channels)
@@ -102,14 +159,6 @@ class Decoder(nn.Module):
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
         self.likelihood = likelihood
-        self.scale = None if likelihood == "bernoulli" else scale
-        self.min_scale = min_scale
-        self.fixed_scale = fixed_scale
-        self.squeeze = squeeze
-        self.components = components
-        if self.scale == "shared":  # one scale per colour channel, learned with the networks
-            self.raw_scale = nn.Parameter(torch.zeros(image_channels, 1, 1))
-
         self.lift = nn.Sequential(
             nn.Linear(latent_dim, hidden_dim),
             nn.ELU(),
@@ -117,162 +166,19 @@ class Decoder(nn.Module):
             nn.ELU(),
             nn.Unflatten(1, feature_shape),
         )
-        params_per_pixel = 2 if self.scale == "pixel" else 1  # (loc, scale) or the logits / loc alone
-        if components > 1:
-            params_per_pixel = 3 * components  # (weight logits, loc, scale) of each component
-        widths = list(reversed(channels)) + [image_channels * params_per_pixel]
+        widths = list(reversed(channels)) + [image_channels * likelihood.params_per_pixel]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
             layers += [ResidualBlock(c_in) for _ in range(residual_blocks)]  # at c_in's resolution
             layers += [nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ELU()]
         self.upsample = nn.Sequential(*layers[:-1])  # no activation on the output
 
-    def forward(self, t: Tensor) -> Tensor | tuple[Tensor, ...]:
-        """t (..., latent_dim) -> the parameters (..., C, H, W): any leading batch dims (particles)."""
+    def forward(self, t: Tensor) -> dist.Distribution:
+        """p(x|t) for t (..., latent_dim), any leading batch dims (particles): batch (...,), event (C, H, W)."""
         batch_shape = t.shape[:-1]
         out = self.upsample(self.lift(t.reshape(-1, self.latent_dim)))  # (B, C * params_per_pixel, H, W)
-        out = out.reshape(*batch_shape, *out.shape[1:])  # (..., C * params_per_pixel, H, W)
-        if self.likelihood == "bernoulli":
-            return out  # x_logits (..., C, H, W)
-        if self.components > 1:  # channels ordered (3, K, C): each part (..., C, H, W, K)
-            logits, x_loc, raw_scale = out.unflatten(-3, (3, self.components, -1)).movedim(-4, -1).unbind(-5)
-            return logits, x_loc, self.min_scale + F.softplus(raw_scale)
-        loc, raw_scale = out.chunk(2, dim=-3) if self.scale == "pixel" else (out, None)  # along the channels
-        x_loc = torch.sigmoid(loc) if self.likelihood == "gaussian" else loc  # (..., C, H, W)
-        if self.scale == "pixel":
-            x_scale = self.min_scale + F.softplus(raw_scale)  # (..., C, H, W), > min_scale
-        elif self.scale == "shared":
-            x_scale = (self.min_scale + F.softplus(self.raw_scale)).expand_as(x_loc)  # (C, 1, 1) -> (..., C, H, W)
-        else:
-            x_scale = torch.full_like(x_loc, self.fixed_scale)
-        return x_loc, x_scale
-
-
-# --- The likelihoods of gray levels that Pyro does not provide ready-made ------------------------
-#
-# The discretized logistic of 8-bit pixels (Salimans et al. 2017, PixelCNN++): each pixel is one of
-# the 256 levels 0, 1/255, ..., 1, with the mass a logistic(loc, scale) puts on the level's bin,
-#     P(x = k/255) = F(k/255 + 1/510) - F(k/255 - 1/510)     F the logistic CDF, 0 < k < 255,
-#     P(x = 0) = F(1/510),  P(x = 1) = 1 - F(1 - 1/510)      the end bins take the tails,
-# so the 256 masses sum to one and -log2 P / D is the data's bits per dimension, exactly.
-# The logit-space Gaussian of dequantized pixels is Pyro's TransformedDistribution of a Normal.
-
-LEVELS = 256  # 8-bit data
-
-
-class DiscretizedLogistic(dist.TorchDistribution):
-    """A logistic(loc, scale) on the real line, rounded to the nearest of the 256 levels in [0, 1]."""
-
-    arg_constraints = {"loc": constraints.real, "scale": constraints.positive}
-    support = constraints.unit_interval  # the levels k/255 (a discrete subset of it)
-    has_rsample = False
-
-    def __init__(self, loc: Tensor, scale: Tensor, validate_args: bool | None = None) -> None:
-        self.loc, self.scale = broadcast_all(loc, scale)
-        super().__init__(self.loc.shape, validate_args=validate_args)
-
-    def expand(self, batch_shape: torch.Size, _instance=None) -> DiscretizedLogistic:
-        new = self._get_checked_instance(DiscretizedLogistic, _instance)
-        batch_shape = torch.Size(batch_shape)
-        new.loc, new.scale = self.loc.expand(batch_shape), self.scale.expand(batch_shape)
-        super(DiscretizedLogistic, new).__init__(batch_shape, validate_args=False)
-        new._validate_args = self._validate_args
-        return new
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        half_bin = 0.5 / (LEVELS - 1)
-        centred = value - self.loc
-        upper = (centred + half_bin) / self.scale  # the bin's edges, standardized
-        lower = (centred - half_bin) / self.scale
-        log_lowest = F.logsigmoid(upper)  # log F(upper): the lowest level's mass
-        log_highest = F.logsigmoid(-lower)  # log (1 - F(lower)): the highest level's mass
-        # log(F(upper) - F(lower)) computed on the side of loc where both CDF values are small,
-        # F(u) - F(l) = F(-l) - F(-u), as log F(a) + log(1 - F(b) / F(a)) with a > b: no cancellation
-        right = centred > 0
-        a, b = torch.where(right, -lower, upper), torch.where(right, -upper, lower)
-        log_a = F.logsigmoid(a)
-        log_inner = log_a + torch.log(-torch.expm1(F.logsigmoid(b) - log_a))
-        level = torch.round(value * (LEVELS - 1))
-        return torch.where(level == 0, log_lowest, torch.where(level == LEVELS - 1, log_highest, log_inner))
-
-    @property
-    def mean(self) -> Tensor:
-        """E[x] = sum_k (k/255) P(k) = 1/255 sum_{k=1..255} P(x >= k/255), exact, one level at a time."""
-        total = torch.zeros_like(self.loc)
-        for k in range(1, LEVELS):
-            total += torch.sigmoid(-((k - 0.5) / (LEVELS - 1) - self.loc) / self.scale)  # P(x >= k/255)
-        return total / (LEVELS - 1)
-
-    @torch.no_grad()
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
-        """A logistic draw loc + scale * log(u / (1 - u)), rounded to its level: exactly P above."""
-        shape = self._extended_shape(sample_shape)
-        u = torch.rand(shape, dtype=self.loc.dtype, device=self.loc.device).clamp(1e-6, 1 - 1e-6)
-        y = self.loc.expand(shape) + self.scale.expand(shape) * (torch.log(u) - torch.log1p(-u))
-        return torch.round(y * (LEVELS - 1)).clamp(0, LEVELS - 1) / (LEVELS - 1)
-
-
-class DiscretizedLogisticMixture(dist.TorchDistribution):
-    """sum_k w_k DiscretizedLogistic(loc_k, scale_k) per pixel, the K components along the parameters'
-    last dim (PixelCNN++'s likelihood without its channel coupling): a pixel that is either dark or
-    bright given t, as a digit's edge is, gets one mode for each instead of a broad one between them."""
-
-    arg_constraints = {"logits": constraints.real, "loc": constraints.real, "scale": constraints.positive}
-    support = constraints.unit_interval
-    has_rsample = False
-
-    def __init__(self, logits: Tensor, loc: Tensor, scale: Tensor, validate_args: bool | None = None) -> None:
-        self.logits, self.loc, self.scale = broadcast_all(logits, loc, scale)  # (..., K)
-        super().__init__(self.loc.shape[:-1], validate_args=validate_args)
-
-    def expand(self, batch_shape: torch.Size, _instance=None) -> DiscretizedLogisticMixture:
-        new = self._get_checked_instance(DiscretizedLogisticMixture, _instance)
-        shape = torch.Size(batch_shape) + self.loc.shape[-1:]
-        new.logits, new.loc, new.scale = self.logits.expand(shape), self.loc.expand(shape), self.scale.expand(shape)
-        super(DiscretizedLogisticMixture, new).__init__(torch.Size(batch_shape), validate_args=False)
-        new._validate_args = self._validate_args
-        return new
-
-    def components(self) -> DiscretizedLogistic:
-        return DiscretizedLogistic(self.loc, self.scale)
-
-    def log_prob(self, value: Tensor) -> Tensor:
-        if self._validate_args:
-            self._validate_sample(value)
-        log_weights = F.log_softmax(self.logits, dim=-1)  # log w_k
-        return torch.logsumexp(log_weights + self.components().log_prob(value.unsqueeze(-1)), dim=-1)
-
-    @property
-    def mean(self) -> Tensor:
-        return (F.softmax(self.logits, dim=-1) * self.components().mean).sum(-1)
-
-    @torch.no_grad()
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
-        """A component k ~ Categorical(w), then a draw of that component."""
-        shape = self._extended_shape(sample_shape)
-        k = dist.Categorical(logits=self.logits).sample(sample_shape).unsqueeze(-1)  # (..., 1)
-        draws = self.components().sample(sample_shape)  # (..., K), one per component
-        return draws.gather(-1, k).squeeze(-1).reshape(shape)
-
-
-def logit_gaussian(y_loc: Tensor, y_scale: Tensor, squeeze: float) -> dist.TorchDistribution:
-    """x in (0, 1) with y = logit(squeeze + (1 - 2 squeeze) x) ~ N(y_loc, y_scale^2): the logit transform
-    of density models of images (Dinh et al. 2017, RealNVP). `log_prob(x)` counts the transform's
-    Jacobian, log |dy/dx|, so it is a density of x and gives bits/dim like the plain Gaussian."""
-    to_unit = transforms.AffineTransform(-squeeze / (1 - 2 * squeeze), 1 / (1 - 2 * squeeze))  # u -> x
-    return dist.TransformedDistribution(dist.Normal(y_loc, y_scale), [transforms.SigmoidTransform(), to_unit])
-
-
-def logit_gaussian_mean(y_loc: Tensor, y_scale: Tensor, squeeze: float, nodes: int = 32) -> Tensor:
-    """E[x] of `logit_gaussian` by Gauss-Hermite quadrature over y (exact to float precision at 32 nodes
-    for the scales a decoder outputs)."""
-    z, weights = np.polynomial.hermite_e.hermegauss(nodes)  # for the weight exp(-z^2 / 2)
-    z = torch.as_tensor(z, dtype=y_loc.dtype, device=y_loc.device)
-    weights = torch.as_tensor(weights / weights.sum(), dtype=y_loc.dtype, device=y_loc.device)
-    u = torch.sigmoid(y_loc.unsqueeze(-1) + y_scale.unsqueeze(-1) * z)  # (..., nodes)
-    return ((u * weights).sum(-1) - squeeze) / (1 - 2 * squeeze)
+        out = out.reshape(*batch_shape, *out.shape[1:])
+        return self.likelihood(out).to_event(3)  # each pixel's distribution, the image one event
 
 
 def prior(num_images: int, latent_dim: int, like: Tensor) -> dist.Distribution:
@@ -281,33 +187,6 @@ def prior(num_images: int, latent_dim: int, like: Tensor) -> dist.Distribution:
     t_loc = like.new_zeros(num_images, latent_dim)  # (B, latent_dim)
     t_scale = like.new_ones(num_images, latent_dim)  # (B, latent_dim)
     return dist.Normal(t_loc, t_scale).to_event(1)
-
-
-def likelihood(decoder: Decoder, t: Tensor) -> dist.Distribution:
-    """p(x|t) as one distribution per image, its event the whole (C, H, W) image."""
-    if decoder.likelihood == "bernoulli":
-        x_logits = decoder(t)
-        return dist.Bernoulli(logits=x_logits).to_event(3)
-    params = decoder(t)  # (x_loc, x_scale), or (logits, x_loc, x_scale) of a mixture
-    if decoder.likelihood == "gaussian":
-        return dist.Normal(*params).to_event(3)
-    if decoder.likelihood == "logit_gaussian":
-        return logit_gaussian(*params, decoder.squeeze).to_event(3)  # with the transform's Jacobian
-    if len(params) == 3:
-        return DiscretizedLogisticMixture(*params).to_event(3)
-    return DiscretizedLogistic(*params).to_event(3)
-
-
-def mean_image(decoder: Decoder, t: Tensor) -> Tensor:
-    """E[x|t] (B, C, H, W): the Bernoulli probabilities, the Gaussian mean, the logit-space
-    Gaussian's mean (by quadrature) or the discretized logistic's mean over its levels, for pictures."""
-    if decoder.likelihood == "bernoulli":
-        return torch.sigmoid(decoder(t))
-    if decoder.likelihood == "gaussian":
-        return decoder(t)[0]  # x_loc
-    if decoder.likelihood == "logit_gaussian":
-        return logit_gaussian_mean(*decoder(t), decoder.squeeze)
-    return likelihood(decoder, t).base_dist.mean
 
 
 def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tensor | None = None,
@@ -330,7 +209,7 @@ def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tenso
     with pyro.plate("data", size=num_data, subsample=index):
         with poutine.scale(scale=kl_weight):
             t = pyro.sample("t", prior(x.shape[0], decoder.latent_dim, like=x))  # log p(t), times beta
-        p_x = likelihood(decoder, t)  # p(x|t), event (C, H, W)
+        p_x = decoder(t)  # p(x|t), event (C, H, W)
         if mask is not None:  # mask the pixels, inside the image event
             p_x = p_x.base_dist.mask(mask).to_event(p_x.reinterpreted_batch_ndims)
         pyro.sample("x", p_x, obs=x)  # log p(x|t), or log p(x_obs|t) under the mask

@@ -20,6 +20,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import hydra
@@ -32,12 +33,11 @@ from pyro.infer import SVI
 from tqdm import tqdm
 
 from guide import posterior
-from model import mean_image
 from vae import checkpoint, distributed
 from vae.build import build_networks, build_svi, learning_rate, step_schedule, svi_step
 from vae.checkpoint import RunState
 from vae.config import ConfigError, check_config, register_resolvers, resolve_device, use_threads
-from vae.data import DataNotFoundError, load_training_data, observe
+from vae.data import DataNotFoundError, load_training_data, observe_test_set
 from vae.distributed import ALONE, Ranks
 from vae.elbo import dataset_elbo
 from vae.logbook import Logbook, RunDirectoryBusy, record_failure
@@ -68,11 +68,12 @@ def train(cfg: DictConfig, out_dir: str | Path, ranks: Ranks = ALONE) -> dict[st
         distributed.barrier(ranks)  # every rank has read the checkpoint before rank 0 writes one
         # Data: the whole dataset in memory on the device, batched by index.
         pyro.set_rng_seed(cfg.seed)
-        train_images, x_test = load_training_data(cfg, device)
+        train_images, test_images = load_training_data(cfg, device)
         image_shape, num_data = tuple(train_images.shape[1:]), len(train_images)
 
         # Model, guide and the SVI objective; a resumed run gets its weights, optimizer and RNG back.
-        encoder, decoder = build_networks(cfg.model, image_shape, device, cfg.trainer)
+        encoder, decoder = build_networks(cfg, image_shape, device, cfg.trainer)
+        x_test = observe_test_set(test_images, decoder.likelihood).to(device)  # binarized / dequantized once
         pyro.clear_param_store()
         svi = build_svi(cfg, encoder, decoder, num_data)
         if ranks.parallel:  # the gradient of the global batch, summed over the ranks' shares
@@ -94,8 +95,8 @@ def train(cfg: DictConfig, out_dir: str | Path, ranks: Ranks = ALONE) -> dict[st
             started = time.perf_counter()
             result = {f"test_{key}": value for key, value in dataset_elbo(x_test, encoder, decoder).items()}
             _, t = posterior(x_shown, encoder)  # t ~ q(t|x)
-            logbook.images(epoch, reconstructions=(torch.cat([x_shown, mean_image(decoder, t)]), max(1, len(x_shown) // 2)),
-                           samples=(mean_image(decoder, t_prior), 8))
+            logbook.images(epoch, reconstructions=(torch.cat([x_shown, decoder(t).mean]), max(1, len(x_shown) // 2)),
+                           samples=(decoder(t_prior).mean, 8))
             result["test_seconds"] = time.perf_counter() - started
             return result
 
@@ -114,7 +115,7 @@ def train(cfg: DictConfig, out_dir: str | Path, ranks: Ranks = ALONE) -> dict[st
             if state.batches is None:  # a new epoch: a fresh order of the images
                 state.start_epoch(distributed.epoch_batches(num_data, cfg.data, ranks))
             started = time.perf_counter()
-            if train_steps(svi, train_images, state, cfg, stop, checkpoint_file, ranks):  # the rest of this epoch
+            if train_steps(svi, train_images, decoder.likelihood.observe, state, cfg, stop, checkpoint_file, ranks):  # the rest of this epoch
                 # stopped after a step (every rank after the same one): save it, then exit (or requeue)
                 state.epoch_seconds += time.perf_counter() - started
                 save()
@@ -141,13 +142,13 @@ def train(cfg: DictConfig, out_dir: str | Path, ranks: Ranks = ALONE) -> dict[st
     return {**metrics, "run_dir": str(out_dir)}
 
 
-def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: DictConfig,
+def train_steps(svi: SVI, train_images: torch.Tensor, observe: Callable, state: RunState, cfg: DictConfig,
                 stop: StopRequest, checkpoint_file: Path, ranks: Ranks = ALONE) -> bool:
     """This epoch's SVI steps from batch `state.next_batch` on, one per minibatch (this rank's
     share of it), adding each loss (of the whole minibatch) to `state.loss_sum`; returns False at
     the epoch's end, True after the step during which a stop was requested (on any rank)."""
     batches, num_data = state.batches, len(train_images)
-    likelihood, check_every_step = cfg.model.likelihood, cfg.trainer.check_every_step  # read once, not per step
+    check_every_step = cfg.trainer.check_every_step  # read once, not per step
     warmup_steps = cfg.trainer.get("kl_warmup_epochs", 0) * len(batches)
     objective = {}  # the warm-up's kl_weight, for model and guide
     with tqdm(total=len(batches), initial=state.next_batch, desc=f"epoch {state.epoch}", unit="batch",
@@ -158,7 +159,7 @@ def train_steps(svi: SVI, train_images: torch.Tensor, state: RunState, cfg: Dict
             index = index.to(train_images.device)  # (B,)
             if ranks.parallel:
                 svi.optim.weight = weight  # B_r/B: the ranks' gradients add up to the batch's
-            x = observe(train_images[index], likelihood)  # (B, C, H, W), binarized afresh
+            x = observe(train_images[index])  # (B, C, H, W), binarized (or dequantized) afresh
             # Pyro's and torch's argument and support checks: on every step, or on the epoch's first
             try:
                 with pyro.validation_enabled(check_every_step or state.next_batch == 0):

@@ -165,8 +165,8 @@ def variance(cfg: DictConfig, estimators: dict[str, DictConfig], out_dir: Path) 
         pyro.set_rng_seed(cfg.seed)
         device = resolve_device(cfg.device)
         images, _ = load_split(cfg.data, train=True)
-        x_train = observe_test_set(images, cfg.model.likelihood).to(device)  # observed once, fixed seed
-        encoder, decoder = build_networks(cfg.model, tuple(images.shape[1:]), device, cfg.trainer)
+        encoder, decoder = build_networks(cfg, tuple(images.shape[1:]), device, cfg.trainer)
+        x_train = observe_test_set(images, decoder.likelihood).to(device)  # observed once, fixed seed
         points.append({"epoch": 0, "checkpoint": None,
                        "estimators": measure(cfg, encoder, decoder, x_train, estimators)})
     for path in checkpoints_of(cfg.run, cfg.all_epochs) if cfg.run is not None else []:

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from sklearn.metrics import average_precision_score, roc_auc_score
 from torch import Tensor, nn
 
-from vae.data import DataNotFoundError, load_split, observe, observe_test_set
+from vae.data import DataNotFoundError, load_split, observe_test_set
 from vae.importance import dataset_iw
 from vae.runs import TrainedRun
 
@@ -72,8 +72,8 @@ def outlier_sets(run: TrainedRun, x_normal: Tensor, other_datasets: dict[str, st
     uniform-noise intensities, the inverted test observations 1 - x, and each other dataset that loads
     and has the run's image shape."""
     generator = torch.Generator().manual_seed(seed)
-    likelihood = run.cfg.model.likelihood
-    noise = observe(torch.rand(x_normal.shape, generator=generator), likelihood, generator)
+    likelihood = run.decoder.likelihood
+    noise = likelihood.observe(torch.rand(x_normal.shape, generator=generator), generator)
     sets = {"noise": noise, "inverted": 1 - x_normal.cpu()}  # 1 - x is a valid observation under every likelihood
     for name, target in other_datasets.items():
         if target == run.cfg.data.dataset._target_:

@@ -31,7 +31,6 @@ from torch import Tensor, nn
 from torchvision.utils import save_image
 
 from guide import code
-from model import likelihood, mean_image
 from vae.classifier import accuracy, confident_share, train_classifier
 from vae.data import load_split
 from vae.runs import TrainedRun
@@ -49,13 +48,13 @@ def prior_latents(decoder: nn.Module, num_samples: int, seed: int) -> Tensor:
 @torch.no_grad()
 def prior_samples(decoder: nn.Module, num_samples: int, seed: int) -> Tensor:
     """E[x|t] (S, C, H, W) for the S latents of `prior_latents`."""
-    return mean_image(decoder, prior_latents(decoder, num_samples, seed))
+    return decoder(prior_latents(decoder, num_samples, seed)).mean
 
 
 @torch.no_grad()
 def drawn_samples(decoder: nn.Module, num_samples: int, seed: int) -> Tensor:
     """x ~ p(x|t) (S, C, H, W) for the same latents: E[x|t] with the likelihood's pixel noise."""
-    return likelihood(decoder, prior_latents(decoder, num_samples, seed)).sample().clamp(0, 1)
+    return decoder(prior_latents(decoder, num_samples, seed)).sample().clamp(0, 1)
 
 
 @torch.no_grad()
@@ -66,7 +65,7 @@ def interpolate(encoder: nn.Module, decoder: nn.Module, x_a: Tensor, x_b: Tensor
     t_b = code(x_b, encoder)  # (P, L)
     a = torch.linspace(0, 1, steps, device=t_a.device)[None, :, None]  # (1, steps, 1)
     t = (1 - a) * t_a[:, None] + a * t_b[:, None]  # (P, steps, L)
-    return mean_image(decoder, t.flatten(0, 1)).unflatten(0, t.shape[:2])
+    return decoder(t.flatten(0, 1)).mean.unflatten(0, t.shape[:2])
 
 
 @torch.no_grad()
@@ -75,7 +74,7 @@ def traverse(decoder: nn.Module, steps: int, radius: float) -> Tensor:
     device = next(decoder.parameters()).device
     values = torch.linspace(-radius, radius, steps, device=device)  # (steps,)
     t = torch.eye(decoder.latent_dim, device=device)[:, None, :] * values[None, :, None]  # (L, steps, L)
-    return mean_image(decoder, t.flatten(0, 1)).unflatten(0, t.shape[:2])
+    return decoder(t.flatten(0, 1)).mean.unflatten(0, t.shape[:2])
 
 
 def normal_quantile_grid(steps: int, device: torch.device | None = None) -> Tensor:
@@ -120,7 +119,7 @@ def generate(
     save_image(drawn_samples(decoder, num_samples, sample_seed), files["samples_drawn"], nrow=int(num_samples**0.5))
     with torch.no_grad():
         x_shown = x_test[:num_images]
-        reconstruction = mean_image(decoder, code(x_shown, encoder))
+        reconstruction = decoder(code(x_shown, encoder)).mean
     save_image(torch.cat([x_shown, reconstruction]), files["reconstructions"], nrow=num_images)
     x_a, x_b = x_test[: 2 * num_pairs : 2], x_test[1 : 2 * num_pairs : 2]
     save_image(interpolate(encoder, decoder, x_a, x_b, steps).flatten(0, 1), files["interpolations"], nrow=steps)
@@ -128,7 +127,7 @@ def generate(
     if decoder.latent_dim == 2:
         files["manifold"] = out_dir / "manifold.png"
         with torch.no_grad():
-            manifold = mean_image(decoder, normal_quantile_grid(manifold_steps, run.device))
+            manifold = decoder(normal_quantile_grid(manifold_steps, run.device)).mean
         save_image(manifold, files["manifold"], nrow=manifold_steps)
     result: dict[str, str | float | list[int]] = {name: str(path) for name, path in files.items()}
     if classifier_epochs > 0:

@@ -36,7 +36,7 @@ from torch.nn import functional as F
 from torchvision.utils import save_image
 
 from guide import code, posterior
-from model import likelihood, log_joint, mean_image, model
+from model import log_joint, model
 from vae.data import load_split
 from vae.importance import repeat
 from vae.runs import TrainedRun
@@ -73,7 +73,7 @@ def fill(x: Tensor, mask: Tensor, value: Tensor | float) -> Tensor:
 def impute_one_pass(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module, fill_value: Tensor) -> Tensor:
     """E[x|t(x~)] (N, C, H, W): one encoder and decoder pass on the filled-in image x~ (t_loc, or
     its image through the flows: `guide.code`)."""
-    return mean_image(decoder, code(fill(x, mask, fill_value), encoder))
+    return decoder(code(fill(x, mask, fill_value), encoder)).mean
 
 
 @torch.no_grad()
@@ -88,7 +88,7 @@ def importance_mean(x: Tensor, mask: Tensor, decoder: nn.Module, proposal: dist.
                                    mask=repeat(mask, num_particles))  # (K * N,) each
     log_w = (log_p_x_o + log_p_t).unflatten(0, t.shape[:2]) - proposal.log_prob(t)  # (K, N)
     weights = log_w.softmax(0)  # self-normalized, (K, N)
-    x_mean = mean_image(decoder, flat_t).unflatten(0, t.shape[:2])  # E[x|t_k], (K, N, C, H, W)
+    x_mean = decoder(flat_t).mean.unflatten(0, t.shape[:2])  # E[x|t_k], (K, N, C, H, W)
     return (weights[:, :, None, None, None] * x_mean).sum(0), 1 / weights.pow(2).sum(0)
 
 
@@ -149,7 +149,7 @@ def impute_gibbs(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module
     Metropolis-within-Gibbs when `metropolis`, else pseudo-Gibbs (every proposal accepted)."""
     x_filled = fill(x, mask, fill_value)
     _, t = posterior(x_filled, encoder)  # t ~ q(t|x~), (N, L)
-    x_filled = fill(x, mask, likelihood(decoder, t).sample())  # x_m ~ p(x_m|t)
+    x_filled = fill(x, mask, decoder(t).sample())  # x_m ~ p(x_m|t)
     total = torch.zeros_like(x)
     for step in range(steps):
         q_t, proposal = posterior(x_filled, encoder)  # q(t|x) and t' ~ q(t|x), x = (x_o, x_m); (N, L)
@@ -161,9 +161,9 @@ def impute_gibbs(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module
             t = torch.where(accept[:, None], proposal, t)
         else:
             t = proposal
-        x_filled = fill(x, mask, likelihood(decoder, t).sample())  # x_m ~ p(x_m|t)
+        x_filled = fill(x, mask, decoder(t).sample())  # x_m ~ p(x_m|t)
         if step >= burn_in:
-            total += mean_image(decoder, t)
+            total += decoder(t).mean
     return total / max(steps - burn_in, 1)
 
 

@@ -76,13 +76,14 @@ def evaluate_likelihood(
         })
         log.info(f"whole {split} split: NLL {result['whole_split_nll']:.2f} +- {gap_se:.2f} nats (ELBO "
                  f"{elbo_whole:.2f} over {len(all_x)} images + IW gap {gap:.2f} from the sample)")
-    if run.cfg.model.likelihood != "bernoulli":  # 8-bit data: the NLLs in bits/dim too
+    log_bin_width = run.decoder.likelihood.log_bin_width
+    if log_bin_width is not None:  # 8-bit levels: the NLLs in bits/dim too
         bits_per_nat = 1 / (math.prod(run.image_shape) * math.log(2))
-        result["bits_per_dim"] = bits_per_dim(-nll, run.image_shape, run.cfg.model.likelihood)
+        result["bits_per_dim"] = bits_per_dim(-nll, run.image_shape, log_bin_width)
         result["bits_per_dim_standard_error"] = nll_se * bits_per_nat
         if "whole_split_nll" in result:
             result["whole_split_bits_per_dim"] = bits_per_dim(-result["whole_split_nll"], run.image_shape,
-                                                              run.cfg.model.likelihood)
+                                                              log_bin_width)
             result["whole_split_bits_per_dim_standard_error"] = result["whole_split_nll_standard_error"] * bits_per_nat
     np.savez(out_dir / "likelihood.npz", index=index.numpy(), **{key: value.cpu().numpy() for key, value in iw.items()})
     log.info(f"{split} NLL {nll:.2f} +- {nll_se:.2f} nats (K={num_particles}, {len(x)} images), "

@@ -6,7 +6,7 @@
 
 and for each group: its share of the pixels, the bits per pixel that -log p(x_pixel|t) costs
 (a density of dequantized pixels counts its bin's width, as bits/dim does), its share of all the
-bits, and, for a learned scale, the median scale, the share at the floor `model.min_scale` and the
+bits, and, for a learned scale, the median scale, the share at the floor `likelihood.min_scale` and the
 mean of 1/scale^2, the weight that the gradient of log p gives the pixel's mean (a Gaussian's
 d log p / d x_loc = (x - x_loc) / scale^2). t is the mean of q(t|x): what the decoder says of the
 image it is shown. A likelihood that rewards the background's precision shows here: bits that go to
@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 
 from guide import code
-from model import likelihood
 from vae.data import bits_per_dim, load_split, observe_test_set
 from vae.elbo import FLOOR_MARGIN
 from vae.runs import TrainedRun
@@ -33,14 +32,12 @@ def pixel_costs(run: TrainedRun, x: Tensor) -> tuple[Tensor, Tensor | None]:
     """(bits per pixel of -log p(x_pixel|t(x)), (B, C, H, W); the pixels' scales or None), at the
     code t(x) of `guide.code` (t_loc for the Gaussian q)."""
     t_loc = code(x, run.encoder)
-    p_x = likelihood(run.decoder, t_loc).base_dist  # per pixel: batch (B, C, H, W), no event
-    bits = bits_per_dim(p_x.log_prob(x), (1,), run.cfg.model.likelihood)  # one pixel at a time
-    if run.decoder.scale not in ("pixel", "shared"):
-        return bits, None
-    params = run.decoder(t_loc)  # (x_loc, x_scale), or (logits, x_loc, x_scale) of a mixture
-    scale = params[-1]
-    if scale.dim() > x.dim():  # a mixture: the scale of its heaviest component
-        scale = scale.gather(-1, params[0].argmax(-1, keepdim=True)).squeeze(-1)
+    p_x = run.decoder(t_loc).base_dist  # per pixel: batch (B, C, H, W), no event
+    bits = bits_per_dim(p_x.log_prob(x), (1,), run.decoder.likelihood.log_bin_width)  # one pixel at a time
+    likelihood = run.decoder.likelihood
+    scale = likelihood.learned_scale(p_x) if likelihood.min_scale is not None else None  # None: no learned scale
+    if scale is not None and scale.dim() > x.dim():  # a mixture: the scale of its heaviest component
+        scale = scale.gather(-1, p_x.logits.argmax(-1, keepdim=True)).squeeze(-1)
     return bits, scale
 
 
@@ -49,7 +46,7 @@ def pixels(run: TrainedRun, out_dir: Path, max_images: int = 1000, batch_size: i
     images, _ = load_split(run.cfg.data, train=False)
     images = images[:max_images]
     levels = torch.round(images * 255).to(run.device)
-    x = observe_test_set(images, run.cfg.model.likelihood).to(run.device)  # as run.split observes them
+    x = observe_test_set(images, run.decoder.likelihood).to(run.device)  # as run.split observes them
     costs = [pixel_costs(run, batch) for batch in x.split(batch_size)]
     bits = torch.cat([c[0] for c in costs])
     scale = torch.cat([c[1] for c in costs]) if costs[0][1] is not None else None
@@ -61,7 +58,7 @@ def pixels(run: TrainedRun, out_dir: Path, max_images: int = 1000, batch_size: i
                "share_of_bits": (bits[inside].sum() / bits.sum()).item()}
         if scale is not None and inside.any():
             row.update(median_scale=scale[inside].median().item(),
-                       at_floor=(scale[inside] < FLOOR_MARGIN * run.decoder.min_scale).float().mean().item(),
+                       at_floor=(scale[inside] < FLOOR_MARGIN * run.decoder.likelihood.min_scale).float().mean().item(),
                        mean_gradient_weight=scale[inside].pow(-2).mean().item())
         groups[name] = row
     result = {"num_images": len(x), "bits_per_dim": bits.mean().item(), "groups": groups}

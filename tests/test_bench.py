@@ -11,7 +11,7 @@ from hydra.utils import instantiate
 
 from bench import bench, raw_step, summary, table
 from conftest import FAST, compose_config
-from vae.build import build_svi, svi_step
+from vae.build import build_likelihood, build_svi, svi_step
 from vae.config import ConfigError
 
 IMAGE_SHAPE = (1, 16, 16)
@@ -20,7 +20,8 @@ IMAGE_SHAPE = (1, 16, 16)
 def networks(cfg):
     torch.manual_seed(0)
     encoder = instantiate(cfg.model.encoder, image_shape=IMAGE_SHAPE)
-    decoder = instantiate(cfg.model.decoder, image_shape=IMAGE_SHAPE)
+    decoder = instantiate(cfg.model.decoder, image_shape=IMAGE_SHAPE,
+                          likelihood=build_likelihood(cfg.likelihood, IMAGE_SHAPE[0]))
     return encoder, decoder
 
 
@@ -28,7 +29,7 @@ def networks(cfg):
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 def test_raw_step_is_the_svi_step(optim, likelihood):
     """(a) is the same objective and update as (b): equal loss, equal weights after a step."""
-    cfg = compose_config(*FAST, f"optim={optim}", f"model.likelihood={likelihood}")
+    cfg = compose_config(*FAST, f"optim={optim}", f"likelihood={likelihood}")
     x = torch.rand(8, *IMAGE_SHAPE, generator=torch.Generator().manual_seed(1))
     if likelihood == "bernoulli":
         x = torch.bernoulli(x)

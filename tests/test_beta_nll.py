@@ -11,10 +11,10 @@ import torch
 
 from conftest import FAST, compose_config
 from guide import Encoder
-from model import Decoder, model
+from model import Bernoulli, Decoder, Gaussian, model
 from train import train
-from vae.beta_nll import BetaNLL, beta_nll
-from vae.build import build_svi
+from vae.beta_nll import BetaNLL, beta_nll, weighs
+from vae.build import build_likelihood, build_svi
 from vae.config import ConfigError, check_config
 from vae.logbook import read_metrics
 
@@ -64,10 +64,11 @@ def test_the_beta_nll_on_the_mean_only_keeps_the_gaussians_value_and_its_scale_g
 
 def test_the_handler_scores_x_by_the_beta_nll_and_leaves_t_and_the_plain_model():
     """beta_nll(model) scores x by BetaNLL and t as the model does; beta = 0 is the model itself."""
-    decoder = Decoder((1, 8, 8), latent_dim=2, channels=[4], hidden_dim=8, likelihood="gaussian", min_scale=1e-3)
+    decoder = Decoder((1, 8, 8), latent_dim=2, channels=[4], hidden_dim=8, likelihood=Gaussian(min_scale=1e-3))
     x, index, t = torch.rand(4, 1, 8, 8), torch.arange(4), torch.randn(4, 2)
     plain = poutine.trace(poutine.condition(model, data={"t": t})).get_trace(x, index, decoder, 4).nodes
-    x_loc, x_scale = decoder(t)
+    p_x = decoder(t).base_dist
+    x_loc, x_scale = p_x.loc, p_x.scale
     for target in ("both", "loc"):
         weighted = poutine.trace(poutine.condition(beta_nll(model, 0.5, target), data={"t": t})).get_trace(
             x, index, decoder, 4).nodes
@@ -77,7 +78,7 @@ def test_the_handler_scores_x_by_the_beta_nll_and_leaves_t_and_the_plain_model()
         if target == "both":
             assert not torch.allclose(weighted["x"]["fn"].log_prob(x), plain["x"]["fn"].log_prob(x))
     assert beta_nll(model, 0.0) is model
-    bernoulli = Decoder((1, 8, 8), latent_dim=2, channels=[4], hidden_dim=8)
+    bernoulli = Decoder((1, 8, 8), latent_dim=2, channels=[4], hidden_dim=8, likelihood=Bernoulli())
     with pytest.raises(TypeError, match="weighs a Gaussian's pixels"):
         poutine.trace(beta_nll(model, 0.5)).get_trace(x.round(), index, bernoulli, 4)
 
@@ -86,17 +87,17 @@ def test_the_handler_scores_x_by_the_beta_nll_and_leaves_t_and_the_plain_model()
 def test_training_with_trainer_nll_beta_steps_on_the_beta_nll(target, tmp_path):
     """build_svi hands SVI the model under the handler when trainer.nll_beta > 0: its loss is the
     beta-NLL's, not the ELBO's, on the same draw of t; a run trains on it and tests the ELBO."""
-    cfg = compose_config(*FAST, "model.likelihood=gaussian", "trainer.nll_beta=0.5", f"trainer.nll_beta_target={target}")
+    cfg = compose_config(*FAST, "likelihood=gaussian", "trainer.nll_beta=0.5", f"trainer.nll_beta_target={target}")
     encoder = Encoder((1, 16, 16), 4, channels=[8, 16], hidden_dim=64)
-    decoder = Decoder((1, 16, 16), 4, channels=[8, 16], hidden_dim=64, likelihood="gaussian")
+    decoder = Decoder((1, 16, 16), 4, channels=[8, 16], hidden_dim=64, likelihood=build_likelihood(cfg.likelihood, 1))
     x, index = torch.rand(8, 1, 16, 16), torch.arange(8)
     svi = build_svi(cfg, encoder, decoder, 8)
     trace = poutine.trace(svi.model).get_trace(x, index)
     assert isinstance(trace.nodes["x"]["fn"].base_dist, BetaNLL)
     assert trace.nodes["x"]["fn"].base_dist.target == target
-    plain = build_svi(compose_config(*FAST, "model.likelihood=gaussian"), encoder, decoder, 8)
+    plain = build_svi(compose_config(*FAST, "likelihood=gaussian"), encoder, decoder, 8)
     assert isinstance(poutine.trace(plain.model).get_trace(x, index).nodes["x"]["fn"].base_dist, torch.distributions.Normal)
-    train(compose_config(*FAST, "model.likelihood=gaussian", "trainer.nll_beta=0.5", f"trainer.nll_beta_target={target}",
+    train(compose_config(*FAST, "likelihood=gaussian", "trainer.nll_beta=0.5", f"trainer.nll_beta_target={target}",
                          "trainer.epochs=1"), tmp_path)
     metrics = read_metrics(tmp_path)
     assert [m["epoch"] for m in metrics] == [0, 1] and math.isfinite(metrics[-1]["test_elbo"])
@@ -104,10 +105,38 @@ def test_training_with_trainer_nll_beta_steps_on_the_beta_nll(target, tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("trainer.nll_beta=1.5", "trainer.nll_beta=1.5: must be a number from 0"),
-    ("model.likelihood=discretized_logistic", "trainer.nll_beta=0.5 with model.likelihood=discretized_logistic"),
+    ("likelihood=discretized_logistic",
+     "trainer.nll_beta=0.5 with likelihood._target_=vae.likelihoods.DiscretizedLogistic"),
     ("estimator=iwae", "trainer.nll_beta=0.5 with estimator.elbo._target_=vae.iwae"),
     ("trainer.nll_beta_target=scale", "trainer.nll_beta_target='scale': must be both"),
 ])
 def test_bad_beta_nll_settings_stop_before_any_work(override, message):
     with pytest.raises(ConfigError, match=message):
-        check_config(compose_config(*FAST, "model.likelihood=gaussian", "trainer.nll_beta=0.5", override))
+        check_config(compose_config(*FAST, "likelihood=gaussian", "trainer.nll_beta=0.5", override))
+
+
+WEIGHED = {  # likelihood overrides -> whether the beta-NLL can weigh its pixels (each a Normal)
+    ("likelihood=gaussian",): True,
+    ("likelihood=gaussian", "likelihood.scale=shared"): True,
+    ("likelihood=gaussian", "likelihood.scale=fixed"): True,
+    ("likelihood=bernoulli",): False,
+    ("likelihood=logit_gaussian",): False,
+    ("likelihood=discretized_logistic",): False,
+    ("likelihood=discretized_logistic_mixture",): False,
+}
+
+
+@pytest.mark.parametrize("overrides, weighed", list(WEIGHED.items()), ids=[",".join(o) for o in WEIGHED])
+def test_the_beta_nll_is_refused_for_a_likelihood_whose_pixels_it_cannot_weigh(overrides, weighed):
+    """check_config asks the likelihood itself (vae.beta_nll.weighs): trainer.nll_beta > 0 passes for
+    the Gaussian of every scale, and is refused for every other likelihood, in one line naming it."""
+    cfg = compose_config(*FAST, *overrides, "trainer.nll_beta=0.5")
+    assert weighs(build_likelihood(cfg.likelihood, 1)) is weighed
+    if weighed:
+        check_config(cfg)
+        return
+    with pytest.raises(ConfigError, match=rf"^trainer.nll_beta=0.5 with likelihood._target_={cfg.likelihood._target_}: "
+                                          "the beta-NLL weighs the Gaussian's pixels") as error:
+        check_config(cfg)
+    assert "\n" not in str(error.value)
+    check_config(compose_config(*FAST, *overrides))  # trainer.nll_beta=0: the ELBO, with any likelihood

@@ -99,17 +99,17 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch):
     """Ctrl-C twice within one step: the first asks for a stop after the step, the second raises
     KeyboardInterrupt there and then: no step finished, nothing saved (the checkpoint is epoch 0's).
     The handlers that were there before the run are back after it."""
-    observe, caught = train_module.observe, []
+    svi_step, caught = train_module.svi_step, []
 
-    def observe_then_ctrl_c_twice(*args, **kwargs):
+    def ctrl_c_twice_then_step(*args, **kwargs):
         if not caught:
             signal.raise_signal(signal.SIGINT)  # the first: handled, training goes on
             caught.append(True)
             signal.raise_signal(signal.SIGINT)  # the second: raises here
             caught.append(False)
-        return observe(*args, **kwargs)
+        return svi_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "observe", observe_then_ctrl_c_twice)
+    monkeypatch.setattr(train_module, "svi_step", ctrl_c_twice_then_step)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         train_module.train(compose_config(*FAST, "trainer.epochs=1"), tmp_path)

@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from pyro.optim import PyroLRScheduler
 
 from conftest import CONF_DIR, PROJECT_DIR, compose_config
-from vae.build import build_optimizer
-from vae.config import check_config
+from vae.build import build_likelihood, build_optimizer
+from vae.config import ConfigError, check_config
 
 OPTIONS = sorted(
     (path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml") if path.parent.name != "experiment"
@@ -26,7 +26,7 @@ OPTIONS = sorted(
 
 def test_every_group_has_options():
     groups = {group for group, _ in OPTIONS}
-    assert groups == {"data", "model", "estimator", "optim", "schedule", "trainer"}
+    assert groups == {"data", "model", "likelihood", "estimator", "optim", "schedule", "trainer"}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
@@ -44,8 +44,10 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
         assert len(dataset.targets) == len(dataset.data) and set(dataset.targets.tolist()) <= set(range(10))
 
     encoder = instantiate(cfg.model.encoder, image_shape=(1, 28, 28))
-    decoder = instantiate(cfg.model.decoder, image_shape=(1, 28, 28))
+    likelihood = instantiate(cfg.likelihood, image_channels=1)
+    decoder = instantiate(cfg.model.decoder, image_shape=(1, 28, 28), likelihood=likelihood)
     assert encoder.t_loc.out_features == decoder.latent_dim == cfg.model.latent_dim
+    assert decoder.likelihood is likelihood
     optimizer = instantiate(cfg.optim)
     assert optimizer.pt_optim_constructor.__name__ == cfg.optim._target_.rsplit(".", 1)[-1]
     scheduled = build_optimizer(cfg)  # with a schedule: Pyro's wrapper of the same torch optimizer
@@ -55,6 +57,62 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
     assert elbo.num_particles == cfg.estimator.elbo.num_particles
     assert isinstance(cfg.estimator.reparameterized, bool)
     assert cfg.trainer.epochs >= 1
+
+
+LIKELIHOODS = sorted(path.stem for path in (CONF_DIR / "likelihood").glob("*.yaml"))  # a new one: tested too
+BAD_VALUES = {  # likelihood key -> (override value, what the refusal says) of values it must refuse
+    "scale": [("x", "must be one of"), ("1", "must be one of")],
+    "min_scale": [("0", "must be a finite number > 0"), ("-1", "must be a finite number > 0"),
+                  ("inf", "must be a finite number > 0"), ("true", "must be a finite number > 0"),
+                  ("x", "must be a finite number > 0")],
+    "fixed_scale": [("0", "must be a finite number > 0"), ("-1", "must be a finite number > 0"),
+                    ("nan", "must be a finite number > 0")],
+    "components": [("0", "must be a positive integer"), ("2.5", "must be a positive integer"),
+                   ("true", "must be a positive integer")],
+    "logit_lambda": [("0", "must be a number between 0 and 0.5"), ("0.5", "must be a number between 0 and 0.5"),
+                     ("-1", "must be a number between 0 and 0.5")],
+}
+GENERIC_BAD_VALUES = [("-1", ""), ("x", "")]  # a key not listed above: refused, whatever it says
+
+
+def likelihood_keys(option: str) -> list[str]:
+    """The keys of conf/likelihood/<option>.yaml besides its `_target_`."""
+    return [key for key in compose_config(f"likelihood={option}").likelihood if key != "_target_"]
+
+
+@pytest.mark.parametrize("option", LIKELIHOODS)
+def test_every_likelihood_composes_passes_the_checks_and_refuses_a_bad_value_of_each_key(option):
+    """`likelihood=<option>` composes, passes check_config and builds for gray and colour images (the
+    Bernoulli: gray only); a bad value of each of its keys stops check_config in one line naming
+    likelihood.<key> and the value (the likelihood checks its own keys when it is built)."""
+    cfg = compose_config(f"likelihood={option}")
+    check_config(cfg)
+    assert get_class(cfg.likelihood._target_).__module__ in ("model", "vae.likelihoods")
+    for channels in (1, 3):
+        if option == "bernoulli" and channels == 3:
+            with pytest.raises(ConfigError, match=r"^likelihood=bernoulli with 3-channel images"):
+                build_likelihood(cfg.likelihood, channels)
+            continue
+        likelihood = build_likelihood(cfg.likelihood, channels)
+        out = torch.zeros(2, channels * likelihood.params_per_pixel, 4, 4)
+        assert likelihood(out).batch_shape == (2, channels, 4, 4)
+    for key in likelihood_keys(option):
+        for value, says in BAD_VALUES.get(key, GENERIC_BAD_VALUES):
+            with pytest.raises(ConfigError) as error:
+                check_config(compose_config(f"likelihood={option}", f"likelihood.{key}={value}"))
+            message = str(error.value)
+            assert message.startswith(f"likelihood.{key}=") and says in message, (key, value, message)
+            assert "\n" not in message, message
+
+
+@pytest.mark.parametrize("option", [o for o in LIKELIHOODS if "fixed_scale" in likelihood_keys(o)])
+def test_a_fixed_scale_below_the_floor_is_refused(option):
+    """scale=fixed with fixed_scale < min_scale: every scale of the likelihood is kept above the floor."""
+    check_config(compose_config(f"likelihood={option}", "likelihood.scale=fixed", "likelihood.fixed_scale=0.01",
+                                "likelihood.min_scale=0.001"))
+    with pytest.raises(ConfigError, match=r"^likelihood.fixed_scale=0.001: below likelihood.min_scale=0.01"):
+        check_config(compose_config(f"likelihood={option}", "likelihood.scale=fixed", "likelihood.fixed_scale=0.001",
+                                    "likelihood.min_scale=0.01"))
 
 
 def test_variants_hold_only_their_difference():
@@ -121,7 +179,8 @@ def test_help_lists_each_entry_points_own_groups():
         listing = text.split("== Configuration groups ==")[1].split("== Config ==")[0]
         return {line.split(":")[0] for line in listing.splitlines()[2:] if ":" in line}
 
-    assert groups("train.py") == {"data", "estimator", "experiment", "model", "optim", "schedule", "trainer"}
+    assert groups("train.py") == {"data", "estimator", "experiment", "likelihood", "model", "optim", "schedule",
+                                  "trainer"}
     tasks = {path.stem for path in (PROJECT_DIR / "tasks" / "conf" / "task").glob("*.yaml")}
     listing = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=PROJECT_DIR, capture_output=True,
                              text=True, timeout=120, check=True).stdout

@@ -14,9 +14,9 @@ import torch
 import train as train_module
 from conftest import FAST, compose_config
 from guide import posterior
-from model import likelihood
 from vae.beta_nll import BetaNLL
-from vae.data import load_split, load_training_data
+from vae.build import build_likelihood
+from vae.data import load_split, load_training_data, observe_test_set
 from vae.logbook import read_metrics
 
 SIGMAS = 5  # Monte-Carlo checks: a deviation of 5 standard deviations fails
@@ -95,14 +95,14 @@ def test_the_test_set_is_observed_once_with_a_fixed_seed(tmp_path, monkeypatch):
 
 def reference_elbo(x: torch.Tensor, rng: torch.Tensor, encoder, decoder) -> dict[str, float]:
     """The README's ELBO(x) = E_q[log p(x|t)] - KL(q(t|x) || p(t)), its mean over the test images,
-    with t ~ q(t|x) drawn from the torch RNG state `rng`: log p(x|t) from model.likelihood, the KL
+    with t ~ q(t|x) drawn from the torch RNG state `rng`: log p(x|t) from the decoder's p(x|t), the KL
     of the diagonal Gaussian q(t|x) = N(t_loc, t_scale^2) from N(0, I) by its formula, not vae/elbo.py."""
     pyro.clear_param_store()
     torch.set_rng_state(rng)
     with torch.no_grad():
         _, t = posterior(x, encoder)  # t ~ q(t|x), (B, latent_dim)
         t_loc, t_scale = encoder(x)[:2]
-        recon = likelihood(decoder, t).log_prob(x)  # log p(x|t), (B,)
+        recon = decoder(t).log_prob(x)  # log p(x|t), (B,)
         kl = (0.5 * (t_loc**2 + t_scale**2 - 1) - t_scale.log()).sum(-1)  # (B,)
     return {"test_elbo": (recon - kl).mean().item(), "test_recon": recon.mean().item(), "test_kl": kl.mean().item(),
             "t": t}
@@ -110,7 +110,7 @@ def reference_elbo(x: torch.Tensor, rng: torch.Tensor, encoder, decoder) -> dict
 
 OBJECTIVES = {  # a run whose training objective is not the ELBO
     "kl_warmup": ["trainer.kl_warmup_epochs=4"],  # beta = 1/4 after epoch 1, 1/2 after epoch 2
-    "nll_beta": ["model.likelihood=gaussian", "trainer.nll_beta=0.5"],
+    "nll_beta": ["likelihood=gaussian", "trainer.nll_beta=0.5"],
 }
 
 
@@ -125,7 +125,7 @@ def test_every_test_number_is_the_elbo_whatever_the_training_objective(objective
     metrics = read_metrics(tmp_path)
     assert [m["epoch"] for m in metrics] == [0, 1, 2] and len(tested) == 3
     cfg = compose_config(*FAST, *OBJECTIVES[objective])
-    x_test = load_training_data(cfg, torch.device("cpu"))[1]
+    x_test = observe_test_set(load_training_data(cfg, torch.device("cpu"))[1], build_likelihood(cfg.likelihood, 1))
     for line, (x, rng, encoder, decoder) in zip(metrics, tested):
         assert torch.equal(x, x_test)
         expected = reference_elbo(x, rng, encoder, decoder)
@@ -137,6 +137,6 @@ def test_every_test_number_is_the_elbo_whatever_the_training_objective(objective
             assert (1 - line["epoch"] / 4) * expected["test_kl"] > 0.02  # 10 times the tolerance
         else:  # the beta-NLL's recon, each pixel's log-density weighed by its scale^(2 beta)
             with torch.no_grad():
-                p_x = likelihood(decoder, expected["t"]).base_dist
+                p_x = decoder(expected["t"]).base_dist
                 weighed = BetaNLL(p_x, 0.5, 3).to_event(3).log_prob(x).mean().item()
             assert abs(weighed - expected["test_recon"]) > 0.02

@@ -26,7 +26,7 @@ from hydra import compose, initialize_config_dir
 from conftest import FAST, PROJECT_DIR, compose_config, process_starts
 from guide import ScoreFunctionNormal
 from vae import distributed
-from vae.build import build_networks, build_svi, svi_step
+from vae.build import build_likelihood, build_networks, build_svi, svi_step
 from vae.config import ConfigError
 from vae.data import load_training_data, observe_test_set
 from vae.distributed import Ranks
@@ -89,8 +89,9 @@ def steps(overrides: list[str], ranks: Ranks, plain_average: bool = False) -> tu
     pyro.set_rng_seed(0)
     pyro.clear_param_store()
     images, _ = load_training_data(cfg, torch.device("cpu"))
-    x_all = observe_test_set(images[:NUM_IMAGES], "bernoulli")  # fixed binarization, the same everywhere
-    encoder, decoder = build_networks(cfg.model, tuple(x_all.shape[1:]), torch.device("cpu"))
+    likelihood = build_likelihood(cfg.likelihood, images.shape[1])  # the Bernoulli
+    x_all = observe_test_set(images[:NUM_IMAGES], likelihood)  # fixed binarization, the same everywhere
+    encoder, decoder = build_networks(cfg, tuple(x_all.shape[1:]), torch.device("cpu"))
     svi = build_svi(cfg, encoder, decoder, NUM_IMAGES)
     if ranks.parallel:
         svi.optim = distributed.GradientAveraging(svi.optim)

@@ -26,7 +26,7 @@ def ppca_case():
     generator = torch.Generator().manual_seed(3)
     weight = torch.randn(16, 3, generator=generator)
     decoder = LinearGaussianDecoder(weight, torch.randn(16, generator=generator), sigma=0.5)
-    x = torch.distributions.Normal(*decoder(torch.randn(6, 3, generator=generator))).sample()  # (6, 1, 4, 4)
+    x = decoder(torch.randn(6, 3, generator=generator)).sample()  # (6, 1, 4, 4) from p(x|t)
     return decoder, LinearEncoder(decoder, inflate=2.0), x
 
 

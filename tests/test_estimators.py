@@ -22,7 +22,7 @@ import torch
 from pyro.infer import Trace_ELBO
 
 from guide import Encoder, guide
-from model import Decoder, model
+from model import Bernoulli, Decoder, model
 
 IMAGE_SHAPE = (1, 4, 4)
 NUM_SAMPLES = 3000
@@ -32,7 +32,7 @@ NUM_SAMPLES = 3000
 def problem():
     pyro.set_rng_seed(1)
     encoder = Encoder(IMAGE_SHAPE, latent_dim=2, channels=[2], hidden_dim=4)
-    decoder = Decoder(IMAGE_SHAPE, latent_dim=2, channels=[2], hidden_dim=4)
+    decoder = Decoder(IMAGE_SHAPE, latent_dim=2, channels=[2], hidden_dim=4, likelihood=Bernoulli())
     x = torch.bernoulli(torch.full((3, *IMAGE_SHAPE), 0.4))
     return encoder, decoder, x
 

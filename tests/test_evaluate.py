@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import evaluate as evaluate_module
-from model import likelihood, log_joint
+from model import Likelihood, log_joint
 from tasks.anomaly import SCORES, auroc, average_precision
 from tasks.generate import CLASSIFIER_SEED, normal_quantile_grid, prior_samples
 from tasks.impute import (BCE_CLIP, fit_posterior, impute_fitted_importance, impute_gibbs, impute_importance,
@@ -68,11 +69,26 @@ def assert_detection_is_the_saved_scores(metrics: dict, out_dir) -> None:
 
 
 # Probabilistic PCA: p(t) = N(0, I), p(x|t) = N(W t + b, sigma^2 I), so p(x) = N(b, W W^T + sigma^2 I).
-class LinearGaussianDecoder(nn.Module):
-    """t (..., L) -> (x_loc, x_scale) (..., 1, 4, 4), the interface `model.likelihood` expects."""
+class FixedScaleGaussian(Likelihood):
+    """N(x | out, sigma^2) per pixel: the decoder's output is the mean itself (no sigmoid), the scale
+    sigma fixed (not learned: no scale at a floor), a density of real-valued pixels."""
 
-    likelihood = "gaussian"
-    scale = "fixed"  # sigma, not learned
+    log_bin_width = -math.log(256)  # as the Gaussian likelihood's
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        self.sigma = sigma
+
+    def forward(self, out):
+        return dist.Normal(out, torch.full_like(out, self.sigma))
+
+    def observe(self, images, generator=None):
+        return images  # real values, observed as they are
+
+
+class LinearGaussianDecoder(nn.Module):
+    """t (..., L) -> p(x|t) = N(W t + b, sigma^2 I), batch (...), event (1, 4, 4): the interface of
+    `model.Decoder` (a distribution, and its `likelihood`)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, sigma: float) -> None:
         super().__init__()
@@ -80,10 +96,11 @@ class LinearGaussianDecoder(nn.Module):
         self.register_buffer("weight", weight)  # W (D, L)
         self.register_buffer("bias", bias)  # b (D,)
         self.sigma = sigma
+        self.likelihood = FixedScaleGaussian(sigma)
 
     def forward(self, t):
         x_loc = (t @ self.weight.T + self.bias).reshape(*t.shape[:-1], 1, 4, 4)  # any leading dims (particles)
-        return x_loc, torch.full_like(x_loc, self.sigma)
+        return self.likelihood(x_loc).to_event(3)
 
 
 class LinearEncoder(nn.Module):
@@ -110,7 +127,7 @@ def ppca():
     weight = torch.randn(16, 3, generator=generator)
     decoder = LinearGaussianDecoder(weight, torch.randn(16, generator=generator), sigma=0.5)
     t = torch.randn(8, 3, generator=generator)
-    x = torch.distributions.Normal(*decoder(t)).sample()  # (8, 1, 4, 4) from the model
+    x = decoder(t).sample()  # (8, 1, 4, 4) from the model
     covariance = weight @ weight.T + 0.25 * torch.eye(16)
     return decoder, LinearEncoder(decoder, inflate=2.0), x, covariance
 
@@ -146,12 +163,12 @@ def test_masked_model_scores_only_the_observed_pixels(run_dir):
     x, t = x[:16], torch.randn(16, 2)
     mask = make_mask("random", tuple(x.shape), 0.5, torch.Generator().manual_seed(0))
     log_p_x, log_p_t = log_joint(x, t, run.decoder, mask=mask)
-    by_hand = (torch.distributions.Bernoulli(logits=run.decoder(t)).log_prob(x) * mask).sum((1, 2, 3))
+    by_hand = (torch.distributions.Bernoulli(logits=run.decoder(t).base_dist.logits).log_prob(x) * mask).sum((1, 2, 3))
     assert torch.allclose(log_p_x, by_hand, atol=1e-4)
     assert torch.allclose(log_p_t, torch.distributions.Normal(0.0, 1.0).log_prob(t).sum(1))
     flipped = torch.where(mask, x, 1 - x)  # other values at the missing pixels change nothing
     assert torch.equal(log_joint(flipped, t, run.decoder, mask=mask)[0], log_p_x)
-    assert torch.allclose(log_joint(x, t, run.decoder)[0], likelihood(run.decoder, t).log_prob(x))
+    assert torch.allclose(log_joint(x, t, run.decoder)[0], run.decoder(t).log_prob(x))
 
 
 def test_imputation_converges_to_the_exact_gaussian_conditional(ppca):
@@ -237,12 +254,12 @@ def test_fitted_importance_imputes_closest_to_the_models_own_conditional(run_dir
     side = torch.linspace(-8, 8, 129)  # spacing 1/8; the posteriors' sds measured 0.69 to 0.79
     grid = torch.cartesian_prod(side, side)  # (G, 2)
     with torch.no_grad():
-        x_logits = run.decoder(grid)  # (G, 1, 16, 16)
+        x_logits = run.decoder(grid).base_dist.logits  # (G, 1, 16, 16)
         log_p_t = torch.distributions.Normal(0.0, 1.0).log_prob(grid).sum(1)  # (G,)
         weights = torch.stack([log_p_t + (torch.distributions.Bernoulli(logits=x_logits).log_prob(image) * observed)
                                .sum((1, 2, 3)) for image, observed in zip(x, mask)], 1).softmax(0)  # p(t_g|x_o), (G, 8)
         exact = torch.einsum("gn,gchw->nchw", weights, torch.sigmoid(x_logits))  # E[x|x_o]
-        decoded_mean = torch.sigmoid(run.decoder(weights.T @ grid))  # E[x|t = E[t|x_o]]
+        decoded_mean = torch.sigmoid(run.decoder(weights.T @ grid).base_dist.logits)  # E[x|t = E[t|x_o]]
     assert ((grid.abs().max(1).values > 6).float() @ weights).max() < 1e-3  # the grid holds the posterior
     pyro.set_rng_seed(0)
     fitted, fitted_ess = impute_fitted_importance(x, mask, run.encoder, run.decoder, fill_value, 2000, steps=50)
@@ -353,7 +370,7 @@ def test_generate_task(run_dir, tmp_path):
     assert torch.equal(prior_samples(run.decoder, 8, seed=3), prior_samples(run.decoder, 8, seed=3))
     assert not torch.equal(prior_samples(run.decoder, 8, seed=3), prior_samples(run.decoder, 8, seed=4))
     x, _ = run.split(train=False)
-    decoded = lambda t: torch.sigmoid(run.decoder(t))  # noqa: E731  E[x|t] of the Bernoulli likelihood
+    decoded = lambda t: torch.sigmoid(run.decoder(t).base_dist.logits)  # noqa: E731  E[x|t] of the Bernoulli likelihood
     with torch.no_grad():
         t_prior = torch.randn(1000, 2, generator=torch.Generator().manual_seed(0))  # sample_seed=0, scored_samples=1000
         t_loc = run.encoder(x[:16])[0]  # the codes of the first 16 test images
@@ -540,7 +557,7 @@ def test_impute_task(run_dir, tmp_path):
         observed = mask.flatten(1)[:, None]  # (64, 1, D)
         distance = ((x.flatten(1)[:, None] - train_images.flatten(1)) ** 2 * observed).sum(-1)  # (64, M)
         with torch.no_grad():
-            by_hand = {"one_pass": torch.sigmoid(run.decoder(run.encoder(torch.where(mask, x, mean))[0])),
+            by_hand = {"one_pass": torch.sigmoid(run.decoder(run.encoder(torch.where(mask, x, mean))[0]).base_dist.logits),
                        "mean_image": mean.expand_as(x), "nearest_neighbour": train_images[distance.argmin(1)]}
         for name, prediction in by_hand.items():  # the errors on the missing pixels, by hand
             p, y = prediction[~mask], x[~mask]

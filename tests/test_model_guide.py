@@ -10,16 +10,29 @@ import torch
 from torch.nn import functional as F
 
 from guide import Encoder, ScoreFunctionNormal, guide, posterior
-from model import Decoder, log_joint, model, prior
+from model import Bernoulli, Decoder, Gaussian, log_joint, model, prior
 
 IMAGE_SHAPE = (1, 8, 8)
 LATENT_DIM = 3
 
 
+def make_likelihood(name: str, image_channels: int = 1):
+    """The lecture's two likelihoods (model.py), by name."""
+    if name == "bernoulli":
+        return Bernoulli(image_channels)
+    return Gaussian(image_channels, min_scale=1e-3)
+
+
 def networks(likelihood="bernoulli"):
     encoder = Encoder(IMAGE_SHAPE, LATENT_DIM, channels=[4], hidden_dim=16)
-    decoder = Decoder(IMAGE_SHAPE, LATENT_DIM, channels=[4], hidden_dim=16, likelihood=likelihood, min_scale=1e-3)
+    decoder = Decoder(IMAGE_SHAPE, LATENT_DIM, channels=[4], hidden_dim=16, likelihood=make_likelihood(likelihood))
     return encoder, decoder
+
+
+def parameters(p_x) -> tuple:
+    """The per-pixel parameters of p(x|t): the Bernoulli's logits, or the Gaussian's (x_loc, x_scale)."""
+    pixel = p_x.base_dist
+    return (pixel.logits,) if isinstance(pixel, torch.distributions.Bernoulli) else (pixel.loc, pixel.scale)
 
 
 def images(likelihood, batch=5):
@@ -51,10 +64,10 @@ def test_model_trace_sites_shapes_and_log_probs(likelihood):
 
     # log p(x|t), summed over every pixel of each image
     if likelihood == "bernoulli":
-        logits = decoder(t)
+        (logits,) = parameters(decoder(t))
         expected_log_p_x = (x * logits - F.softplus(logits)).sum((1, 2, 3))
     else:
-        x_loc, x_scale = decoder(t)
+        x_loc, x_scale = parameters(decoder(t))
         expected_log_p_x = normal_log_density(x, x_loc, x_scale).sum((1, 2, 3))
     torch.testing.assert_close(trace.nodes["x"]["log_prob"], expected_log_p_x)
     assert trace.nodes["x"]["log_prob"].shape == (5,)
@@ -145,9 +158,10 @@ def test_minibatch_elbo_averages_to_full_data_elbo():
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (1, 16, 16), (2, 12, 20)])
 def test_networks_take_any_image_shape(shape):
     encoder = Encoder(shape, LATENT_DIM, channels=[4, 8], hidden_dim=16)
-    decoder = Decoder(shape, LATENT_DIM, channels=[4, 8], hidden_dim=16, likelihood="gaussian")
+    decoder = Decoder(shape, LATENT_DIM, channels=[4, 8], hidden_dim=16,
+                      likelihood=make_likelihood("gaussian", shape[0]))
     t_loc, t_scale, _ = encoder(torch.rand(2, *shape))
-    x_loc, x_scale = decoder(t_loc)
+    x_loc, x_scale = parameters(decoder(t_loc))
     assert x_loc.shape == x_scale.shape == (2, *shape)
 
 
@@ -165,7 +179,7 @@ def test_gaussian_scale_is_the_floor_plus_softplus_and_reaches_the_floor(raw_sca
     with torch.no_grad():
         last.weight.zero_()
         last.bias.copy_(torch.tensor([0.7, raw_scale]))  # channel 0: loc, channel 1: the raw scale
-    x_loc, x_scale = decoder(torch.randn(2, LATENT_DIM))
+    x_loc, x_scale = parameters(decoder(torch.randn(2, LATENT_DIM)))
     assert torch.equal(x_loc, torch.full_like(x_loc, torch.sigmoid(torch.tensor(0.7)).item()))
     expected = torch.tensor(1e-3) + F.softplus(torch.tensor(raw_scale))
     assert torch.equal(x_scale, torch.full_like(x_scale, expected.item()))
@@ -176,10 +190,11 @@ def test_gaussian_scale_is_the_floor_plus_softplus_and_reaches_the_floor(raw_sca
 @pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
 def test_decoder_takes_leading_particle_dims(likelihood):
     """t (K, B, latent_dim), as vectorized particles give it, decodes like the flat (K * B) batch."""
-    decoder = Decoder(IMAGE_SHAPE, LATENT_DIM, channels=[4], hidden_dim=16, likelihood=likelihood)
+    decoder = Decoder(IMAGE_SHAPE, LATENT_DIM, channels=[4], hidden_dim=16, likelihood=make_likelihood(likelihood))
     t = torch.randn(5, 3, LATENT_DIM)
     stacked, flat = decoder(t), decoder(t.reshape(15, LATENT_DIM))
-    for a, b in zip(*(p if isinstance(p, tuple) else (p,) for p in (stacked, flat)), strict=True):
+    assert stacked.batch_shape == (5, 3) and stacked.event_shape == IMAGE_SHAPE
+    for a, b in zip(parameters(stacked), parameters(flat), strict=True):
         assert a.shape == (5, 3, *IMAGE_SHAPE)
         assert torch.allclose(a, b.reshape(5, 3, *IMAGE_SHAPE), atol=1e-6)
 
@@ -197,10 +212,10 @@ def test_posterior_and_log_joint_read_the_guide_and_model(likelihood):
     assert t.shape == (5, LATENT_DIM) and q_t.batch_shape == (5,) and q_t.event_shape == (LATENT_DIM,)
     log_p_x, log_p_t = log_joint(x, t, decoder)
     torch.testing.assert_close(log_p_t, normal_log_density(t, torch.zeros_like(t), torch.ones_like(t)).sum(-1))
-    if likelihood == "bernoulli":  # log p(x|t) written out, not read through model.likelihood again
-        logits = decoder(t)
+    if likelihood == "bernoulli":  # log p(x|t) written out from p(x|t)'s parameters, not its log_prob
+        (logits,) = parameters(decoder(t))
         by_hand = (x * logits - F.softplus(logits)).sum((1, 2, 3))
     else:
-        by_hand = normal_log_density(x, *decoder(t)).sum((1, 2, 3))
+        by_hand = normal_log_density(x, *parameters(decoder(t))).sum((1, 2, 3))
     torch.testing.assert_close(log_p_x, by_hand)
     torch.testing.assert_close(prior(5, LATENT_DIM, like=x).log_prob(t), log_p_t)

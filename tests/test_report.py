@@ -212,7 +212,7 @@ def test_a_job_with_a_time_budget_is_done_when_it_has_spent_it(tmp_path):
 
 # --- likelihoods of gray levels -------------------------------------------------------------------
 
-# The fake experiment=likelihoods: {job: (model.likelihood, seed, test bits/dim per epoch (None: not
+# The fake experiment=likelihoods: {job: (likelihood, seed, test bits/dim per epoch (None: not
 # recorded), failed)}; test KL 30 + seed + epoch, scale at the floor (the Gaussian's) 0.01 (seed + 1) + 0.001 epoch.
 LIKELIHOOD_JOBS = {
     "0": ("discretized_logistic_mixture", 0, [5.0, 2.5, 2.2], None),
@@ -225,11 +225,18 @@ LIKELIHOOD_JOBS = {
     "7": ("bernoulli", 0, None, None),  # no bits/dim: no row
 }
 
+# The overrides that name a run's (likelihood, scale): the config group likelihood=, and the string
+# options of the runs made before it (model.likelihood, model.scale), which the report reads alike.
+LIKELIHOOD_KEYS = {"group": ("likelihood", "likelihood.scale"), "before_the_group": ("model.likelihood", "model.scale")}
 
-def test_likelihood_rows_take_the_median_bits_per_dim_at_the_common_epoch_best_first(tmp_path):
+
+@pytest.mark.parametrize("keys", LIKELIHOOD_KEYS)
+def test_likelihood_rows_take_the_median_bits_per_dim_at_the_common_epoch_best_first(keys, tmp_path):
     """docs' likelihoods block: one row per (likelihood, scale), its seeds at the last epoch they all
     reached (a diverged seed ends the others' earlier), the median over seeds, each seed's bits/dim,
-    KL and share at the scale's floor there, the failed seeds; lowest median first."""
+    KL and share at the scale's floor there, the failed seeds; lowest median first. The same from a
+    sweep made before the likelihood group (model.likelihood=..., model.scale=...)."""
+    likelihood_key, scale_key = LIKELIHOOD_KEYS[keys]
     sweep, samples = tmp_path / "multirun" / "likelihoods", tmp_path / "multirun" / "likelihoods_samples"
     for job, (name, seed, bits, failed) in LIKELIHOOD_JOBS.items():
         epochs = range(len(bits or [0, 0]))
@@ -238,7 +245,7 @@ def test_likelihood_rows_take_the_median_bits_per_dim_at_the_common_epoch_best_f
             columns["test_bits_per_dim"] = bits
         if name == "gaussian":
             columns["test_scale_at_floor"] = [0.01 * (seed + 1) + 0.001 * e for e in epochs]
-        fake_job(sweep / job, [f"model.likelihood={name}", "model.scale=pixel", f"seed={seed}", "experiment=likelihoods"],
+        fake_job(sweep / job, [f"{likelihood_key}={name}", f"{scale_key}=pixel", f"seed={seed}", "experiment=likelihoods"],
                  [-900.0] * len(epochs), failed, **columns)
         if job in ("1", "2", "4"):  # the generate evaluations of some of the runs
             (samples / job).mkdir(parents=True)
@@ -341,10 +348,12 @@ def test_an_evaluation_whose_run_is_not_found_is_not_given_a_label(tmp_path):
         run_evaluations(evaluations.parent)
 
 
-def test_likelihood_pixels_block_compares_background_and_edges(tmp_path):
+@pytest.mark.parametrize("keys", LIKELIHOOD_KEYS)
+def test_likelihood_pixels_block_compares_background_and_edges(keys, tmp_path):
+    likelihood_key, scale_key = LIKELIHOOD_KEYS[keys]
     run = tmp_path / "multirun" / "likelihoods" / "0"
     (run / ".hydra").mkdir(parents=True)
-    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["model.likelihood=gaussian", "model.scale=pixel",
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([f"{likelihood_key}=gaussian", f"{scale_key}=pixel",
                                                                    "seed=0"]))
     job = tmp_path / "multirun" / "likelihoods_pixels" / "0"
     job.mkdir(parents=True)

@@ -29,7 +29,6 @@ from vae.checkpoint import CheckpointError, RunState, config_differences
 from vae.config import ConfigError
 from vae.data import DataNotFoundError
 from vae.elbo import elbo_parts
-from model import mean_image
 from vae.logbook import RunDirectoryBusy
 from vae.logbook import read_metrics as read_metrics_leaving_out_a_cut_line
 from vae.provenance import read_provenance
@@ -57,7 +56,7 @@ def test_short_training_improves_the_elbo(fast_config, tmp_path, estimator, min_
     # the last epoch's grids: E[x|t] of the fixed prior draws, and the test images above their reconstructions
     run = load_run(tmp_path, "cpu")
     t_prior = torch.randn(64, 4, generator=torch.Generator().manual_seed(train_module.PRIOR_GRID_SEED))
-    assert_png_shows(tmp_path / "images" / "samples_003.png", mean_image(run.decoder, t_prior), nrow=8)
+    assert_png_shows(tmp_path / "images" / "samples_003.png", run.decoder(t_prior).mean, nrow=8)
     x_shown = run.split(train=False)[0][:32]
     assert_png_shows(tmp_path / "images" / "reconstructions_003.png", torch.cat([x_shown, x_shown]), nrow=16,
                      rows=[0, 1])  # the images themselves; the reconstructions (rows 2, 3) are of a random t
@@ -74,7 +73,7 @@ def test_short_training_improves_the_elbo(fast_config, tmp_path, estimator, min_
 
 
 def test_gaussian_likelihood_trains_and_reports_bits_per_dim(fast_config, tmp_path):
-    train(fast_config("model.likelihood=gaussian", "trainer.epochs=2"), tmp_path)
+    train(fast_config("likelihood=gaussian", "trainer.epochs=2"), tmp_path)
     metrics = read_metrics(tmp_path)
     assert metrics[-1]["test_elbo"] > metrics[0]["test_elbo"]
     assert 0 < metrics[-1]["test_bits_per_dim"] < metrics[0]["test_bits_per_dim"]
@@ -134,17 +133,21 @@ def test_time_budget_ends_training_with_the_epoch_that_spends_it(fast_config, tm
     assert process_starts(tmp_path) == [(1, 0), (2, 0), (2, 0)]  # each later process began after epoch 1
 
 
-def observe_then_signal(observe, signum, step=5):
-    """`observe` that sends this process `signum` during the `step`-th training step (of epoch 1)."""
+def observe_then_signal(train_steps, signum, step=5):
+    """`train_steps` whose `observe` (the likelihood's, which it is handed) sends this process `signum`
+    during the `step`-th training step (of epoch 1)."""
     calls = {"n": 0}
 
-    def observe_and_signal(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == step:
-            os.kill(os.getpid(), signum)
-        return observe(*args, **kwargs)
+    def steps_that_signal(svi, train_images, observe, *args, **kwargs):
+        def observe_and_signal(*observe_args, **observe_kwargs):
+            calls["n"] += 1
+            if calls["n"] == step:
+                os.kill(os.getpid(), signum)
+            return observe(*observe_args, **observe_kwargs)
 
-    return observe_and_signal
+        return train_steps(svi, train_images, observe_and_signal, *args, **kwargs)
+
+    return steps_that_signal
 
 
 def test_interrupt_mid_epoch_saves_and_resumes_exactly(fast_config, tmp_path, monkeypatch, caplog):
@@ -153,15 +156,15 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(fast_config, tmp_path, mo
     straight_params = param_snapshot()
 
     pyro.clear_param_store()
-    observe = train_module.observe
-    monkeypatch.setattr(train_module, "observe", observe_then_signal(observe, signal.SIGTERM))
+    train_steps = train_module.train_steps
+    monkeypatch.setattr(train_module, "train_steps", observe_then_signal(train_steps, signal.SIGTERM))
     result = train(fast_config(), interrupted)
     assert result["interrupted"]
     assert "Continue with" in caplog.text and f"resume={interrupted}" in caplog.text
     saved = torch.load(interrupted / "checkpoint.pt", weights_only=False)
     assert (saved["epoch"], saved["next_batch"]) == (1, 5)
 
-    monkeypatch.setattr(train_module, "observe", observe)
+    monkeypatch.setattr(train_module, "train_steps", train_steps)
     pyro.clear_param_store()
     train(fast_config(), interrupted)  # the run directory's own checkpoint is picked up
     for name, value in param_snapshot().items():
@@ -184,10 +187,10 @@ def test_preemption_signal_saves_then_hands_on_to_submitit(fast_config, tmp_path
         handed_on.append((signum, saved["epoch"], saved["next_batch"]))
         raise SystemExit(-1)
 
-    observe = train_module.observe
+    train_steps = train_module.train_steps
     previous = signal.signal(signal.SIGUSR2, submitit_requeue)
     try:
-        monkeypatch.setattr(train_module, "observe", observe_then_signal(observe, signal.SIGUSR2))
+        monkeypatch.setattr(train_module, "train_steps", observe_then_signal(train_steps, signal.SIGUSR2))
         with pytest.raises(SystemExit):
             train(fast_config(), preempted)
         assert handed_on == [(signal.SIGUSR2, 1, 5)]  # called once, after the checkpoint of step 5
@@ -195,7 +198,7 @@ def test_preemption_signal_saves_then_hands_on_to_submitit(fast_config, tmp_path
     finally:
         signal.signal(signal.SIGUSR2, previous)
 
-    monkeypatch.setattr(train_module, "observe", observe)
+    monkeypatch.setattr(train_module, "train_steps", train_steps)
     pyro.clear_param_store()
     train(fast_config(), preempted)  # the requeued job: continues from step 5
     for name, value in param_snapshot().items():
@@ -212,8 +215,8 @@ def test_speed_options_compute_the_same_networks(fast_config, tmp_path, option):
     outputs = {}
     for name, cfg in (("plain", fast_config()), ("fast", fast_config(option))):
         torch.manual_seed(0)
-        encoder, decoder = build_networks(cfg.model, (1, 16, 16), torch.device("cpu"), cfg.trainer)
-        outputs[name] = (*encoder(x), decoder(t), [n for n, _ in [*encoder.named_parameters(), *decoder.named_parameters()]])
+        encoder, decoder = build_networks(cfg, (1, 16, 16), torch.device("cpu"), cfg.trainer)
+        outputs[name] = (*encoder(x), decoder(t).base_dist.logits, [n for n, _ in [*encoder.named_parameters(), *decoder.named_parameters()]])
     *plain_values, plain_names = outputs["plain"]
     *fast_values, fast_names = outputs["fast"]
     assert fast_names == plain_names  # the same parameter names: checkpoints are interchangeable
@@ -258,10 +261,10 @@ def test_bf16_runs_the_layers_in_bfloat16_and_keeps_log_densities_float32(fast_c
     outputs = {}
     for name, cfg in (("float32", fast_config()), ("bf16", fast_config("trainer.bf16=true"))):
         torch.manual_seed(0)
-        encoder, decoder = build_networks(cfg.model, (1, 16, 16), torch.device("cpu"), cfg.trainer)
+        encoder, decoder = build_networks(cfg, (1, 16, 16), torch.device("cpu"), cfg.trainer)
         assert all(p.dtype == torch.float32 for p in [*encoder.parameters(), *decoder.parameters()])
         parts = elbo_parts(x, encoder, decoder)
-        outputs[name] = [*encoder(x), decoder(t), parts["recon"], parts["kl"]]
+        outputs[name] = [*encoder(x), decoder(t).base_dist.logits, parts["recon"], parts["kl"]]
         assert all(value.dtype == torch.float32 for value in outputs[name]), name
     for bf16, float32 in zip(outputs["bf16"], outputs["float32"], strict=True):
         assert not torch.equal(bf16, float32)  # the layers did run in bfloat16
@@ -282,7 +285,8 @@ def test_bf16_runs_the_layers_in_bfloat16_and_keeps_log_densities_float32(fast_c
         ("data.batch_size=-4", "data.batch_size=-4"),
         ("optim.optim_args.lr=0", "optim.optim_args.lr=0"),
         ("optim.optim_args.lr=-1e-3", "optim.optim_args.lr=-0.001"),
-        ("model.likelihood=poisson", "model.likelihood='poisson'"),
+        ("likelihood._target_=model.Poisson", "likelihood._target_=model.Poisson"),
+        ("likelihood=gaussian likelihood.scale=x", "likelihood.scale='x'"),
         ("model.channels=[8,8,8,8,8]", "model.channels=[8, 8, 8, 8, 8]"),  # 16x16 cannot halve 5 times
         ("device=tpu", "device='tpu'"),
         ("estimator.elbo.num_particles=0", "estimator.elbo.num_particles=0"),
@@ -301,7 +305,8 @@ def test_bf16_runs_the_layers_in_bfloat16_and_keeps_log_densities_float32(fast_c
         ("data.dataset.num_train=0", "data.dataset.num_train=0: must be a positive integer"),
         ("data.dataset.num_train=-5", "data.dataset.num_train=-5: must be a positive integer"),
         ("data.dataset.num_test=1.5", "data.dataset.num_test=1.5: must be a positive integer"),
-        ("model.likelihood=gaussian model.scale=fixed model.fixed_scale=1e-30", "model.fixed_scale=1e-30: below model.min_scale"),
+        ("likelihood=gaussian likelihood.scale=fixed likelihood.fixed_scale=1e-30",
+         "likelihood.fixed_scale=1e-30: below likelihood.min_scale"),
         ("optim.optim_args.lr=inf", "optim.optim_args.lr=inf"),
         ("threads=0", "threads=0"),
         ("threads=100000", "threads=100000: this process may use"),

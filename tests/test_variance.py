@@ -16,10 +16,10 @@ import pyro
 import pytest
 import torch
 from conftest import FAST, PROJECT_DIR, compose_config, process_starts
-from hydra.utils import instantiate
 
 from train import train
 from variance import estimator_moments, gradient_moments, variance
+from vae.build import build_networks
 from vae.config import ConfigError, check_config
 from vae.provenance import read_provenance
 
@@ -35,8 +35,7 @@ def moments():
     """{estimator: {"encoder"/"decoder": (mean, variance)}} from the same tiny networks and images."""
     pyro.set_rng_seed(1)
     cfg = compose_config(*TINY)
-    encoder = instantiate(cfg.model.encoder, image_shape=IMAGE_SHAPE)
-    decoder = instantiate(cfg.model.decoder, image_shape=IMAGE_SHAPE)
+    encoder, decoder = build_networks(cfg, IMAGE_SHAPE, torch.device("cpu"))
     weights = [encoder.state_dict(), decoder.state_dict()]
     x_train = torch.bernoulli(torch.full((12, *IMAGE_SHAPE), 0.4))  # the first BATCH are measured
     samples = {"reparam": 500, "score": 300}

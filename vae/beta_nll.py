@@ -24,7 +24,7 @@ import pyro.distributions as dist
 import torch
 from pyro.distributions import constraints
 from pyro.poutine.messenger import Messenger
-from torch import Tensor
+from torch import Tensor, nn
 
 TARGETS = ("both", "loc")  # what the weight acts on: the pixel's whole log-density, or its mean's gradient
 
@@ -74,6 +74,11 @@ class BetaNLLMessenger(Messenger):
             raise TypeError(f"the beta-NLL weighs a Gaussian's pixels; site {self.site!r} is {type(p_x).__name__}")
         event_dims = p_x.reinterpreted_batch_ndims
         msg["fn"] = BetaNLL(p_x.base_dist, self.beta, event_dims, self.target).to_event(event_dims)
+
+
+def weighs(likelihood: nn.Module) -> bool:
+    """Whether the beta-NLL can weigh `likelihood`'s pixels: each a Normal (read off one pixel's output)."""
+    return isinstance(likelihood(torch.zeros(1, likelihood.params_per_pixel, 1, 1)), dist.Normal)
 
 
 def beta_nll(model: Callable, beta: float, target: str = "both") -> Callable:

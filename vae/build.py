@@ -8,7 +8,7 @@ parameters are called, so a checkpoint made with one setting loads with any othe
     trainer.bf16            each layer block under torch.autocast(bfloat16), its output cast back to
                             float32, so t_loc, t_scale, the likelihood's parameters, every log-density,
                             the ELBO, the parameters and the optimizer's state stay float32
-    trainer.compile         torch.compile of each network's forward, in place
+    trainer.compile         torch.compile of each network's layer blocks, in place
 """
 from __future__ import annotations
 
@@ -25,26 +25,36 @@ from pyro.optim import PyroLRScheduler, PyroOptim
 from torch import Tensor, nn
 
 from guide import Encoder, guide
-from model import Decoder, model
+from model import Decoder, Likelihood, model
 from vae.baselines import with_baselines
 from vae.beta_nll import beta_nll
-from vae.config import JIT_ELBOS
+from vae.config import JIT_ELBOS, instantiate_checked
 
 
-def build_networks(model_cfg: DictConfig, image_shape: tuple[int, ...], device: torch.device,
+def build_likelihood(likelihood_cfg: DictConfig, image_channels: int) -> Likelihood:
+    """p(x|t)'s distribution per pixel, `likelihood_cfg` (`_target_` + its keys) for images of
+    `image_channels` channels; a key it refuses is a ConfigError, in its own words."""
+    return instantiate_checked(likelihood_cfg, "likelihood", image_channels=image_channels)
+
+
+def build_networks(cfg: DictConfig, image_shape: tuple[int, ...], device: torch.device,
                    trainer_cfg: DictConfig | None = None) -> tuple[Encoder, Decoder]:
-    """The encoder and decoder of `model_cfg` (`_target_` + arguments) on `device`, with the speed
-    options of `trainer_cfg` when given (training, the bench, the variance tool; never evaluation)."""
-    encoder = instantiate(model_cfg.encoder, image_shape=image_shape).to(device)
-    decoder = instantiate(model_cfg.decoder, image_shape=image_shape).to(device)
+    """The encoder and the decoder with its likelihood, of `cfg.model` and `cfg.likelihood`
+    (`_target_` + arguments), on `device`, with the speed options of `trainer_cfg` when given
+    (training, the bench, the variance tool; never evaluation)."""
+    encoder = instantiate(cfg.model.encoder, image_shape=image_shape).to(device)
+    likelihood = build_likelihood(cfg.likelihood, image_shape[0])
+    decoder = instantiate(cfg.model.decoder, image_shape=image_shape, likelihood=likelihood).to(device)
     for network in (encoder, decoder):
+        layers = [block for block in network.children() if not isinstance(block, Likelihood)]
         if trainer_cfg is not None and trainer_cfg.get("bf16"):
-            for block in network.children():  # the layers; the float32 maps to t_scale, x_loc... follow them
+            for block in layers:  # the float32 maps to t_scale, the likelihood's parameters... follow them
                 run_in_bfloat16(block, device.type)
         if trainer_cfg is not None and trainer_cfg.get("channels_last"):
             network.to(memory_format=torch.channels_last)
         if trainer_cfg is not None and trainer_cfg.get("compile"):
-            network.compile()
+            for block in layers:
+                block.compile()
     return encoder, decoder
 
 

@@ -50,6 +50,11 @@ ADDED_KEYS = {"data.exclude_classes": [], "model.flows": 0, "model.encoder.flows
               "model.residual_blocks": 0, "model.encoder.residual_blocks": 0, "model.decoder.residual_blocks": 0}
 # Classes that moved after checkpoints were first written: key -> {the old _target_: the new one}.
 MOVED_TARGETS = {"estimator.baseline_net._target_": {"guide.BaselineNet": "vae.baselines.BaselineNet"}}
+# Runs from before the `likelihood` group (conf/likelihood/) named it in model.likelihood, its options
+# beside it (model.<old key>), and kept a shared scale as the decoder's raw_scale.
+OLD_LIKELIHOOD_KEYS = {"likelihood": None, "scale": "scale", "min_scale": "min_scale", "fixed_scale": "fixed_scale",
+                       "squeeze": "logit_lambda", "components": "components"}
+RENAMED_PARAMS = {"decoder$$$raw_scale": "decoder$$$likelihood.scale.raw_scale"}
 
 
 class CheckpointError(RuntimeError):
@@ -192,6 +197,9 @@ def read(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({error}); it was left untouched") from error
     if not isinstance(contents, dict) or any(key not in contents for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a checkpoint of this project (expected keys {REQUIRED_KEYS}); it was left untouched")
+    for key in ("params", "constraints"):  # parameters renamed since (RENAMED_PARAMS), in the store and the optimizer
+        contents["param_store"][key] = {RENAMED_PARAMS.get(name, name): value for name, value in contents["param_store"][key].items()}
+    contents["optimizer"] = {RENAMED_PARAMS.get(name, name): value for name, value in contents["optimizer"].items()}
     return contents
 
 
@@ -323,7 +331,50 @@ def with_added_keys(cfg: DictConfig) -> DictConfig:
     for key, moved in MOVED_TARGETS.items():
         if OmegaConf.select(cfg, key) in moved:
             OmegaConf.update(cfg, key, moved[OmegaConf.select(cfg, key)])
+    if "likelihood" not in cfg:
+        cfg.likelihood = likelihood_node(cfg.model)
     return cfg
+
+
+def current_overrides(overrides: list[str]) -> list[str]:
+    """A run's command-line overrides in today's keys: model.likelihood=NAME of a run from before the
+    likelihood group is likelihood=NAME (discretized_logistic_mixture with model.components > 1), and
+    model.<option> is likelihood.<its new name> where that likelihood has the option (the old config
+    accepted, and ignored, the options of the others)."""
+    old = {key.removeprefix("model."): value for key, _, value in (o.partition("=") for o in overrides)
+           if key.removeprefix("model.") in OLD_LIKELIHOOD_KEYS and key.startswith("model.")}
+    if not old:
+        return overrides
+    mixture = old.get("likelihood") == "discretized_logistic" and int(old.get("components", 1)) > 1
+    name = old.get("likelihood", "bernoulli") + ("_mixture" if mixture else "")
+    options = OmegaConf.load(CONF_DIR / "likelihood" / f"{name}.yaml").keys()
+    current = []
+    for override in overrides:
+        key, _, value = override.partition("=")
+        old_key = key.removeprefix("model.")
+        if not key.startswith("model.") or old_key not in OLD_LIKELIHOOD_KEYS:
+            current.append(override)
+        elif old_key == "likelihood":
+            current.append(f"likelihood={name}")
+        elif OLD_LIKELIHOOD_KEYS[old_key] in options:
+            current.append(f"likelihood.{OLD_LIKELIHOOD_KEYS[old_key]}={value}")
+    return current
+
+
+def likelihood_node(model_cfg: DictConfig) -> DictConfig:
+    """The `likelihood` node of a run from before the group: conf/likelihood/<its model.likelihood>.yaml
+    with the values of its old keys, which leave `model_cfg` (and its decoder)."""
+    old = {key: model_cfg.pop(key) for key in OLD_LIKELIHOOD_KEYS if key in model_cfg}
+    for key in OLD_LIKELIHOOD_KEYS:
+        model_cfg.get("decoder", {}).pop(key, None)
+    name = old.get("likelihood", "bernoulli")  # the first runs had the Bernoulli alone
+    if name == "discretized_logistic" and old.get("components", 1) > 1:
+        name = "discretized_logistic_mixture"
+    node = OmegaConf.load(CONF_DIR / "likelihood" / f"{name}.yaml")
+    for key, new_key in OLD_LIKELIHOOD_KEYS.items():
+        if new_key in node and key in old:
+            node[new_key] = old[key]
+    return node
 
 
 def config_differences(saved: DictConfig, current: DictConfig) -> tuple[list[str], list[str]]:

@@ -15,12 +15,13 @@ from typing import Any
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
-from hydra.utils import get_class, get_method
+from hydra.errors import InstantiationException
+from hydra.utils import get_class, get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pyro.infer import (JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO,
                         TraceGraph_ELBO, TraceMeanField_ELBO)
 
-from model import LIKELIHOODS, SCALES
+from vae.beta_nll import weighs
 from vae.iwae import IWAE_ELBO
 
 POSITIVE_INTS = ("model.latent_dim", "model.hidden_dim", "data.batch_size", "trainer.epochs",
@@ -51,32 +52,13 @@ def check_config(cfg: DictConfig) -> None:
     channels = cfg.model.channels
     if not channels or any(not is_int(c) or c <= 0 for c in channels):
         raise ConfigError(f"model.channels={list(channels)!r}: must be a non-empty list of positive integers")
-    if cfg.model.likelihood not in LIKELIHOODS:
-        raise ConfigError(f"model.likelihood={cfg.model.likelihood!r}: must be one of {LIKELIHOODS}")
-    if cfg.model.get("scale", "pixel") not in SCALES:
-        raise ConfigError(f"model.scale={cfg.model.scale!r}: must be one of {SCALES}")
-    for key in ("min_scale", "fixed_scale"):
-        value = cfg.model.get(key, 1.0)
-        if not is_number(value) or not 0 < value < math.inf:
-            raise ConfigError(f"model.{key}={value!r}: must be a finite number > 0")
-    if cfg.model.get("scale") == "fixed" and cfg.model.fixed_scale < cfg.model.get("min_scale", 0):
-        raise ConfigError(f"model.fixed_scale={cfg.model.fixed_scale}: below model.min_scale={cfg.model.min_scale}, "
-                          "the floor of every scale of the likelihood")
-    components = cfg.model.get("components", 1)
-    if not is_int(components) or components < 1:
-        raise ConfigError(f"model.components={components!r}: must be a positive integer")
-    if components > 1 and (cfg.model.likelihood != "discretized_logistic" or cfg.model.get("scale") != "pixel"):
-        raise ConfigError(f"model.components={components}: a mixture needs model.likelihood=discretized_logistic "
-                          f"and model.scale=pixel (not {cfg.model.likelihood}, {cfg.model.get('scale')})")
+    likelihood = instantiate_checked(cfg.likelihood, "likelihood", image_channels=1)  # its own keys; colour: with the data
     flows = cfg.model.get("flows", 0)
     if not is_int(flows) or flows < 0:
         raise ConfigError(f"model.flows={flows!r}: must be a whole number of flows, 0 for the Gaussian q(t|x)")
     blocks = cfg.model.get("residual_blocks", 0)
     if not is_int(blocks) or blocks < 0:
         raise ConfigError(f"model.residual_blocks={blocks!r}: must be a whole number of blocks per resolution, 0 for none")
-    squeeze = cfg.model.get("squeeze", 1e-3)
-    if not is_number(squeeze) or not 0 < squeeze < 0.5:
-        raise ConfigError(f"model.squeeze={squeeze!r}: must be a number between 0 and 0.5")
     subset = cfg.data.subset
     if subset is not None and (not is_int(subset) or subset <= 0):
         raise ConfigError(f"data.subset={subset!r}: must be null or a positive integer")
@@ -93,9 +75,9 @@ def check_config(cfg: DictConfig) -> None:
     if target not in ("both", "loc"):
         raise ConfigError(f"trainer.nll_beta_target={target!r}: must be both (the pixel's log p(x|t) weighed) or loc "
                           "(the mean's gradient only)")
-    if nll_beta and cfg.model.likelihood != "gaussian":
-        raise ConfigError(f"trainer.nll_beta={nll_beta} with model.likelihood={cfg.model.likelihood}: the beta-NLL "
-                          "weighs the Gaussian's pixels by their scale; use model.likelihood=gaussian or trainer.nll_beta=0")
+    if nll_beta and not weighs(likelihood):
+        raise ConfigError(f"trainer.nll_beta={nll_beta} with likelihood._target_={cfg.likelihood._target_}: the beta-NLL "
+                          "weighs the Gaussian's pixels by their scale; use likelihood=gaussian or trainer.nll_beta=0")
     max_minutes = cfg.trainer.get("max_minutes")
     if max_minutes is not None and (not is_number(max_minutes) or not 0 < max_minutes < math.inf):
         raise ConfigError(f"trainer.max_minutes={max_minutes!r}: must be null (no time budget) or > 0")
@@ -109,6 +91,23 @@ def check_config(cfg: DictConfig) -> None:
     check_threads(cfg)
     check_estimator(cfg)
     check_device(cfg)
+
+
+def instantiate_checked(node: DictConfig, key: str, **kwargs: Any) -> Any:
+    """`instantiate(node, **kwargs)` for an extension that checks its own keys when it is built (a
+    likelihood, ...): the ValueError it raises, which names its key, becomes a ConfigError; a `_target_`
+    that cannot be imported is named as `key`._target_."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, ValueError):
+            raise ConfigError(str(error.__cause__)) from None
+        cause = error.__cause__  # a wrong keyword: TypeError; a target not found: ImportError
+        if isinstance(cause, ImportError) or cause is None:
+            raise ConfigError(f"{key}._target_={node.get('_target_')}: cannot be imported; give a class as "
+                              f"module.Class (conf/{key}/ lists the options)") from error
+        raise ConfigError(f"{key}._target_={node.get('_target_')}: {type(cause).__name__}: "
+                          f"{str(cause).splitlines()[0] if str(cause) else ''}") from error
 
 
 def check_device(cfg: DictConfig) -> None:

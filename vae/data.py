@@ -4,11 +4,10 @@ A dataset is built from its config node (`_target_` + keyword arguments), so tor
 `MNIST` and `FashionMNIST` and the file-free `SyntheticImages` below are interchangeable: each
 takes `(root, train, download)` and exposes `.data` (N, H, W) uint8 and `.targets` (N,).
 
-Pixels become observations by the likelihood's rule:
-  bernoulli:            dynamic binarization, x ~ Bernoulli(intensity), a fresh draw every epoch;
-  (logit_)gaussian:     uniform dequantization, x = (level + u) / 256, u ~ U[0, 1), a fresh u every epoch;
-  discretized_logistic: the 8-bit levels as they are, x = level / 255.
-The test set is observed once with a fixed seed, so test numbers are comparable across runs.
+Pixels become observations by the likelihood's rule, its `observe` (model.py, vae/likelihoods.py):
+dynamic binarization for the Bernoulli, uniform dequantization for the Gaussians (each a fresh draw
+every epoch), the 8-bit levels as they are for the discretized logistic. The test set is observed
+once with a fixed seed, so test numbers are comparable across runs.
 """
 from __future__ import annotations
 
@@ -21,11 +20,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
-from model import check_image_shape
+from model import Likelihood, check_image_shape
 from vae.config import ConfigError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
-DEQUANTIZED = ("gaussian", "logit_gaussian")  # the likelihoods that are densities of dequantized pixels
 TEST_SET_SEED = 0  # fixes the test set's binarization / dequantization noise
 
 
@@ -95,35 +93,22 @@ def load_split(data_cfg: DictConfig, train: bool) -> tuple[Tensor, Tensor]:
 
 
 def load_training_data(cfg: DictConfig, device: torch.device) -> tuple[Tensor, Tensor]:
-    """The training images (N, C, H, W) in [0, 1], and the test images as observed (binarized
-    once, with a fixed seed, for the Bernoulli likelihood), both in memory on `device`."""
+    """The training images (N, C, H, W) in [0, 1] in memory on `device`, and the test images, on the
+    CPU for `observe_test_set`."""
     train_images, _ = load_split(cfg.data, train=True)
     test_images, _ = load_split(cfg.data, train=False)
-    if cfg.model.likelihood == "bernoulli" and train_images.shape[1] != 1:
-        raise ConfigError(f"model.likelihood=bernoulli with {train_images.shape[1]}-channel images: binarizing colour "
-                          "is no model of them; use model.likelihood=discretized_logistic or gaussian")
     if cfg.data.batch_size > len(train_images):
         raise ConfigError(f"data.batch_size={cfg.data.batch_size}: larger than the {len(train_images)} training images")
     try:
         check_image_shape(tuple(train_images.shape[1:]), cfg.model.channels)
     except ValueError as error:
         raise ConfigError(f"model.channels={list(cfg.model.channels)}: {error}") from error
-    return train_images.to(device), observe_test_set(test_images, cfg.model.likelihood).to(device)
+    return train_images.to(device), test_images
 
 
-def observe(images: Tensor, likelihood: str, generator: torch.Generator | None = None) -> Tensor:
-    """Turn intensities in [0, 1] into observations the likelihood can score."""
-    if likelihood == "bernoulli":
-        return torch.bernoulli(images, generator=generator)  # dynamic binarization
-    if likelihood == "discretized_logistic":
-        return torch.round(images * 255) / 255  # the nearest level (the data's own levels stay as they are)
-    noise = torch.rand(images.shape, generator=generator, device=images.device)
-    return (images * 255 + noise) / 256  # uniform dequantization to [0, 1)
-
-
-def observe_test_set(images: Tensor, likelihood: str) -> Tensor:
-    """The test observations, drawn once with a fixed seed."""
-    return observe(images, likelihood, torch.Generator().manual_seed(TEST_SET_SEED))
+def observe_test_set(images: Tensor, likelihood: Likelihood) -> Tensor:
+    """The test observations of `images` (on the CPU) by the likelihood's rule, drawn once with a fixed seed."""
+    return likelihood.observe(images, torch.Generator().manual_seed(TEST_SET_SEED))
 
 
 def epoch_batches(num_data: int, batch_size: int, drop_last: bool) -> list[Tensor]:
@@ -135,17 +120,16 @@ def epoch_batches(num_data: int, batch_size: int, drop_last: bool) -> list[Tenso
     return batches
 
 
-def bits_per_dim(nats_per_image: float, image_shape: tuple[int, ...], likelihood: str) -> float:
-    """-log2 P per dimension, from log p(x) in nats per image (or per pixel, image_shape (1,)).
+def bits_per_dim(nats_per_image: float, image_shape: tuple[int, ...], log_bin_width: float) -> float:
+    """-log2 P per dimension, from log p(x) in nats per image (or per pixel, image_shape (1,)), with
+    the likelihood's `log_bin_width` per pixel: log P(levels) >= log p(x) + D log_bin_width.
 
-    gaussian, logit_gaussian: log p is a density of dequantized x = (level + u) / 256 in [0, 1), whose value
-    on a level's bin of width 1/256 bounds that level's log-probability from below, after the
-    change of units: log P(level) >= log p(x) - D log 256 (Theis et al. 2016).
-    discretized_logistic (and bernoulli, of binarized pixels): log p is already a log-probability.
+    A density of dequantized x = (level + u) / 256 in [0, 1) (the Gaussians) has log_bin_width =
+    -log 256: its value on a level's bin of width 1/256 bounds that level's log-probability from
+    below (Theis et al. 2016). The discretized logistic's log p is already a log-probability (0).
     """
     num_dims = math.prod(image_shape)
-    to_mass = num_dims * math.log(256) if likelihood in DEQUANTIZED else 0.0
-    return -(nats_per_image - to_mass) / (num_dims * math.log(2))
+    return -(nats_per_image + num_dims * log_bin_width) / (num_dims * math.log(2))
 
 
 class SyntheticImages:

@@ -8,7 +8,7 @@ overstate the bound); the KL between the two diagonal Gaussians is exact, and fo
 flows (no closed form) it is the one-sample estimate log q(t|x) - log p(t) at that same t. Both come from the
 same Pyro `model` and `guide` that training uses (`guide.posterior`, `model.log_joint`).
 For the likelihoods of 8-bit data the mean ELBO is also given in bits per dimension, and for a
-learned scale the share of pixels whose scale sits at its floor `model.min_scale` (a likelihood
+learned scale the share of pixels whose scale sits at its floor `likelihood.min_scale` (a likelihood
 that rewards precision the data does not have shows up there first).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from model import Decoder, log_joint, prior
 from vae.data import bits_per_dim
 
 
-FLOOR_MARGIN = 1.01  # a scale within 1% of model.min_scale counts as at the floor
+FLOOR_MARGIN = 1.01  # a scale within 1% of likelihood.min_scale counts as at the floor
 
 
 @torch.no_grad()
@@ -36,9 +36,11 @@ def elbo_parts(x: Tensor, encoder: Encoder, decoder: Decoder) -> dict[str, Tenso
     else:
         kl = kl_divergence(q_t, p_t)  # KL(q || p), exact, (B,)
     parts = {"elbo": recon - kl, "recon": recon, "kl": kl}
-    if decoder.scale in ("pixel", "shared"):  # a learned scale: how many pixels sit at the floor
-        x_scale = decoder(t)[-1]  # (B, C, H, W), or (B, C, H, W, K) for a mixture
-        parts["scale_at_floor"] = (x_scale < FLOOR_MARGIN * decoder.min_scale).flatten(1).float().mean(1)
+    x_scale = None
+    if decoder.likelihood.min_scale is not None:  # (B, C, H, W), (B, C, H, W, K) of a mixture; None if fixed
+        x_scale = decoder.likelihood.learned_scale(decoder(t).base_dist)
+    if x_scale is not None:  # a learned scale: how many pixels sit at the floor
+        parts["scale_at_floor"] = (x_scale < FLOOR_MARGIN * decoder.likelihood.min_scale).flatten(1).float().mean(1)
     return parts
 
 
@@ -50,6 +52,6 @@ def dataset_elbo(x: Tensor, encoder: Encoder, decoder: Decoder, batch_size: int 
         for key, values in elbo_parts(x_batch, encoder, decoder).items():
             totals[key] = totals.get(key, 0.0) + values.sum().item()
     means = {key: total / len(x) for key, total in totals.items()}
-    if decoder.likelihood != "bernoulli":
-        means["bits_per_dim"] = bits_per_dim(means["elbo"], tuple(x.shape[1:]), decoder.likelihood)
+    if decoder.likelihood.log_bin_width is not None:  # 8-bit levels
+        means["bits_per_dim"] = bits_per_dim(means["elbo"], tuple(x.shape[1:]), decoder.likelihood.log_bin_width)
     return means

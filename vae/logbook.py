@@ -132,8 +132,8 @@ class Logbook:
                         f"(KL {readable(metrics.get('test_kl'))}): training is diverging; try a lower learning rate, "
                         "optim=clipped_adam, or a variance-reduced estimator")
         at_floor = metrics.get("test_scale_at_floor")
-        if at_floor:  # the likelihood's scale has reached model.min_scale somewhere
-            log.warning(f"{at_floor:.2%} of the test pixels have their scale at the floor model.min_scale: "
+        if at_floor:  # the likelihood's scale has reached likelihood.min_scale somewhere
+            log.warning(f"{at_floor:.2%} of the test pixels have their scale at the floor likelihood.min_scale: "
                         "the likelihood rewards a precision those pixels may not have")
 
     def images(self, epoch: int, **grids: tuple[Tensor, int]) -> None:

@@ -248,9 +248,11 @@ def run_evaluations(sweep: Path) -> list[tuple[str, int, dict[str, Any], Path]]:
 
 
 def likelihood_options(label: str) -> tuple[str, str]:
-    """(model.likelihood, model.scale) of a configuration label of experiment=likelihoods."""
+    """(likelihood, likelihood.scale) of a configuration label of experiment=likelihoods (runs from before
+    the likelihood group: model.likelihood, model.scale)."""
     options = label_options(label)
-    return options.get("model.likelihood", "?"), options.get("model.scale", "pixel")
+    return (options.get("likelihood", options.get("model.likelihood", "?")),
+            options.get("likelihood.scale", options.get("model.scale", "pixel")))
 
 
 def likelihood_sample_quality(out: Outputs, sweep: str = "likelihoods_samples",

@@ -37,7 +37,7 @@ def run_overrides(run_dir: Path) -> list[str]:
 
 def resume_command(run_dir: Path) -> str:
     """The command line that continues the run in `run_dir`, with the run's own overrides."""
-    kept = [o for o in run_overrides(run_dir) if not o.startswith("resume=")]
+    kept = [o for o in checkpoint.current_overrides(run_overrides(run_dir)) if not o.startswith("resume=")]
     return " ".join(["python train.py", *kept, f"resume={run_dir}"])
 
 
@@ -47,7 +47,7 @@ class TrainedRun:
 
     cfg: DictConfig  # the run's config; cfg.data.root may be redirected by load_run
     encoder: Encoder  # x (B, C, H, W) -> t_loc, t_scale (B, latent_dim), features h (B, hidden_dim)
-    decoder: Decoder  # t (B, latent_dim) -> parameters of p(x|t)
+    decoder: Decoder  # t (B, latent_dim) -> p(x|t)
     image_shape: tuple[int, int, int]
     device: torch.device
     run_dir: Path
@@ -57,7 +57,7 @@ class TrainedRun:
         """Observations x (N, C, H, W) on the device, drawn once with the fixed test-set seed
         (binarized or dequantized as the likelihood needs), and labels (N,)."""
         images, labels = load_split(data_cfg if data_cfg is not None else self.cfg.data, train=train)
-        return observe_test_set(images, self.cfg.model.likelihood).to(self.device), labels
+        return observe_test_set(images, self.decoder.likelihood).to(self.device), labels
 
 
 def load_run(run: str | Path, device: str = "auto", data_root: str | None = None) -> TrainedRun:
@@ -76,7 +76,7 @@ def load_run(run: str | Path, device: str = "auto", data_root: str | None = None
     test_images, _ = load_split(cfg.data, train=False)
     image_shape = tuple(test_images.shape[1:])
     target = resolve_device(device)
-    encoder, decoder = build_networks(cfg.model, image_shape, target)  # no speed options: plain float32
+    encoder, decoder = build_networks(cfg, image_shape, target)  # no speed options: plain float32
     pyro.clear_param_store()
     checkpoint.restore_params(contents["param_store"], target, encoder=encoder, decoder=decoder)
     state = checkpoint.saved_state(contents)
