@@ -7,11 +7,12 @@
 
 `Decoder` is the network that maps t to p(x|t): its layers give the likelihood's parameters per
 pixel and its `likelihood` (`Bernoulli`, `Gaussian`, or any other `Likelihood`, picked by the
-config group `likelihood=`) turns them into the distribution. `model` is the Pyro program that
+config group `likelihood=`) turns them into the distribution; it holds the `prior` it decodes
+from too (`StandardNormal`, or any other `Prior`: `prior=`). `model` is the Pyro program that
 samples t from the prior and scores the observed image; `log_joint` reads log p(x|t) and log p(t)
 off that same program for a given t (evaluation). The likelihoods of gray levels beyond the
 lecture's (a learned or fixed shared scale, the logit-space Gaussian, the discretized logistic and
-its mixture) are extensions in vae/likelihoods.py.
+its mixture) are extensions in vae/likelihoods.py; learned priors are extensions beside it too.
 """
 from __future__ import annotations
 
@@ -130,7 +131,32 @@ def dequantize(images: Tensor, generator: torch.Generator | None = None) -> Tens
     return (images * 255 + noise) / 256
 
 
-# --- The decoder, the prior and the model ---------------------------------------------------------
+# --- p(t): the lecture's prior, and the interface every prior keeps -------------------------------
+
+class Prior(nn.Module):
+    """p(t) over `latent_dim` dimensions. Every prior has `forward(num_images, like)`: the distribution
+    of t for each of `num_images` images, batch (num_images,), event (latent_dim,), on the device and
+    in the dtype of the tensor `like`; and `draw(num, generator)`: num draws t ~ p(t) (num, latent_dim)
+    from a seeded CPU generator, the same t for the same seed (pictures)."""
+
+    def __init__(self, latent_dim: int) -> None:
+        super().__init__()
+        self.latent_dim = latent_dim
+
+
+class StandardNormal(Prior):
+    """p(t) = N(0, I): the lecture's prior, with no parameters."""
+
+    def forward(self, num_images: int, like: Tensor) -> dist.Distribution:
+        t_loc = like.new_zeros(num_images, self.latent_dim)  # (B, latent_dim)
+        t_scale = like.new_ones(num_images, self.latent_dim)  # (B, latent_dim)
+        return dist.Normal(t_loc, t_scale).to_event(1)
+
+    def draw(self, num: int, generator: torch.Generator) -> Tensor:
+        return torch.randn(num, self.latent_dim, generator=generator)
+
+
+# --- The decoder and the model ---------------------------------------------------------------------
 
 class Decoder(nn.Module):
     """t (..., latent_dim) -> p(x|t) over images of `image_shape` (C, H, W), one distribution per image.
@@ -139,7 +165,9 @@ class Decoder(nn.Module):
     and width, mirroring the encoder, to `likelihood.params_per_pixel` outputs per pixel and channel,
     which `likelihood` turns into each pixel's distribution. Hidden layers use ELU (smooth, so no
     unit is ever switched off for good). `residual_blocks` = R adds R `ResidualBlock`s at each
-    resolution below the output's, as in the encoder (R = 0: the plain network).
+    resolution below the output's, as in the encoder (R = 0: the plain network). `prior` is p(t), the
+    distribution the decoded t come from (N(0, I) when none is given); its parameters, if it has any,
+    are trained with the decoder's.
     """
 
     def __init__(
@@ -150,6 +178,7 @@ class Decoder(nn.Module):
         hidden_dim: int,
         likelihood: Likelihood,
         residual_blocks: int = 0,
+        prior: Prior | None = None,
     ) -> None:
         super().__init__()
         check_image_shape(image_shape, channels)
@@ -159,6 +188,7 @@ class Decoder(nn.Module):
         self.image_shape = tuple(image_shape)
         self.latent_dim = latent_dim
         self.likelihood = likelihood
+        self.prior = prior if prior is not None else StandardNormal(latent_dim)
         self.lift = nn.Sequential(
             nn.Linear(latent_dim, hidden_dim),
             nn.ELU(),
@@ -181,14 +211,6 @@ class Decoder(nn.Module):
         return self.likelihood(out).to_event(3)  # each pixel's distribution, the image one event
 
 
-def prior(num_images: int, latent_dim: int, like: Tensor) -> dist.Distribution:
-    """p(t) = N(0, I) for each of `num_images` images, batch (num_images,), event (latent_dim,),
-    on the device and in the dtype of the tensor `like`."""
-    t_loc = like.new_zeros(num_images, latent_dim)  # (B, latent_dim)
-    t_scale = like.new_ones(num_images, latent_dim)  # (B, latent_dim)
-    return dist.Normal(t_loc, t_scale).to_event(1)
-
-
 def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tensor | None = None,
           kl_weight: float = 1.0) -> None:
     """p(x, t) = p(x|t) p(t) for the minibatch `x` (B, C, H, W) at positions `index` (B,).
@@ -208,7 +230,7 @@ def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tenso
     pyro.module("decoder", decoder)
     with pyro.plate("data", size=num_data, subsample=index):
         with poutine.scale(scale=kl_weight):
-            t = pyro.sample("t", prior(x.shape[0], decoder.latent_dim, like=x))  # log p(t), times beta
+            t = pyro.sample("t", decoder.prior(x.shape[0], like=x))  # log p(t), times beta
         p_x = decoder(t)  # p(x|t), event (C, H, W)
         if mask is not None:  # mask the pixels, inside the image event
             p_x = p_x.base_dist.mask(mask).to_event(p_x.reinterpreted_batch_ndims)

@@ -87,7 +87,6 @@ def train(cfg: DictConfig, out_dir: str | Path, ranks: Ranks = ALONE) -> dict[st
                                 epoch=state.epoch, ranks=ranks.world_size, run_id=state.run_id,
                                 batch=state.batch_in_epoch)  # where it begins
         x_shown = x_test[: cfg.trainer.num_grid_images]
-        t_prior = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(PRIOR_GRID_SEED)).to(device)
 
         @torch.no_grad()
         def test(epoch: int) -> dict[str, float]:
@@ -95,6 +94,7 @@ def train(cfg: DictConfig, out_dir: str | Path, ranks: Ranks = ALONE) -> dict[st
             started = time.perf_counter()
             result = {f"test_{key}": value for key, value in dataset_elbo(x_test, encoder, decoder).items()}
             _, t = posterior(x_shown, encoder)  # t ~ q(t|x)
+            t_prior = decoder.prior.draw(64, torch.Generator().manual_seed(PRIOR_GRID_SEED)).to(device)  # t ~ p(t)
             logbook.images(epoch, reconstructions=(torch.cat([x_shown, decoder(t).mean]), max(1, len(x_shown) // 2)),
                            samples=(decoder(t_prior).mean, 8))
             result["test_seconds"] = time.perf_counter() - started

@@ -40,8 +40,8 @@ CONFIDENCE_THRESHOLD = 0.9
 
 
 def prior_latents(decoder: nn.Module, num_samples: int, seed: int) -> Tensor:
-    """S latents t ~ p(t) = N(0, I), (S, latent_dim), from a generator seeded with `seed`."""
-    t = torch.randn(num_samples, decoder.latent_dim, generator=torch.Generator().manual_seed(seed))
+    """S latents t ~ p(t), (S, latent_dim), from a generator seeded with `seed` (the run's prior)."""
+    t = decoder.prior.draw(num_samples, torch.Generator().manual_seed(seed))
     return t.to(next(decoder.parameters()).device)
 
 

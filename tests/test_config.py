@@ -26,7 +26,7 @@ OPTIONS = sorted(
 
 def test_every_group_has_options():
     groups = {group for group, _ in OPTIONS}
-    assert groups == {"data", "model", "likelihood", "estimator", "optim", "schedule", "trainer"}
+    assert groups == {"data", "model", "likelihood", "prior", "estimator", "optim", "schedule", "trainer"}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
@@ -179,7 +179,7 @@ def test_help_lists_each_entry_points_own_groups():
         listing = text.split("== Configuration groups ==")[1].split("== Config ==")[0]
         return {line.split(":")[0] for line in listing.splitlines()[2:] if ":" in line}
 
-    assert groups("train.py") == {"data", "estimator", "experiment", "likelihood", "model", "optim", "schedule",
+    assert groups("train.py") == {"data", "estimator", "experiment", "likelihood", "model", "prior", "optim", "schedule",
                                   "trainer"}
     tasks = {path.stem for path in (PROJECT_DIR / "tasks" / "conf" / "task").glob("*.yaml")}
     listing = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=PROJECT_DIR, capture_output=True,

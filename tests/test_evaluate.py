@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import evaluate as evaluate_module
-from model import Likelihood, log_joint
+from model import Likelihood, StandardNormal, log_joint
 from tasks.anomaly import SCORES, auroc, average_precision
 from tasks.generate import CLASSIFIER_SEED, normal_quantile_grid, prior_samples
 from tasks.impute import (BCE_CLIP, fit_posterior, impute_fitted_importance, impute_gibbs, impute_importance,
@@ -88,7 +88,7 @@ class FixedScaleGaussian(Likelihood):
 
 class LinearGaussianDecoder(nn.Module):
     """t (..., L) -> p(x|t) = N(W t + b, sigma^2 I), batch (...), event (1, 4, 4): the interface of
-    `model.Decoder` (a distribution, and its `likelihood`)."""
+    `model.Decoder` (a distribution, its `likelihood` and its `prior`, N(0, I))."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor, sigma: float) -> None:
         super().__init__()
@@ -97,6 +97,7 @@ class LinearGaussianDecoder(nn.Module):
         self.register_buffer("bias", bias)  # b (D,)
         self.sigma = sigma
         self.likelihood = FixedScaleGaussian(sigma)
+        self.prior = StandardNormal(self.latent_dim)
 
     def forward(self, t):
         x_loc = (t @ self.weight.T + self.bias).reshape(*t.shape[:-1], 1, 4, 4)  # any leading dims (particles)

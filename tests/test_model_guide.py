@@ -10,7 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from guide import Encoder, ScoreFunctionNormal, guide, posterior
-from model import Bernoulli, Decoder, Gaussian, log_joint, model, prior
+from model import Bernoulli, Decoder, Gaussian, log_joint, model
 
 IMAGE_SHAPE = (1, 8, 8)
 LATENT_DIM = 3
@@ -218,4 +218,4 @@ def test_posterior_and_log_joint_read_the_guide_and_model(likelihood):
     else:
         by_hand = normal_log_density(x, *parameters(decoder(t))).sum((1, 2, 3))
     torch.testing.assert_close(log_p_x, by_hand)
-    torch.testing.assert_close(prior(5, LATENT_DIM, like=x).log_prob(t), log_p_t)
+    torch.testing.assert_close(decoder.prior(5, like=x).log_prob(t), log_p_t)

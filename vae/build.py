@@ -25,7 +25,7 @@ from pyro.optim import PyroLRScheduler, PyroOptim
 from torch import Tensor, nn
 
 from guide import Encoder, guide
-from model import Decoder, Likelihood, model
+from model import Decoder, Likelihood, Prior, model
 from vae.baselines import with_baselines
 from vae.beta_nll import beta_nll
 from vae.config import JIT_ELBOS, instantiate_checked
@@ -39,14 +39,16 @@ def build_likelihood(likelihood_cfg: DictConfig, image_channels: int) -> Likelih
 
 def build_networks(cfg: DictConfig, image_shape: tuple[int, ...], device: torch.device,
                    trainer_cfg: DictConfig | None = None) -> tuple[Encoder, Decoder]:
-    """The encoder and the decoder with its likelihood, of `cfg.model` and `cfg.likelihood`
-    (`_target_` + arguments), on `device`, with the speed options of `trainer_cfg` when given
-    (training, the bench, the variance tool; never evaluation)."""
+    """The encoder and the decoder with its likelihood and prior, of `cfg.model`, `cfg.likelihood` and
+    `cfg.prior` (`_target_` + arguments), on `device`, with the speed options of `trainer_cfg` when given
+    (training, the bench, the variance tool; never evaluation): these apply to the networks' layers,
+    not to the likelihood's or the prior's distributions."""
     encoder = instantiate(cfg.model.encoder, image_shape=image_shape).to(device)
     likelihood = build_likelihood(cfg.likelihood, image_shape[0])
-    decoder = instantiate(cfg.model.decoder, image_shape=image_shape, likelihood=likelihood).to(device)
+    prior = instantiate_checked(cfg.prior, "prior", latent_dim=cfg.model.latent_dim)
+    decoder = instantiate(cfg.model.decoder, image_shape=image_shape, likelihood=likelihood, prior=prior).to(device)
     for network in (encoder, decoder):
-        layers = [block for block in network.children() if not isinstance(block, Likelihood)]
+        layers = [block for block in network.children() if not isinstance(block, (Likelihood, Prior))]
         if trainer_cfg is not None and trainer_cfg.get("bf16"):
             for block in layers:  # the float32 maps to t_scale, the likelihood's parameters... follow them
                 run_in_bfloat16(block, device.type)

@@ -47,7 +47,8 @@ MAY_CHANGE = ("trainer.epochs", "trainer.max_minutes", "trainer.test_every", "tr
 # Keys added after checkpoints were first written, with the value an older checkpoint implies.
 ADDED_KEYS = {"data.exclude_classes": [], "model.flows": 0, "model.encoder.flows": 0, "trainer.kl_warmup_epochs": 0,
               "trainer.nll_beta": 0, "trainer.nll_beta_target": "both",
-              "model.residual_blocks": 0, "model.encoder.residual_blocks": 0, "model.decoder.residual_blocks": 0}
+              "model.residual_blocks": 0, "model.encoder.residual_blocks": 0, "model.decoder.residual_blocks": 0,
+              "prior._target_": "model.StandardNormal"}
 # Classes that moved after checkpoints were first written: key -> {the old _target_: the new one}.
 MOVED_TARGETS = {"estimator.baseline_net._target_": {"guide.BaselineNet": "vae.baselines.BaselineNet"}}
 # Runs from before the `likelihood` group (conf/likelihood/) named it in model.likelihood, its options

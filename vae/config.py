@@ -53,6 +53,7 @@ def check_config(cfg: DictConfig) -> None:
     if not channels or any(not is_int(c) or c <= 0 for c in channels):
         raise ConfigError(f"model.channels={list(channels)!r}: must be a non-empty list of positive integers")
     likelihood = instantiate_checked(cfg.likelihood, "likelihood", image_channels=1)  # its own keys; colour: with the data
+    instantiate_checked(cfg.prior, "prior", latent_dim=cfg.model.latent_dim)  # its own keys
     flows = cfg.model.get("flows", 0)
     if not is_int(flows) or flows < 0:
         raise ConfigError(f"model.flows={flows!r}: must be a whole number of flows, 0 for the Gaussian q(t|x)")

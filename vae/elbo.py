@@ -6,7 +6,8 @@
 The reconstruction is estimated with one t sampled from the guide (not its mean, which would
 overstate the bound); the KL between the two diagonal Gaussians is exact, and for a guide with
 flows (no closed form) it is the one-sample estimate log q(t|x) - log p(t) at that same t. Both come from the
-same Pyro `model` and `guide` that training uses (`guide.posterior`, `model.log_joint`).
+same Pyro `model` and `guide` that training uses (`guide.posterior`, `model.log_joint`); a
+learned prior without a closed-form KL gets the same one-sample estimate.
 For the likelihoods of 8-bit data the mean ELBO is also given in bits per dimension, and for a
 learned scale the share of pixels whose scale sits at its floor `likelihood.min_scale` (a likelihood
 that rewards precision the data does not have shows up there first).
@@ -18,7 +19,7 @@ from torch import Tensor
 from torch.distributions import kl_divergence
 
 from guide import Encoder, posterior
-from model import Decoder, log_joint, prior
+from model import Decoder, log_joint
 from vae.data import bits_per_dim
 
 
@@ -30,11 +31,11 @@ def elbo_parts(x: Tensor, encoder: Encoder, decoder: Decoder) -> dict[str, Tenso
     """Per-image `elbo`, `recon` = log p(x|t) and `kl` = KL(q(t|x) || p(t)), each (B,), in nats."""
     q_t, t = posterior(x, encoder)  # q(t|x), t ~ q(t|x)
     recon, _ = log_joint(x, t, decoder)  # log p(x|t), (B,)
-    p_t = prior(len(x), decoder.latent_dim, like=x)
-    if len(encoder.flows):
+    p_t = decoder.prior(len(x), like=x)
+    try:
+        kl = kl_divergence(q_t, p_t)  # KL(q || p), exact, (B,): two diagonal Gaussians
+    except NotImplementedError:  # flows, a learned prior: no closed form
         kl = q_t.log_prob(t) - p_t.log_prob(t)  # log q(t|x) - log p(t): E_q of it is KL(q || p), (B,)
-    else:
-        kl = kl_divergence(q_t, p_t)  # KL(q || p), exact, (B,)
     parts = {"elbo": recon - kl, "recon": recon, "kl": kl}
     x_scale = None
     if decoder.likelihood.min_scale is not None:  # (B, C, H, W), (B, C, H, W, K) of a mixture; None if fixed
