@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import train as train_module
+import vae.runner as runner_module
 from conftest import FAST, PROJECT_DIR, compose_config, process_starts
 from vae.runs import resume_command
 
@@ -99,7 +100,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch):
     """Ctrl-C twice within one step: the first asks for a stop after the step, the second raises
     KeyboardInterrupt there and then: no step finished, nothing saved (the checkpoint is epoch 0's).
     The handlers that were there before the run are back after it."""
-    svi_step, caught = train_module.svi_step, []
+    svi_step, caught = runner_module.svi_step, []
 
     def ctrl_c_twice_then_step(*args, **kwargs):
         if not caught:
@@ -109,7 +110,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, monkeypatch):
             caught.append(False)
         return svi_step(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "svi_step", ctrl_c_twice_then_step)
+    monkeypatch.setattr(runner_module, "svi_step", ctrl_c_twice_then_step)
     before = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         train_module.train(compose_config(*FAST, "trainer.epochs=1"), tmp_path)

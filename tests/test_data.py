@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import train as train_module
+import vae.runner as runner_module
 from conftest import FAST, compose_config
 from guide import posterior
 from vae.beta_nll import BetaNLL
@@ -22,16 +23,16 @@ from vae.logbook import read_metrics
 SIGMAS = 5  # Monte-Carlo checks: a deviation of 5 standard deviations fails
 
 
-def record_calls(monkeypatch, name: str, keep) -> list:
-    """Replace train.<name> by a wrapper that appends `keep(*args, **kwargs)` to the returned list,
-    just before the real function runs, then calls it."""
-    real, calls = getattr(train_module, name), []
+def record_calls(monkeypatch, module, name: str, keep) -> list:
+    """Replace module.<name> (train's dataset_elbo, the runner's svi_step) by a wrapper that appends
+    `keep(*args, **kwargs)` to the returned list, just before the real function runs, then calls it."""
+    real, calls = getattr(module, name), []
 
     def recording(*args, **kwargs):
         calls.append(keep(*args, **kwargs))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, name, recording)
+    monkeypatch.setattr(module, name, recording)
     return calls
 
 
@@ -54,7 +55,7 @@ def test_each_training_image_is_binarized_afresh_every_epoch(tmp_path, monkeypat
     the draws of a pixel of gray level p differ with probability 2p(1 - p) (independent draws), and
     they average to p. Drawn once and reused, they would never differ."""
     epochs, num_images = 3, 128
-    steps = record_calls(monkeypatch, "svi_step", lambda svi, x, index, **_: (index.clone(), x.clone()))
+    steps = record_calls(monkeypatch, runner_module, "svi_step", lambda svi, x, index, **_: (index.clone(), x.clone()))
     overrides = (f"trainer.epochs={epochs}", f"data.subset={num_images}", "data.batch_size=32")
     run(tmp_path, *overrides)
     intensity = load_split(compose_config(*FAST, *overrides).data, train=True)[0]  # (N, 1, H, W), p per pixel
@@ -78,7 +79,7 @@ def test_each_training_image_is_binarized_afresh_every_epoch(tmp_path, monkeypat
 def test_the_test_set_is_observed_once_with_a_fixed_seed(tmp_path, monkeypatch):
     """Two runs of different seeds are tested on the same binarized test set, at every epoch: one
     draw x ~ Bernoulli(intensity) per test image, never redrawn with the run's seed or per epoch."""
-    tested = record_calls(monkeypatch, "dataset_elbo", lambda x, *_, **__: x.clone())
+    tested = record_calls(monkeypatch, train_module, "dataset_elbo", lambda x, *_, **__: x.clone())
     run(tmp_path / "seed0", "seed=0", "trainer.epochs=2", "data.subset=64")
     run(tmp_path / "seed1", "seed=1", "trainer.epochs=2", "data.subset=64")
     assert len(tested) == 6  # epochs 0, 1, 2 of each run
@@ -119,7 +120,7 @@ def test_every_test_number_is_the_elbo_whatever_the_training_objective(objective
     """Each epoch's logged test_elbo, test_recon and test_kl are the ELBO's (with the test's own draw
     of t ~ q(t|x)), not the warm-up's recon - beta KL nor the beta-NLL's weighed recon; and those
     would differ here by far more than the tolerance."""
-    tested = record_calls(monkeypatch, "dataset_elbo", lambda x, encoder, decoder, *_, **__: (
+    tested = record_calls(monkeypatch, train_module, "dataset_elbo", lambda x, encoder, decoder, *_, **__: (
         x.clone(), torch.get_rng_state(), copy.deepcopy(encoder), copy.deepcopy(decoder)))
     run(tmp_path, "trainer.epochs=2", "data.subset=128", *OBJECTIVES[objective])
     metrics = read_metrics(tmp_path)

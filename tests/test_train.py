@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train as train_module
+import vae.runner as runner_module
 from conftest import FAST, PROJECT_DIR, assert_png_shows, compose_config, mnist_root, process_starts
 from train import TrainingDiverged, train
 from vae import build
@@ -133,21 +134,18 @@ def test_time_budget_ends_training_with_the_epoch_that_spends_it(fast_config, tm
     assert process_starts(tmp_path) == [(1, 0), (2, 0), (2, 0)]  # each later process began after epoch 1
 
 
-def observe_then_signal(train_steps, signum, step=5):
-    """`train_steps` whose `observe` (the likelihood's, which it is handed) sends this process `signum`
-    during the `step`-th training step (of epoch 1)."""
+def step_then_signal(svi_step, signum, step=5):
+    """The runner's `svi_step` that sends this process `signum` during the `step`-th training step
+    (of epoch 1)."""
     calls = {"n": 0}
 
-    def steps_that_signal(svi, train_images, observe, *args, **kwargs):
-        def observe_and_signal(*observe_args, **observe_kwargs):
-            calls["n"] += 1
-            if calls["n"] == step:
-                os.kill(os.getpid(), signum)
-            return observe(*observe_args, **observe_kwargs)
+    def step_that_signals(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return svi_step(*args, **kwargs)
 
-        return train_steps(svi, train_images, observe_and_signal, *args, **kwargs)
-
-    return steps_that_signal
+    return step_that_signals
 
 
 def test_interrupt_mid_epoch_saves_and_resumes_exactly(fast_config, tmp_path, monkeypatch, caplog):
@@ -156,15 +154,15 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(fast_config, tmp_path, mo
     straight_params = param_snapshot()
 
     pyro.clear_param_store()
-    train_steps = train_module.train_steps
-    monkeypatch.setattr(train_module, "train_steps", observe_then_signal(train_steps, signal.SIGTERM))
+    svi_step = runner_module.svi_step
+    monkeypatch.setattr(runner_module, "svi_step", step_then_signal(svi_step, signal.SIGTERM))
     result = train(fast_config(), interrupted)
     assert result["interrupted"]
     assert "Continue with" in caplog.text and f"resume={interrupted}" in caplog.text
     saved = torch.load(interrupted / "checkpoint.pt", weights_only=False)
     assert (saved["epoch"], saved["next_batch"]) == (1, 5)
 
-    monkeypatch.setattr(train_module, "train_steps", train_steps)
+    monkeypatch.setattr(runner_module, "svi_step", svi_step)
     pyro.clear_param_store()
     train(fast_config(), interrupted)  # the run directory's own checkpoint is picked up
     for name, value in param_snapshot().items():
@@ -187,10 +185,10 @@ def test_preemption_signal_saves_then_hands_on_to_submitit(fast_config, tmp_path
         handed_on.append((signum, saved["epoch"], saved["next_batch"]))
         raise SystemExit(-1)
 
-    train_steps = train_module.train_steps
+    svi_step = runner_module.svi_step
     previous = signal.signal(signal.SIGUSR2, submitit_requeue)
     try:
-        monkeypatch.setattr(train_module, "train_steps", observe_then_signal(train_steps, signal.SIGUSR2))
+        monkeypatch.setattr(runner_module, "svi_step", step_then_signal(svi_step, signal.SIGUSR2))
         with pytest.raises(SystemExit):
             train(fast_config(), preempted)
         assert handed_on == [(signal.SIGUSR2, 1, 5)]  # called once, after the checkpoint of step 5
@@ -198,7 +196,7 @@ def test_preemption_signal_saves_then_hands_on_to_submitit(fast_config, tmp_path
     finally:
         signal.signal(signal.SIGUSR2, previous)
 
-    monkeypatch.setattr(train_module, "train_steps", train_steps)
+    monkeypatch.setattr(runner_module, "svi_step", svi_step)
     pyro.clear_param_store()
     train(fast_config(), preempted)  # the requeued job: continues from step 5
     for name, value in param_snapshot().items():
@@ -231,13 +229,13 @@ def test_speed_options_compute_the_same_networks(fast_config, tmp_path, option):
 
 def test_kl_warm_up_raises_beta_linearly_over_its_epochs_then_trains_the_elbo(fast_config, tmp_path, monkeypatch):
     weights = []
-    svi_step = train_module.svi_step
+    svi_step = runner_module.svi_step
 
     def recording_step(svi, x, index, **kwargs):
         weights.append(kwargs.get("kl_weight", 1.0))
         return svi_step(svi, x, index, **kwargs)
 
-    monkeypatch.setattr(train_module, "svi_step", recording_step)
+    monkeypatch.setattr(runner_module, "svi_step", recording_step)
     train(fast_config("trainer.kl_warmup_epochs=2", "trainer.epochs=3"), tmp_path)
     steps = len(weights) // 3  # 8 batches of 64 per epoch
     assert weights[: 2 * steps] == pytest.approx([step / (2 * steps) for step in range(1, 2 * steps + 1)])
