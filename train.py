@@ -33,7 +33,6 @@ from vae import checkpoint, distributed
 from vae.build import build_networks, build_svi
 from vae.config import ConfigError, check_config, register_resolvers, resolve_device
 from vae.data import DataNotFoundError, load_training_data, observe_test_set
-from vae.distributed import ALONE, Ranks
 from vae.elbo import dataset_elbo
 from vae.logbook import RunDirectoryBusy, record_failure
 from vae.runner import Runner, TrainingDiverged
@@ -43,12 +42,12 @@ log = logging.getLogger(__name__)
 PRIOR_GRID_SEED = 0  # the same prior samples t are decoded every epoch
 
 
-def train(cfg: DictConfig, out_dir: str | Path, ranks: Ranks = ALONE) -> dict[str, Any]:
+def train(cfg: DictConfig, out_dir: str | Path, place: distributed.Ranks = distributed.ALONE) -> dict[str, Any]:
     """Train as configured, writing metrics, images and checkpoints to `out_dir` (a resumed run
     goes on in its own directory). Returns the last epoch's metrics (ELBOs in nats per image).
-    `ranks`: this process's place in a data-parallel job, which the Runner keeps (vae/runner.py)."""
+    `place`: this process's in a data-parallel job, which the Runner takes care of (vae/runner.py)."""
     check_config(cfg)
-    with Runner(cfg, out_dir, ranks) as run:  # the run's directory, checkpoint, signals, budget, ranks
+    with Runner(cfg, out_dir, place) as run:  # its directory, checkpoint, signals, budget, data-parallel share
         # Data: the whole dataset in memory on the device, batched by index.
         pyro.set_rng_seed(cfg.seed)
         train_images, test_images = load_training_data(cfg, run.device)
@@ -92,11 +91,16 @@ def main(cfg: DictConfig) -> float | None:
     a sweep, whatever the error, for report.py."""
     hydra_cfg = HydraConfig.get()
     job_dir, multirun = Path(hydra_cfg.runtime.output_dir), hydra_cfg.mode == RunMode.MULTIRUN
-    ranks, job_dir = distributed.join(resolve_device(cfg.device), job_dir)  # torchrun, SLURM tasks: rank 0's directory
-    try:  # a resumed run goes on with its own config, changed only where this command line says
-        metrics = train(checkpoint.resumed_config(cfg, list(hydra_cfg.overrides.task), job_dir), job_dir, ranks)
+    try:
+        with distributed.job(resolve_device(cfg.device), job_dir) as (place, job_dir):  # torchrun, SLURM tasks: the job's directory
+            # a resumed run goes on with its own config, changed only where this command line says
+            metrics = train(checkpoint.resumed_config(cfg, list(hydra_cfg.overrides.task), job_dir), job_dir, place)
+    except distributed.LostPeer as error:  # the job cannot go on: its last checkpoint can
+        if multirun:
+            record_failure(job_dir, error)
+        sys.exit(f"error: {error}; the last checkpoint {job_dir / checkpoint.CHECKPOINT_NAME} is kept. "
+                 f"Continue with: {resume_command(job_dir)}")
     except (ConfigError, DataNotFoundError, checkpoint.CheckpointError, TrainingDiverged, RunDirectoryBusy) as error:
-        distributed.leave(ranks)
         if isinstance(error, TrainingDiverged) or (multirun and not isinstance(error, RunDirectoryBusy)):
             record_failure(job_dir, error)  # the run's own failure (not a refused resume of another run)
         if multirun:
@@ -104,19 +108,11 @@ def main(cfg: DictConfig) -> float | None:
             return None
         sys.exit(f"error: {error}")
     except Exception as error:  # an error the checks did not foresee: in a sweep, recorded like the others
-        if ranks.parallel and distributed.lost_peer(error):  # another rank died: this one cannot go on
-            if multirun:
-                record_failure(job_dir, error)
-            sys.exit(f"error: rank {ranks.rank}: another rank of this job is gone ({str(error).splitlines()[0][:120]}); "
-                     f"the last checkpoint {job_dir / checkpoint.CHECKPOINT_NAME} is kept. Continue with: "
-                     f"{resume_command(job_dir)}")
         if not multirun:
             raise  # alone, the traceback says where
-        distributed.leave(ranks)
         record_failure(job_dir, error)
         log.exception(f"error: {type(error).__name__}: {error} (job {job_dir}; the sweep goes on)")
         return None
-    distributed.leave(ranks)
     if metrics.get("interrupted"):
         sys.exit(128 + metrics["interrupted"])  # the shell's code for a process ended by that signal
     return metrics.get("test_elbo")

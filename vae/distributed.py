@@ -26,6 +26,8 @@ import hashlib
 import logging
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -184,6 +186,28 @@ LOST_PEER = ("Connection reset by peer", "Connection closed by peer", "Connectio
 def lost_peer(error: BaseException) -> bool:
     """Did a collective fail because another rank of the job is gone (killed, crashed)?"""
     return isinstance(error, RuntimeError) and any(sign in str(error) for sign in LOST_PEER)
+
+
+class LostPeer(RuntimeError):
+    """Another rank of this job is gone (killed, crashed): this one cannot go on."""
+
+
+@contextmanager
+def job(device: torch.device, job_dir: Path) -> Iterator[tuple[Ranks, Path]]:
+    """This process's part of a job (torchrun, SLURM tasks; alone: ALONE) for the `with` block: its
+    ranks and rank 0's job directory (`join`). The process group is left at the end, also after an
+    error; an error that says another rank is gone becomes `LostPeer`, in one line (the group is
+    not left then: nobody is there to leave it with)."""
+    ranks, job_dir = join(device, job_dir)
+    try:
+        yield ranks, job_dir
+    except Exception as error:
+        if ranks.parallel and lost_peer(error):
+            raise LostPeer(f"rank {ranks.rank}: another rank of this job is gone "
+                           f"({str(error).splitlines()[0][:120]})") from error
+        leave(ranks)
+        raise
+    leave(ranks)
 
 
 def device_of_group() -> torch.device:
