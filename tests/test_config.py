@@ -1,6 +1,7 @@
 """Every option under conf/ composes, passes the config checks, and instantiates."""
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 import subprocess
@@ -9,13 +10,15 @@ import sys
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from pyro.optim import PyroLRScheduler
 
-from conftest import CONF_DIR, PROJECT_DIR, compose_config
+from conftest import CONF_DIR, FAST, PROJECT_DIR, compose_config
 from vae.build import build_likelihood, build_optimizer
 from vae.config import ConfigError, check_config
+from vae.rules import GROUPS, RULES, TOP_LEVEL, Check, Elsewhere, Mirror, leaves, rule_for, unruled
 
 OPTIONS = sorted(
     (path.parent.name, path.stem) for path in CONF_DIR.glob("*/*.yaml") if path.parent.name != "experiment"
@@ -158,6 +161,7 @@ def test_every_recipe_composes_with_its_entry_point(recipe):
         assert hydra_cfg["run"]["dir"] == f"outputs/experiments/{recipe}"
     if entry in ("train", "variance", "bench"):  # evaluation recipes name a run to load, which a test cannot have
         check_config(cfg)
+        assert unruled(cfg) == [], f"keys without a rule in vae/rules.py: {unruled(cfg)}"
 
 
 def test_estimators_recipe_sweeps_every_estimator_over_three_seeds():
@@ -185,3 +189,158 @@ def test_help_lists_each_entry_points_own_groups():
     listing = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=PROJECT_DIR, capture_output=True,
                              text=True, timeout=120, check=True).stdout
     assert f"task: {', '.join(sorted(tasks))}\n" in listing and "estimator:" not in listing
+
+
+# Every key of every option has a rule (vae/rules.py), and each rule refuses its bad values naming the key.
+KEYED = sorted({(g, o) for g, o in OPTIONS if g not in ("likelihood", "prior")} | {("config", "default")})
+# (group, option): the groups whose keys the table checks; ("config", "default"): conf/config.yaml's own keys
+# (the likelihood and prior groups check their own keys: the likelihood test above, tests/test_mixture_prior.py)
+
+
+def option_config(group: str, option: str):
+    return compose_config() if group == "config" else compose_config(f"{group}={option}")
+
+
+def option_keys(group: str, cfg) -> list[str]:
+    """The keys that the option of `group` composes: those under `group.`, or conf/config.yaml's own."""
+    return [key for key, _ in leaves(cfg) if (key in TOP_LEVEL if group == "config" else key.startswith(f"{group}."))]
+
+
+@pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
+def test_every_key_of_every_option_has_a_rule(group, option):
+    """A key that no rule covers (a new option's key, added later) fails here until it gets its rule."""
+    cfg = compose_config(f"{group}={option}")
+    assert unruled(cfg) == [], f"keys without a rule in vae/rules.py: {unruled(cfg)}"
+    walked = {key.split(".")[0] for key, _ in leaves(cfg)}  # every group (schedule: null unless chosen)
+    assert walked == {*TOP_LEVEL, *GROUPS} - ({"schedule"} if group != "schedule" else set())
+
+
+def test_a_key_without_a_rule_is_found():
+    cfg = compose_config("+trainer.new_option=1", "+optim.optim_args.amsgrad=true", "+model.encoder.dropout=0.1")
+    assert unruled(cfg) == ["model.encoder.dropout", "trainer.new_option"]  # amsgrad: torch's, with its rule
+    check_config(compose_config("+trainer.new_option=1"))  # the test above is what refuses it, not a run
+
+
+@pytest.mark.parametrize("group,option", KEYED, ids=[f"{g}/{o}" for g, o in KEYED])
+def test_every_key_refuses_its_bad_values_in_one_line_naming_it(group, option):
+    """Table-driven: the option composes and passes; for each of its keys, each bad value of its rule
+    (a Mirror: its source's) stops check_config in one line "<key>=<value>: <what it must be>"."""
+    cfg = option_config(group, option)
+    check_config(cfg)
+    parser = OverridesParser.create()
+    tried = 0
+    for key in option_keys(group, cfg):
+        rule = rule_for(key)
+        if isinstance(rule, Elsewhere):
+            continue
+        for bad in (rule if isinstance(rule, Check) else RULES[rule.source]).bad:  # a Mirror: its source's rule
+            changed = copy.deepcopy(cfg)  # the override's value as Hydra parses it (composing anew: a minute)
+            OmegaConf.update(changed, key, parser.parse_override(f"{key}={bad}").value(), merge=True)
+            with pytest.raises(ConfigError) as error:
+                check_config(changed)
+            message = str(error.value)
+            assert message.startswith(f"{key}=") and message.endswith(rule.says), (bad, message)
+            assert "\n" not in message, message
+            tried += 1
+    assert tried > 0
+
+
+@pytest.mark.parametrize("key", sorted(RULES))
+def test_every_rule_has_bad_values_and_says_what_the_value_must_be(key):
+    rule = RULES[key]
+    if isinstance(rule, Check):
+        assert rule.bad and rule.says
+    elif isinstance(rule, Mirror):
+        assert rule.source in RULES and isinstance(RULES[rule.source], Check)
+    else:
+        assert isinstance(rule, Elsewhere) and rule.why
+
+
+def test_the_rules_of_torch_arguments_name_real_arguments():
+    """Each optim.optim_args.* rule is an argument of an optimizer of conf/optim/, each schedule.* rule one of a
+    scheduler of conf/schedule/ (a misspelt rule would check a key that never comes)."""
+    def taken(group: str) -> set[str]:
+        names = set()
+        for option in sorted(path.stem for path in (CONF_DIR / group).glob("*.yaml")):
+            cfg = compose_config(f"{group}={option}")
+            target = (instantiate(cfg.optim).pt_optim_constructor if group == "optim"
+                      else get_class(cfg.schedule._target_))
+            names |= set(inspect.signature(target).parameters)
+        return names
+
+    optim_args = {key.rsplit(".", 1)[1] for key in RULES if key.startswith("optim.optim_args.")}
+    schedule = {key.split(".", 1)[1] for key in RULES if key.startswith("schedule.") and "._" not in key}
+    assert optim_args - taken("optim") == set()
+    assert schedule - taken("schedule") == set()
+
+
+ISSUE_CASES = {  # issue 32: each accepted, or failing late, before its rule
+    ("optim=clipped_adam", "optim.optim_args.clip_norm=-1"):
+        "optim.optim_args.clip_norm=-1: must be a finite number > 0, the bound of each gradient",
+    ("schedule=cosine", "schedule.eta_min=nan"):
+        "schedule.eta_min=nan: must be a finite number >= 0, the last epoch's learning rate",
+    ("estimator=score_avg_baseline", "estimator.baseline.baseline_beta=5"):
+        "estimator.baseline.baseline_beta=5: must be a number in [0, 1), the decay of the average baseline",
+    ("trainer.bf16=maybe",): "trainer.bf16='maybe': must be true or false",
+    ("trainer.bf16=1",): "trainer.bf16=1: must be true or false",
+    ("data.drop_last=sometimes",): "data.drop_last='sometimes': must be true (every batch full) or false",
+    ("optim.optim_args.fused=maybe",):
+        "optim.optim_args.fused='maybe': must be null (torch's choice), true (one fused kernel) or false",
+    ("schedule=constant", "schedule.total_iters=-1"): "schedule.total_iters=-1: must be a whole number of epochs",
+    ("schedule=constant", "schedule.factor=-3"):
+        "schedule.factor=-3: must be a number in (0, 1], the learning rate's share for total_iters epochs",
+    # keys that must fit together, or fit their class (the list of what it takes is torch's and Pyro's)
+    ("schedule=cosine", "schedule.eta_min=0.01"): "schedule.eta_min=0.01 with optim.optim_args.lr=0.001: the cosine "
+        "falls from the learning rate to eta_min; give an eta_min at most optim.optim_args.lr",
+    ("schedule=cosine", "trainer.epochs=0"): "trainer.epochs=0: must be a positive integer",  # not the T_max copying it
+    ("optim=clipped_adam", "+optim.optim_args.fused=true"):
+        "optim.optim_args.fused=True: not an argument of pyro.optim.clipped_adam.ClippedAdam; it takes betas, ",
+    ("schedule=constant", "+schedule.T_max=3"):
+        "schedule.T_max=3: not an argument of torch.optim.lr_scheduler.ConstantLR; it takes factor, ",
+    ("+data.dataset.size=8",): "data.dataset.size=8: not an argument of torchvision.datasets.mnist.MNIST; it takes ",
+    ("+estimator.elbo.vectorise_particles=true",):
+        "estimator.elbo.vectorise_particles=True: not an argument of pyro.infer.trace_elbo.Trace_ELBO; it takes ",
+}
+
+
+@pytest.mark.parametrize("overrides,message", list(ISSUE_CASES.items()), ids=[" ".join(o) for o in ISSUE_CASES])
+def test_the_issue_cases_are_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        check_config(compose_config(*overrides))
+    assert str(error.value).startswith(message) and "\n" not in str(error.value), str(error.value)
+    assert message.endswith(" ") or str(error.value) == message  # a prefix ends with a space
+
+
+def test_a_refusal_by_a_rule_is_one_line_before_any_directory(tmp_path):
+    result = subprocess.run([sys.executable, str(PROJECT_DIR / "train.py"), "data=synthetic", "trainer.bf16=maybe"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == "error: trainer.bf16='maybe': must be true or false\n", result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+GOOD = [  # values the rules must let through
+    ("schedule=cosine", "schedule.eta_min=1e-5"),
+    ("schedule=constant", "schedule.factor=0.5", "schedule.total_iters=3"),
+    ("+optim.optim_args.amsgrad=true", "+optim.optim_args.betas=[0.5,0.9]", "optim.optim_args.fused=null"),
+    ("optim=clipped_adam", "optim.optim_args.clip_norm=1", "+optim.optim_args.lrd=0.999"),
+    ("estimator=score_avg_baseline", "estimator.baseline.baseline_beta=0"),
+    ("trainer.bf16=true", "data.drop_last=true"),
+    ("data=synthetic", "+data.dataset.size=8"),
+]
+
+
+@pytest.mark.parametrize("overrides", GOOD, ids=[" ".join(o) for o in GOOD])
+def test_good_values_pass(overrides):
+    check_config(compose_config(*overrides))
+
+
+def test_networks_whose_latent_dimensions_differ_are_refused_in_one_line():
+    """model.encoder.latent_dim set apart from model.latent_dim (a copy, checked by its source's rule) would
+    give the decoder codes of another size: build_networks refuses it, naming the keys."""
+    from vae.build import build_networks
+
+    with pytest.raises(ConfigError, match=r"^model\.latent_dim=4 and model\.encoder\.latent_dim=5 and "
+                                          r"model\.decoder\.latent_dim=4: ") as refused:
+        build_networks(compose_config(*FAST, "model.encoder.latent_dim=5"), (1, 16, 16), torch.device("cpu"))
+    assert "\n" not in str(refused.value)

@@ -28,7 +28,7 @@ from guide import Encoder, guide
 from model import Decoder, Likelihood, Prior, model
 from vae.baselines import with_baselines
 from vae.beta_nll import beta_nll
-from vae.config import JIT_ELBOS, instantiate_checked
+from vae.config import JIT_ELBOS, ConfigError, instantiate_checked
 
 
 def build_likelihood(likelihood_cfg: DictConfig, image_channels: int) -> Likelihood:
@@ -43,6 +43,11 @@ def build_networks(cfg: DictConfig, image_shape: tuple[int, ...], device: torch.
     `cfg.prior` (`_target_` + arguments), on `device`, with the speed options of `trainer_cfg` when given
     (training, the bench, the variance tool; never evaluation): these apply to the networks' layers,
     not to the likelihood's or the prior's distributions."""
+    latent_dims = {key: OmegaConf.select(cfg, key) for key in ("model.latent_dim", "model.encoder.latent_dim",
+                                                                 "model.decoder.latent_dim")}
+    if len(set(latent_dims.values())) > 1:
+        raise ConfigError(f"{' and '.join(f'{k}={v}' for k, v in latent_dims.items())}: the encoder's t is the "
+                          "decoder's and the prior's; set model.latent_dim alone")
     encoder = instantiate(cfg.model.encoder, image_shape=image_shape).to(device)
     likelihood = build_likelihood(cfg.likelihood, image_shape[0])
     prior = instantiate_checked(cfg.prior, "prior", latent_dim=cfg.model.latent_dim)

@@ -5,6 +5,7 @@ refuse a value that composes but cannot work, in one line that names the key and
 """
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import sys
@@ -16,16 +17,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from hydra.errors import InstantiationException
-from hydra.utils import get_class, get_method, instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from pyro.infer import (JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO,
                         TraceGraph_ELBO, TraceMeanField_ELBO)
 
 from vae.beta_nll import weighs
 from vae.iwae import IWAE_ELBO
+from vae.rules import is_int, is_number, locate, refusal  # is_int, is_number: for the entry points' own checks too
 
-POSITIVE_INTS = ("model.latent_dim", "model.hidden_dim", "data.batch_size", "trainer.epochs",
-                 "trainer.test_every", "trainer.num_grid_images", "estimator.elbo.num_particles")
 JIT_ELBOS = (JitTrace_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO, JitTraceEnum_ELBO)
 
 
@@ -33,62 +33,28 @@ class ConfigError(ValueError):
     """A config value that training cannot use."""
 
 
-def is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def check_config(cfg: DictConfig) -> None:
-    """Stop before any work, naming the key and the value, when a setting cannot work."""
-    for key in POSITIVE_INTS:
-        value = OmegaConf.select(cfg, key)
-        if not is_int(value) or value <= 0:
-            raise ConfigError(f"{key}={value!r}: must be a positive integer")
-    if not is_int(cfg.seed) or not 0 <= cfg.seed < 2**32:
-        raise ConfigError(f"seed={cfg.seed!r}: must be an integer from 0 to 2**32 - 1")
-    channels = cfg.model.channels
-    if not channels or any(not is_int(c) or c <= 0 for c in channels):
-        raise ConfigError(f"model.channels={list(channels)!r}: must be a non-empty list of positive integers")
+    """Stop before any work, naming the key and the value, when a setting cannot work: every key by its
+    rule (vae/rules.py), the likelihood and prior by their own classes, then the keys that must fit
+    together."""
+    problem = refusal(cfg)
+    if problem is not None:
+        raise ConfigError(problem)
     likelihood = instantiate_checked(cfg.likelihood, "likelihood", image_channels=1)  # its own keys; colour: with the data
     instantiate_checked(cfg.prior, "prior", latent_dim=cfg.model.latent_dim)  # its own keys
-    flows = cfg.model.get("flows", 0)
-    if not is_int(flows) or flows < 0:
-        raise ConfigError(f"model.flows={flows!r}: must be a whole number of flows, 0 for the Gaussian q(t|x)")
-    blocks = cfg.model.get("residual_blocks", 0)
-    if not is_int(blocks) or blocks < 0:
-        raise ConfigError(f"model.residual_blocks={blocks!r}: must be a whole number of blocks per resolution, 0 for none")
-    subset = cfg.data.subset
-    if subset is not None and (not is_int(subset) or subset <= 0):
-        raise ConfigError(f"data.subset={subset!r}: must be null or a positive integer")
-    excluded = cfg.data.get("exclude_classes")
-    if not OmegaConf.is_list(excluded) or any(not is_int(label) for label in excluded):
-        raise ConfigError(f"data.exclude_classes={excluded!r}: must be a list of labels, e.g. [3] or []")
-    warmup = cfg.trainer.get("kl_warmup_epochs", 0)
-    if not is_int(warmup) or warmup < 0:
-        raise ConfigError(f"trainer.kl_warmup_epochs={warmup!r}: must be a whole number of epochs, 0 for no warm-up")
+    check_arguments(cfg)
     nll_beta = cfg.trainer.get("nll_beta", 0)
-    if not is_number(nll_beta) or not 0 <= nll_beta <= 1:
-        raise ConfigError(f"trainer.nll_beta={nll_beta!r}: must be a number from 0 (the ELBO) to 1")
-    target = cfg.trainer.get("nll_beta_target", "both")
-    if target not in ("both", "loc"):
-        raise ConfigError(f"trainer.nll_beta_target={target!r}: must be both (the pixel's log p(x|t) weighed) or loc "
-                          "(the mean's gradient only)")
     if nll_beta and not weighs(likelihood):
         raise ConfigError(f"trainer.nll_beta={nll_beta} with likelihood._target_={cfg.likelihood._target_}: the beta-NLL "
                           "weighs the Gaussian's pixels by their scale; use likelihood=gaussian or trainer.nll_beta=0")
-    max_minutes = cfg.trainer.get("max_minutes")
-    if max_minutes is not None and (not is_number(max_minutes) or not 0 < max_minutes < math.inf):
-        raise ConfigError(f"trainer.max_minutes={max_minutes!r}: must be null (no time budget) or > 0")
     t_max = OmegaConf.select(cfg, "schedule.T_max")
-    if t_max is not None and (not is_int(t_max) or t_max < cfg.trainer.epochs):
+    if t_max is not None and t_max < cfg.trainer.epochs:
         raise ConfigError(f"schedule.T_max={t_max!r} with trainer.epochs={cfg.trainer.epochs}: the cosine would rise "
                           "again after T_max epochs; set schedule.T_max >= trainer.epochs (its default is trainer.epochs)")
-    lr = OmegaConf.select(cfg, "optim.optim_args.lr")
-    if not is_number(lr) or not 0 < lr < math.inf:
-        raise ConfigError(f"optim.optim_args.lr={lr!r}: the learning rate must be a finite number > 0")
+    lr, eta_min = cfg.optim.optim_args.lr, OmegaConf.select(cfg, "schedule.eta_min")
+    if eta_min is not None and eta_min > lr:
+        raise ConfigError(f"schedule.eta_min={eta_min!r} with optim.optim_args.lr={lr!r}: the cosine falls from the "
+                          "learning rate to eta_min; give an eta_min at most optim.optim_args.lr")
     check_threads(cfg)
     check_estimator(cfg)
     check_device(cfg)
@@ -147,10 +113,9 @@ def check_estimator(cfg: DictConfig) -> None:
     """The ELBO, the estimator and the baselines must fit together (else Pyro fails deep inside,
     or silently ignores the baseline)."""
     target = cfg.estimator.elbo._target_
-    try:
-        elbo_class = get_class(target)
-    except Exception as error:
-        raise ConfigError(f"estimator.elbo._target_={target}: cannot be imported ({error})") from error
+    elbo_class = locate(str(target))
+    if not isinstance(elbo_class, type):
+        raise ConfigError(f"estimator.elbo._target_={target}: cannot be imported; give an ELBO class as module.Class")
     score = not cfg.estimator.reparameterized
     if score and issubclass(elbo_class, TraceMeanField_ELBO):
         raise ConfigError(f"estimator.elbo._target_={target} with estimator.reparameterized=false: an "
@@ -178,6 +143,42 @@ def check_estimator(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "estimator.baseline.use_decaying_avg_baseline") and not cfg.data.drop_last:
         raise ConfigError("estimator.baseline.use_decaying_avg_baseline=true with data.drop_last=false: the "
                           "average has the batch's shape, so every batch must be full (data.drop_last=true)")
+
+
+BUILT = ("data.dataset", "model.encoder", "model.decoder", "estimator.elbo", "estimator.baseline_net", "schedule")
+
+
+def arguments(target: Any) -> set[str] | None:
+    """The keyword arguments `target` takes, or None when it takes any (**kwargs, or no signature)."""
+    try:
+        parameters = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is p.VAR_KEYWORD for p in parameters):
+        return None
+    return {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def check_arguments(cfg: DictConfig) -> None:
+    """Each key of an object built from its `_target_` (and each of `optim.optim_args`, the torch
+    optimizer's) is an argument of its class, else the build would fail with a TypeError once the run
+    has begun: e.g. `optim=clipped_adam +optim.optim_args.fused=true`. A `_target_` that cannot be
+    imported is left to its own check (the table of vae/rules.py; estimator.elbo: check_estimator)."""
+    optimizer = instantiate_checked(cfg.optim, "optim")  # Pyro's wrapper, not yet a torch optimizer
+    built = [("optim.optim_args", cfg.optim.optim_args, optimizer.pt_optim_constructor)]
+    for key in BUILT:
+        node = OmegaConf.select(cfg, key)
+        if node is None:
+            continue
+        target = locate(str(node.get("_target_")))
+        if target is not None:  # else refused by its own check (estimator.elbo: check_estimator, after this)
+            built.append((key, node, target))
+    for key, node, target in built:
+        takes = arguments(target)
+        for name, value in node.items():
+            if takes is not None and not name.startswith("_") and name not in takes:
+                raise ConfigError(f"{key}.{name}={value!r}: not an argument of {target.__module__}.{target.__name__}; "
+                                  f"it takes {', '.join(sorted(takes - {'self', 'params', 'optimizer'}))}")
 
 
 def resolve_device(name: str) -> torch.device:
