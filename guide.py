@@ -29,7 +29,7 @@ cache t_{f-1}); log q of any other t inverts the flows, one pass per dimension. 
 reparameterized estimators (vae/config.py refuses the score function: its surrogate would read
 the cached inverse as a constant).
 
-`posterior` reads q(t|x) and one sample t ~ q(t|x) off that same program, and `code` a point
+`posterior` reads q(t|x) and one sample t ~ q(t|x) off that same program, and `latent_point` a point
 t(x) for the uses that take one latent per image, for evaluation.
 """
 from __future__ import annotations
@@ -151,7 +151,7 @@ def posterior(x: Tensor, encoder: Encoder) -> tuple[dist.Distribution, Tensor]:
 
 
 @torch.no_grad()
-def code(x: Tensor, encoder: Encoder) -> Tensor:
+def latent_point(x: Tensor, encoder: Encoder) -> Tensor:
     """One latent point per image (B, latent_dim), for the uses that take one (reconstructions,
     interpolations, the linear probe): t_loc(x), the mean of the Gaussian q(t|x); with flows, the
     flows' image of it, f_F(...f_1(t_loc; h)...; h) (a central point of q, not its mean)."""

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.utils import save_image
 
-from guide import code
+from guide import latent_point
 from vae.classifier import accuracy, confident_share, train_classifier
 from vae.data import load_split
 from vae.runs import TrainedRun
@@ -59,10 +59,10 @@ def drawn_samples(decoder: nn.Module, num_samples: int, seed: int) -> Tensor:
 
 @torch.no_grad()
 def interpolate(encoder: nn.Module, decoder: nn.Module, x_a: Tensor, x_b: Tensor, steps: int) -> Tensor:
-    """E[x|t] (P, steps, C, H, W) along the line from t(x_a) to t(x_b), the codes of `guide.code`
+    """E[x|t] (P, steps, C, H, W) along the line from t(x_a) to t(x_b), the codes of `guide.latent_point`
     (t_loc for the Gaussian q), for P pairs."""
-    t_a = code(x_a, encoder)  # (P, L)
-    t_b = code(x_b, encoder)  # (P, L)
+    t_a = latent_point(x_a, encoder)  # (P, L)
+    t_b = latent_point(x_b, encoder)  # (P, L)
     a = torch.linspace(0, 1, steps, device=t_a.device)[None, :, None]  # (1, steps, 1)
     t = (1 - a) * t_a[:, None] + a * t_b[:, None]  # (P, steps, L)
     return decoder(t.flatten(0, 1)).mean.unflatten(0, t.shape[:2])
@@ -119,7 +119,7 @@ def generate(
     save_image(drawn_samples(decoder, num_samples, sample_seed), files["samples_drawn"], nrow=int(num_samples**0.5))
     with torch.no_grad():
         x_shown = x_test[:num_images]
-        reconstruction = decoder(code(x_shown, encoder)).mean
+        reconstruction = decoder(latent_point(x_shown, encoder)).mean
     save_image(torch.cat([x_shown, reconstruction]), files["reconstructions"], nrow=num_images)
     x_a, x_b = x_test[: 2 * num_pairs : 2], x_test[1 : 2 * num_pairs : 2]
     save_image(interpolate(encoder, decoder, x_a, x_b, steps).flatten(0, 1), files["interpolations"], nrow=steps)

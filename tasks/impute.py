@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.utils import save_image
 
-from guide import code, posterior
+from guide import latent_point, posterior
 from model import log_joint, model
 from vae.data import load_split
 from vae.importance import repeat
@@ -72,8 +72,8 @@ def fill(x: Tensor, mask: Tensor, value: Tensor | float) -> Tensor:
 @torch.no_grad()
 def impute_one_pass(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Module, fill_value: Tensor) -> Tensor:
     """E[x|t(x~)] (N, C, H, W): one encoder and decoder pass on the filled-in image x~ (t_loc, or
-    its image through the flows: `guide.code`)."""
-    return decoder(code(fill(x, mask, fill_value), encoder)).mean
+    its image through the flows: `guide.latent_point`)."""
+    return decoder(latent_point(fill(x, mask, fill_value), encoder)).mean
 
 
 @torch.no_grad()

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from guide import code
+from guide import latent_point
 from vae.data import bits_per_dim, load_split, observe_test_set
 from vae.elbo import FLOOR_MARGIN
 from vae.runs import TrainedRun
@@ -30,8 +30,8 @@ GROUPS = {"background": (0, 0), "edge": (1, 254), "ink": (255, 255)}  # inclusiv
 @torch.no_grad()
 def pixel_costs(run: TrainedRun, x: Tensor) -> tuple[Tensor, Tensor | None]:
     """(bits per pixel of -log p(x_pixel|t(x)), (B, C, H, W); the pixels' scales or None), at the
-    code t(x) of `guide.code` (t_loc for the Gaussian q)."""
-    t_loc = code(x, run.encoder)
+    code t(x) of `guide.latent_point` (t_loc for the Gaussian q)."""
+    t_loc = latent_point(x, run.encoder)
     p_x = run.decoder(t_loc).base_dist  # per pixel: batch (B, C, H, W), no event
     bits = bits_per_dim(p_x.log_prob(x), (1,), run.decoder.likelihood.log_bin_width)  # one pixel at a time
     likelihood = run.decoder.likelihood

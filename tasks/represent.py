@@ -1,5 +1,5 @@
 """The latent code as a representation: t_loc(x), the mean of q(t|x), for every image (with flows
-in the guide, the code of `guide.code`: the flows' image of the Gaussian's mean).
+in the guide, the code of `guide.latent_point`: the flows' image of the Gaussian's mean).
 
     export        latents_<split>.npz per split: t_loc (N, latent_dim) that code, t_scale (N, latent_dim)
                   the Gaussian's scale (with flows: before them), labels (N,)
@@ -29,7 +29,7 @@ from vae.runs import TrainedRun
 
 @torch.no_grad()
 def latent_means(encoder: nn.Module, x: Tensor, batch_size: int = 1000) -> tuple[Tensor, Tensor]:
-    """(the code of `guide.code`, t_scale of the Gaussian), each (N, latent_dim), for all of x (N, C, H, W)."""
+    """(the code of `guide.latent_point`, t_scale of the Gaussian), each (N, latent_dim), for all of x (N, C, H, W)."""
     codes, scales = [], []
     for x_batch in x.split(batch_size):  # one encoder pass per batch gives both
         t_loc, t_scale, h = encoder(x_batch)

@@ -98,14 +98,14 @@ def steps(overrides: list[str], ranks: Ranks, plain_average: bool = False) -> tu
     losses = []
     with fixed_noise(NUM_IMAGES, 2) as current:
         for step in range(STEPS):
-            index, weight = distributed.share(torch.arange(NUM_IMAGES)[BATCHES[step]], ranks)
+            index, weight = distributed.rank_share(torch.arange(NUM_IMAGES)[BATCHES[step]], ranks)
             current["index"] = index
             if plain_average:
                 weight = 1 / ranks.world_size
             if ranks.parallel:
                 svi.optim.weight = weight
             loss = svi_step(svi, x_all[index], index)
-            losses.append(distributed.agree(loss, weight, StopRequest(), ranks)[0])
+            losses.append(distributed.combine_step(loss, weight, StopRequest(), ranks)[0])
     return losses, {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
 
 
@@ -328,13 +328,13 @@ def test_a_slurm_job_of_two_tasks_is_two_ranks_of_one_group(monkeypatch):
 def test_the_ranks_shares_partition_each_global_batch(monkeypatch):
     """R = 3 ranks of data.batch_size 4: global batches of 12, rank r the r-th part of each; the parts
     cover the batch once and their weights B_r/B sum to 1; a last batch of fewer than R images is left out."""
-    monkeypatch.setattr(distributed, "from_writer", lambda value, ranks: value)  # rank 0's own draw
+    monkeypatch.setattr(distributed, "rank0_value", lambda value, ranks: value)  # rank 0's own draw
     data_cfg = compose_config(*FAST, "data.batch_size=4", "data.drop_last=false").data
     batches = distributed.epoch_batches(12 * 3 + 2, data_cfg, Ranks(0, 3, 0))  # 38 images: 12, 12, 12, (2 left out)
     assert [len(b) for b in batches] == [12, 12, 12]
     batches = distributed.epoch_batches(12 * 3 + 5, data_cfg, Ranks(0, 3, 0))
     assert [len(b) for b in batches] == [12, 12, 12, 5]
-    shares = [distributed.share(batches[-1], Ranks(r, 3, r)) for r in range(3)]
+    shares = [distributed.rank_share(batches[-1], Ranks(r, 3, r)) for r in range(3)]
     assert torch.equal(torch.cat([part for part, _ in shares]), batches[-1])
     assert [len(part) for part, _ in shares] == [2, 2, 1] and sum(w for _, w in shares) == pytest.approx(1.0)
 

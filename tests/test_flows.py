@@ -14,7 +14,7 @@ from pyro.infer import SVI, Trace_ELBO
 
 from conftest import FAST, assert_png_shows, compose_config, trained_run
 from evaluate import evaluate as evaluate_run
-from guide import Encoder, code, guide, posterior
+from guide import Encoder, guide, latent_point, posterior
 from model import Bernoulli, Decoder, model
 from tasks.impute import make_mask
 from test_evaluate import LinearGaussianDecoder, assert_detection_is_the_saved_scores
@@ -43,7 +43,7 @@ def test_flow_posterior_is_a_density_and_its_samples_follow_it():
     grid_mean = (density[:, None] * grid[:, 0]).sum(0) * cell
     draws = q_t.sample((40_000,))[:, 0]  # (S, 2)
     assert torch.allclose(draws.mean(0), grid_mean, atol=0.03), (draws.mean(0), grid_mean)
-    assert not torch.allclose(code(x, encoder), encoder(x)[0])  # the flows move the Gaussian's mean
+    assert not torch.allclose(latent_point(x, encoder), encoder(x)[0])  # the flows move the Gaussian's mean
 
 
 def test_log_q_of_a_fresh_sample_equals_the_inverted_one():

@@ -93,7 +93,7 @@ def join(device: torch.device, job_dir: Path) -> tuple[Ranks, Path]:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=TIMEOUT)
     if not ranks.writer:
         logging.getLogger().setLevel(logging.WARNING)  # one log line per epoch, rank 0's
-    return ranks, Path(from_writer(str(job_dir), ranks))
+    return ranks, Path(rank0_value(str(job_dir), ranks))
 
 
 def local_device(device: torch.device, ranks: Ranks) -> torch.device:
@@ -113,7 +113,7 @@ def leave(ranks: Ranks) -> None:
         dist.destroy_process_group()
 
 
-def from_writer(value: Any, ranks: Ranks) -> Any:
+def rank0_value(value: Any, ranks: Ranks) -> Any:
     """Rank 0's `value` (any picklable object), on every rank."""
     if not ranks.parallel:
         return value
@@ -155,10 +155,10 @@ def epoch_batches(num_data: int, data_cfg: Any, ranks: Ranks) -> list[Tensor]:
         batches = one_process_epoch_batches(num_data, data_cfg.batch_size * ranks.world_size, data_cfg.drop_last)
         if ranks.parallel and len(batches) > 1 and len(batches[-1]) < ranks.world_size:
             batches.pop()
-    return from_writer(batches, ranks)
+    return rank0_value(batches, ranks)
 
 
-def share(batch: Tensor, ranks: Ranks) -> tuple[Tensor, float]:
+def rank_share(batch: Tensor, ranks: Ranks) -> tuple[Tensor, float]:
     """This rank's part of a global batch of indices, and its weight B_r/B."""
     if not ranks.parallel:
         return batch, 1.0
@@ -166,7 +166,7 @@ def share(batch: Tensor, ranks: Ranks) -> tuple[Tensor, float]:
     return part, len(part) / len(batch)
 
 
-def agree(loss: float, weight: float, stop: StopRequest, ranks: Ranks) -> tuple[float, bool]:
+def combine_step(loss: float, weight: float, stop: StopRequest, ranks: Ranks) -> tuple[float, bool]:
     """(The step's loss of the whole global batch, sum_r (B_r/B) loss_r; whether to stop now), the
     same on every rank: a stop requested on any rank (a signal to one task) is a stop on all, after
     this same step. The loop stops on this answer alone, never on its own signal between steps."""

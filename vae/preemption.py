@@ -2,7 +2,7 @@
 
 SIGUSR2 is how submitit (the SLURM launcher) announces preemption or the time limit; its own
 handler requeues the job and exits at once, wherever the step is. Ours waits for the step to end
-and the checkpoint to be written, then hands the signal on (`hand_on`), so the requeued job
+and the checkpoint to be written, then hands the signal on (`call_previous_handler`), so the requeued job
 continues from this step, not from the last epoch.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ class StopRequest:
         self.signum, self.signal_name = signum, signal.Signals(signum).name
         signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
 
-    def hand_on(self) -> None:
+    def call_previous_handler(self) -> None:
         """After the checkpoint: call the handler that was there before ours (submitit's requeue)."""
         handler = self.previous.get(self.signum)
         if self.signum in self.HANDED_ON and callable(handler):

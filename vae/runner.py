@@ -100,7 +100,7 @@ class Runner:
         self.svi, self.num_data = svi, num_data
         saved = self.saved
         self.state = checkpoint.restore(saved, svi.optim, cfg, self.device, ranks, **networks) if saved else RunState()
-        self.state.run_id = self.state.run_id or distributed.from_writer(uuid.uuid4().hex, ranks)  # from its start
+        self.state.run_id = self.state.run_id or distributed.rank0_value(uuid.uuid4().hex, ranks)  # from its start
         if saved:
             log.info(f"resuming {self.resume_from} {self.state.position(cfg.trainer.epochs)}")
         self.metrics = self.logbook.start(self.state.epoch if saved else 0, self.device,
@@ -137,7 +137,7 @@ class Runner:
         with tqdm(total=len(state.batches), initial=state.next_batch, desc=f"epoch {state.epoch}", unit="batch",
                   disable=None, leave=False) as bar:
             while state.next_batch < len(state.batches):
-                index, self.weight = distributed.share(state.batches[state.next_batch], self.ranks)  # all B, or B_r
+                index, self.weight = distributed.rank_share(state.batches[state.next_batch], self.ranks)  # all B, or B_r
                 if self.ranks.parallel:
                     self.svi.optim.weight = self.weight  # B_r/B: the ranks' gradients add up to the batch's
                 yield index.to(self.device)
@@ -166,7 +166,7 @@ class Runner:
             if ranks.parallel:  # the other ranks wait for this one's gradients: end the job
                 raise TrainingDiverged(f"invalid values at epoch {state.epoch}, step {state.next_batch + 1} "
                                        f"on rank {ranks.rank}; the last good checkpoint {self.checkpoint_file} is kept")
-        loss, self.stopping = distributed.agree(loss, self.weight, self.stop, ranks)  # a stop on any rank: on all
+        loss, self.stopping = distributed.combine_step(loss, self.weight, self.stop, ranks)  # a stop on any rank: on all
         if not math.isfinite(loss):
             raise TrainingDiverged(
                 f"loss is {loss} at epoch {state.epoch}, step {state.next_batch + 1} of {batches}; "
@@ -184,7 +184,7 @@ class Runner:
         self.save()
         log.warning(f"{self.stop.signal_name}: saved {self.checkpoint_file} at epoch {self.state.epoch}, "
                     f"batch {self.state.next_batch}. Continue with:\n  {resume_command(self.out_dir)}")
-        self.stop.hand_on()
+        self.stop.call_previous_handler()
         self.interrupted = self.stop.signum
         raise Interrupted(self.stop.signal_name)
 
@@ -196,7 +196,7 @@ class Runner:
         seconds = state.epoch_seconds + time.perf_counter() - self.started
         metrics = {"epoch": epoch, "train_elbo": -state.loss_sum / (len(state.batches) * self.num_data),
                    "seconds": seconds, "lr": learning_rate(self.svi.optim)}
-        self.out_of_time = distributed.from_writer(state.wall_time + seconds >= self.budget_seconds, ranks)  # rank 0's clock
+        self.out_of_time = distributed.rank0_value(state.wall_time + seconds >= self.budget_seconds, ranks)  # rank 0's clock
         if self.out_of_time:
             log.info(f"trainer.max_minutes={cfg.trainer.max_minutes}: the time budget is spent; epoch {epoch} is the last")
         if ranks.writer and (epoch % cfg.trainer.test_every == 0 or epoch == cfg.trainer.epochs or self.out_of_time):
