@@ -43,7 +43,7 @@ from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from vae.layers import ResidualBlock, check_image_shape
+from model import ResidualBlock, check_image_shape
 
 MIN_T_SCALE = 1e-5  # keeps log q(t|x) finite when softplus underflows
 
@@ -68,7 +68,7 @@ class Encoder(nn.Module):
     ELU activations, as in the decoder. The flows' MADE networks have `flow_hidden_dims` hidden
     units and a fixed order of the latent dimensions, reversed from one flow to the next, so the
     same config always builds the same masks (they are buffers, not trained parameters).
-    `residual_blocks` = R adds R `ResidualBlock`s (vae/layers.py) after each convolution, at its
+    `residual_blocks` = R adds R `ResidualBlock`s (model.py) after each convolution, at its
     resolution (R = 0: the plain network, with the same parameter names).
     """
 

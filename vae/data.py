@@ -20,8 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor
 
-from model import Likelihood
-from vae.layers import check_image_shape
+from model import Likelihood, check_image_shape
 from vae.config import ConfigError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
