@@ -26,32 +26,29 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 
-def check_image_shape(image_shape: tuple[int, int, int], channels: list[int]) -> None:
-    """Each conv layer halves height and width, so both must divide by 2**len(channels)."""
-    _, height, width = image_shape
-    factor = 2 ** len(channels)
-    if height % factor or width % factor:
-        raise ValueError(
-            f"image shape {tuple(image_shape)} cannot be taken by a network with "
-            f"{len(channels)} stride-2 layers (channels={list(channels)}): height and width "
-            f"must be divisible by {factor}"
-        )
+# --- p(t): the lecture's prior, and the interface every prior keeps -------------------------------
 
+class Prior(nn.Module):
+    """p(t) over `latent_dim` dimensions. Every prior has `forward(num_images, like)`: the distribution
+    of t for each of `num_images` images, batch (num_images,), event (latent_dim,), on the device and
+    in the dtype of the tensor `like`; and `draw(num, generator)`: num draws t ~ p(t) (num, latent_dim)
+    from a seeded CPU generator, the same t for the same seed (pictures)."""
 
-class ResidualBlock(nn.Module):
-    """x + conv(elu(conv(elu(x)))): a pre-activation residual block (He et al. 2016) of two 3x3
-    convolutions that keeps the shape (B, channels, H, W). The second convolution starts at zero,
-    so a new block is the identity and a deeper network starts as the shallow one it extends."""
-
-    def __init__(self, channels: int) -> None:
+    def __init__(self, latent_dim: int) -> None:
         super().__init__()
-        self.residual = nn.Sequential(nn.ELU(), nn.Conv2d(channels, channels, 3, padding=1),
-                                      nn.ELU(), nn.Conv2d(channels, channels, 3, padding=1))
-        nn.init.zeros_(self.residual[-1].weight)
-        nn.init.zeros_(self.residual[-1].bias)
+        self.latent_dim = latent_dim
 
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.residual(x)
+
+class StandardNormal(Prior):
+    """p(t) = N(0, I): the lecture's prior, with no parameters."""
+
+    def forward(self, num_images: int, like: Tensor) -> dist.Distribution:
+        t_loc = like.new_zeros(num_images, self.latent_dim)  # (B, latent_dim)
+        t_scale = like.new_ones(num_images, self.latent_dim)  # (B, latent_dim)
+        return dist.Normal(t_loc, t_scale).to_event(1)
+
+    def draw(self, num: int, generator: torch.Generator) -> Tensor:
+        return torch.randn(num, self.latent_dim, generator=generator)
 
 
 # --- p(x|t) per pixel: the lecture's two likelihoods, and the interface every likelihood keeps ---
@@ -129,31 +126,6 @@ def dequantize(images: Tensor, generator: torch.Generator | None = None) -> Tens
     a fresh u every epoch."""
     noise = torch.rand(images.shape, generator=generator, device=images.device)
     return (images * 255 + noise) / 256
-
-
-# --- p(t): the lecture's prior, and the interface every prior keeps -------------------------------
-
-class Prior(nn.Module):
-    """p(t) over `latent_dim` dimensions. Every prior has `forward(num_images, like)`: the distribution
-    of t for each of `num_images` images, batch (num_images,), event (latent_dim,), on the device and
-    in the dtype of the tensor `like`; and `draw(num, generator)`: num draws t ~ p(t) (num, latent_dim)
-    from a seeded CPU generator, the same t for the same seed (pictures)."""
-
-    def __init__(self, latent_dim: int) -> None:
-        super().__init__()
-        self.latent_dim = latent_dim
-
-
-class StandardNormal(Prior):
-    """p(t) = N(0, I): the lecture's prior, with no parameters."""
-
-    def forward(self, num_images: int, like: Tensor) -> dist.Distribution:
-        t_loc = like.new_zeros(num_images, self.latent_dim)  # (B, latent_dim)
-        t_scale = like.new_ones(num_images, self.latent_dim)  # (B, latent_dim)
-        return dist.Normal(t_loc, t_scale).to_event(1)
-
-    def draw(self, num: int, generator: torch.Generator) -> Tensor:
-        return torch.randn(num, self.latent_dim, generator=generator)
 
 
 # --- The decoder and the model ---------------------------------------------------------------------
@@ -246,3 +218,33 @@ def log_joint(x: Tensor, t: Tensor, decoder: Decoder, mask: Tensor | None = None
     index = torch.arange(x.shape[0], device=x.device)
     trace = poutine.trace(poutine.condition(model, data={"t": t})).get_trace(x, index, decoder, x.shape[0], mask=mask)
     return trace.nodes["x"]["fn"].log_prob(x), trace.nodes["t"]["fn"].log_prob(t)  # log p(x|t), log p(t)
+
+
+# --- The layers both networks share (guide.Encoder too) -------------------------------------------
+
+def check_image_shape(image_shape: tuple[int, int, int], channels: list[int]) -> None:
+    """Each conv layer halves height and width, so both must divide by 2**len(channels)."""
+    _, height, width = image_shape
+    factor = 2 ** len(channels)
+    if height % factor or width % factor:
+        raise ValueError(
+            f"image shape {tuple(image_shape)} cannot be taken by a network with "
+            f"{len(channels)} stride-2 layers (channels={list(channels)}): height and width "
+            f"must be divisible by {factor}"
+        )
+
+
+class ResidualBlock(nn.Module):
+    """x + conv(elu(conv(elu(x)))): a pre-activation residual block (He et al. 2016) of two 3x3
+    convolutions that keeps the shape (B, channels, H, W). The second convolution starts at zero,
+    so a new block is the identity and a deeper network starts as the shallow one it extends."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.residual = nn.Sequential(nn.ELU(), nn.Conv2d(channels, channels, 3, padding=1),
+                                      nn.ELU(), nn.Conv2d(channels, channels, 3, padding=1))
+        nn.init.zeros_(self.residual[-1].weight)
+        nn.init.zeros_(self.residual[-1].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.residual(x)
