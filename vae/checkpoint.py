@@ -346,8 +346,7 @@ def current_overrides(overrides: list[str]) -> list[str]:
            if key.removeprefix("model.") in OLD_LIKELIHOOD_KEYS and key.startswith("model.")}
     if not old:
         return overrides
-    mixture = old.get("likelihood") == "discretized_logistic" and int(old.get("components", 1)) > 1
-    name = old.get("likelihood", "bernoulli") + ("_mixture" if mixture else "")
+    name = old_likelihood_option(old)
     options = OmegaConf.load(CONF_DIR / "likelihood" / f"{name}.yaml").keys()
     current = []
     for override in overrides:
@@ -362,16 +361,21 @@ def current_overrides(overrides: list[str]) -> list[str]:
     return current
 
 
+def old_likelihood_option(old: dict[str, Any]) -> str:
+    """The conf/likelihood/ option of a run from before the group, from its old model.* keys (`old`,
+    without the prefix; values as saved or as command-line strings)."""
+    name = old.get("likelihood", "bernoulli")  # the first runs had the Bernoulli alone
+    mixture = name == "discretized_logistic" and int(old.get("components", 1)) > 1
+    return f"{name}_mixture" if mixture else name
+
+
 def likelihood_node(model_cfg: DictConfig) -> DictConfig:
     """The `likelihood` node of a run from before the group: conf/likelihood/<its model.likelihood>.yaml
     with the values of its old keys, which leave `model_cfg` (and its decoder)."""
     old = {key: model_cfg.pop(key) for key in OLD_LIKELIHOOD_KEYS if key in model_cfg}
     for key in OLD_LIKELIHOOD_KEYS:
         model_cfg.get("decoder", {}).pop(key, None)
-    name = old.get("likelihood", "bernoulli")  # the first runs had the Bernoulli alone
-    if name == "discretized_logistic" and old.get("components", 1) > 1:
-        name = "discretized_logistic_mixture"
-    node = OmegaConf.load(CONF_DIR / "likelihood" / f"{name}.yaml")
+    node = OmegaConf.load(CONF_DIR / "likelihood" / f"{old_likelihood_option(old)}.yaml")
     for key, new_key in OLD_LIKELIHOOD_KEYS.items():
         if new_key in node and key in old:
             node[new_key] = old[key]
