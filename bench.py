@@ -36,7 +36,7 @@ import torch
 from hydra import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae.build import build_likelihood, build_networks, build_svi, svi_step
 from vae.config import ConfigError, check_config, register_resolvers, resolve_device, use_threads
@@ -140,7 +140,11 @@ def bench(cfg: DictConfig, variant_configs: dict[str, DictConfig]) -> dict[str, 
     steps_to_time["eval_iw"] = partial(iw_estimates, x_eval, raw_encoder, raw_decoder, num_particles, num_particles)
     steps_to_time["eval_decoder"] = partial(torch.no_grad()(raw_decoder), t_eval)
     if flows:
-        flow_encoder, _ = networks(OmegaConf.merge(cfg, {"model": {"flows": flows}}), image_shape, device, cfg.seed)
+        flow_cfg = cfg.copy()
+        with open_dict(flow_cfg):  # conf/posterior/iaf.yaml with `flows` flows, whatever cfg's posterior
+            flow_cfg.posterior = OmegaConf.merge(OmegaConf.load(Path(__file__).parent / "conf/posterior/iaf.yaml"),
+                                                 {"flows": flows})
+        flow_encoder, _ = networks(flow_cfg, image_shape, device, cfg.seed)
         steps_to_time["eval_iw_flows"] = partial(iw_estimates, x_eval, flow_encoder, raw_decoder, num_particles,
                                                  num_particles)
 

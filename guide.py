@@ -1,4 +1,4 @@
-"""The amortized guide q(t|x) = N(t_loc(x), diag t_scale(x)^2), optionally followed by flows.
+"""The amortized guide q(t|x) = N(t_loc(x), diag t_scale(x)^2).
 
 One `Encoder` network serves every image (amortization): instead of fitting a separate
 (t_loc_i, t_scale_i) for each image i, it learns the map x -> (t_loc, t_scale), so the guide
@@ -17,33 +17,23 @@ scales to any dataset size and infers t for a new image in one forward pass.
 A baseline b(x) subtracted from the score function's learning signal keeps it unbiased
 (E_q[grad log q(t|x)] = 0) and cuts its variance; vae/baselines.py hands it to site "t" from outside.
 
-With `model.flows` = F > 0 the Gaussian is only the start (Kingma et al. 2016, inverse
-autoregressive flow): t_0 ~ N(t_loc, diag t_scale^2), then t_f = f_f(t_{f-1}; h), f = 1..F, each
-the gated affine map t_f,d = s_d * t_{f-1,d} + (1 - s_d) * m_d, where (m_d, logit s_d) come from a
-MADE network that reads t_{f-1,<d} (autoregressive) and the encoder's features h, so
-
-    log q(t_F|x) = log N(t_0; t_loc, diag t_scale^2) - sum_f sum_d log s_d       (change of variables)
-
-Sampling is one network pass per flow, and so is log q of a sample just drawn (Pyro's transforms
-cache t_{f-1}); log q of any other t inverts the flows, one pass per dimension. The flows need the
-reparameterized estimators (vae/config.py refuses the score function: its surrogate would read
-the cached inverse as a constant).
-
-`posterior` reads q(t|x) and one sample t ~ q(t|x) off that same program, and `latent_point` a point
-t(x) for the uses that take one latent per image, for evaluation.
+The encoder's `posterior` says what q(t|x) is, given that Gaussian: the lecture's `DiagonalNormal`
+is the Gaussian itself; an extension may build a richer density on it (`posterior=`: the inverse
+autoregressive flows of vae/flows.py). `posterior` reads q(t|x) and one sample t ~ q(t|x) off the
+guide, and `latent_point` a point t(x) for the uses that take one latent per image, for evaluation.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.distributions.transforms import ConditionalAffineAutoregressive
-from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from model import ResidualBlock, check_image_shape
+from model import check_image_shape
 
 MIN_T_SCALE = 1e-5  # keeps log q(t|x) finite when softplus underflows
 
@@ -60,28 +50,44 @@ class ScoreFunctionNormal(dist.Normal):
     has_rsample = False
 
 
-class Encoder(nn.Module):
-    """x (B, C, H, W) -> (t_loc, t_scale, h): the Gaussian of q(t|x), each (B, latent_dim), and the
-    features h (B, hidden_dim) that the `flows` (F conditional IAF steps; none by default) read.
+class Posterior(nn.Module):
+    """What q(t|x) is, given the encoder's Gaussian q_0(t|x) = N(t_loc, diag t_scale^2) and its features h.
+    Every posterior (here and in vae/flows.py) has, for `latent_dim` latents and features of `context_dim`:
 
-    Each stride-2 convolution halves height and width; a dense layer then reads the features.
-    ELU activations, as in the decoder. The flows' MADE networks have `flow_hidden_dims` hidden
-    units and a fixed order of the latent dimensions, reversed from one flow to the next, so the
-    same config always builds the same masks (they are buffers, not trained parameters).
-    `residual_blocks` = R adds R `ResidualBlock`s (model.py) after each convolution, at its
-    resolution (R = 0: the plain network, with the same parameter names).
+        forward(q_0, h)        q(t|x), batch (B,), event (latent_dim,), from q_0 (batch (B,)) and h (B, context_dim)
+        point(t_0, h)          the point of q(t|x) that the point t_0 of q_0 maps to (B, latent_dim)
+        reparameterized_only   None, or why the score function cannot train it (vae/config.py refuses that)
     """
 
-    def __init__(
-        self,
-        image_shape: tuple[int, int, int],
-        latent_dim: int,
-        channels: list[int],
-        hidden_dim: int,
-        flows: int = 0,
-        flow_hidden_dims: list[int] | None = None,
-        residual_blocks: int = 0,
-    ) -> None:
+    reparameterized_only: str | None = None
+
+    def __init__(self, latent_dim: int, context_dim: int) -> None:
+        super().__init__()
+        self.latent_dim, self.context_dim = latent_dim, context_dim
+
+
+class DiagonalNormal(Posterior):
+    """q(t|x) = q_0(t|x) = N(t_loc, diag t_scale^2): the lecture's posterior, with no parameters of its own."""
+
+    def forward(self, q_0: dist.Distribution, h: Tensor) -> dist.Distribution:
+        return q_0
+
+    def point(self, t_0: Tensor, h: Tensor) -> Tensor:
+        return t_0
+
+
+class Encoder(nn.Module):
+    """x (B, C, H, W) -> (t_loc, t_scale, h): the Gaussian of q(t|x), each (B, latent_dim), and the
+    features h (B, hidden_dim) that a richer posterior reads. `posterior` builds q(t|x) from them, given
+    (latent_dim, context_dim = hidden_dim): the lecture's `DiagonalNormal` by default.
+
+    Each stride-2 convolution halves height and width; a dense layer then reads the features.
+    ELU activations, as in the decoder. `at_resolution(c)` gives the layers added after each
+    convolution, at its resolution and width c: none here; vae/resnet.py adds residual blocks.
+    """
+
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, channels: list[int], hidden_dim: int,
+                 posterior: Callable[..., Posterior] = DiagonalNormal) -> None:
         super().__init__()
         check_image_shape(image_shape, channels)
         image_channels, height, width = image_shape
@@ -89,22 +95,17 @@ class Encoder(nn.Module):
         widths = [image_channels] + list(channels)
         layers: list[nn.Module] = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ELU()]
-            layers += [ResidualBlock(c_out) for _ in range(residual_blocks)]
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ELU(), *self.at_resolution(c_out)]
         feature_dim = channels[-1] * (height // downsample) * (width // downsample)
         self.features = nn.Sequential(
             *layers, nn.Flatten(), nn.Linear(feature_dim, hidden_dim), nn.ELU()
         )
         self.t_loc = nn.Linear(hidden_dim, latent_dim)
         self.t_scale = nn.Linear(hidden_dim, latent_dim)
-        order = torch.arange(latent_dim)
-        self.flows = nn.ModuleList(
-            ConditionalAffineAutoregressive(  # Kingma et al.'s gated ("stable") update
-                ConditionalAutoRegressiveNN(latent_dim, hidden_dim, list(flow_hidden_dims or [hidden_dim, hidden_dim]),
-                                            permutation=order if f % 2 == 0 else order.flip(0)),
-                stable=True)
-            for f in range(flows)
-        )
+        self.posterior = posterior(latent_dim=latent_dim, context_dim=hidden_dim)  # built last: the layers' init stays
+
+    def at_resolution(self, channels: int) -> list[nn.Module]:
+        return []
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         h = self.features(x)  # (B, hidden_dim)
@@ -133,10 +134,8 @@ def guide(
             q_t = dist.Normal(t_loc, t_scale).to_event(1)  # t = t_loc + t_scale * eps
         else:
             q_t = ScoreFunctionNormal(t_loc, t_scale).to_event(1)  # E_q[(log p - log q) * grad log q]
-        if len(encoder.flows):  # t = f_F(...f_1(t_0; h)...; h), log q(t|x) by the change of variables
-            q_t = dist.TransformedDistribution(q_t, [flow.condition(h) for flow in encoder.flows])
         with poutine.scale(scale=kl_weight):
-            pyro.sample("t", q_t)  # log q(t|x), times beta
+            pyro.sample("t", encoder.posterior(q_t, h))  # log q(t|x), times beta
 
 
 def posterior(x: Tensor, encoder: Encoder) -> tuple[dist.Distribution, Tensor]:
@@ -153,15 +152,7 @@ def posterior(x: Tensor, encoder: Encoder) -> tuple[dist.Distribution, Tensor]:
 @torch.no_grad()
 def latent_point(x: Tensor, encoder: Encoder) -> Tensor:
     """One latent point per image (B, latent_dim), for the uses that take one (reconstructions,
-    interpolations, the linear probe): t_loc(x), the mean of the Gaussian q(t|x); with flows, the
-    flows' image of it, f_F(...f_1(t_loc; h)...; h) (a central point of q, not its mean)."""
+    interpolations, the linear probe): t_loc(x), the mean of the Gaussian q(t|x); with a richer
+    posterior, the point t_loc maps to (a central point of q, not necessarily its mean)."""
     t_loc, _, h = encoder(x)
-    return through_flows(t_loc, h, encoder)
-
-
-def through_flows(t: Tensor, h: Tensor, encoder: Encoder) -> Tensor:
-    """f_F(...f_1(t; h)...; h) (B, latent_dim): the encoder's flows applied to t (B, latent_dim) with
-    the features h of the same images; t itself when there are none."""
-    for flow in encoder.flows:
-        t = flow.condition(h)(t)
-    return t
+    return encoder.posterior.point(t_loc, h)

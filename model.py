@@ -5,14 +5,11 @@
            or prod_pixels N(x | x_loc(t), x_scale(t)^2)     (dequantized images: the lecture's Gaussian,
                                                              its mean and diagonal scale from the network)
 
-`Decoder` is the network that maps t to p(x|t): its layers give the likelihood's parameters per
-pixel and its `likelihood` (`Bernoulli`, `Gaussian`, or any other `Likelihood`, picked by the
-config group `likelihood=`) turns them into the distribution; it holds the `prior` it decodes
-from too (`StandardNormal`, or any other `Prior`: `prior=`). `model` is the Pyro program that
-samples t from the prior and scores the observed image; `log_joint` reads log p(x|t) and log p(t)
-off that same program for a given t (evaluation). The likelihoods of gray levels beyond the
-lecture's (a learned or fixed shared scale, the logit-space Gaussian, the discretized logistic and
-its mixture) are extensions in vae/likelihoods.py; learned priors are extensions beside it too.
+`Decoder` maps t to p(x|t): its layers give the likelihood's parameters per pixel, its `likelihood`
+turns them into the distribution, and it holds the `prior` it decodes from. `model` is the Pyro program
+that samples t from the prior and scores the observed image; `log_joint` reads log p(x|t) and log p(t)
+off it for a given t. Likelihoods and priors beyond the lecture's are extensions, picked by the config
+groups `likelihood=` and `prior=` (vae/likelihoods.py, vae/priors.py).
 """
 from __future__ import annotations
 
@@ -29,10 +26,10 @@ from torch.nn import functional as F
 # --- p(t): the lecture's prior, and the interface every prior keeps -------------------------------
 
 class Prior(nn.Module):
-    """p(t) over `latent_dim` dimensions. Every prior has `forward(num_images, like)`: the distribution
-    of t for each of `num_images` images, batch (num_images,), event (latent_dim,), on the device and
-    in the dtype of the tensor `like`; and `draw(num, generator)`: num draws t ~ p(t) (num, latent_dim)
-    from a seeded CPU generator, the same t for the same seed (pictures)."""
+    """p(t) over `latent_dim` dimensions. Every prior (here and in vae/priors.py) has
+        forward(num_images, like)   p(t) for each image, batch (num_images,), event (latent_dim,), on the
+                                    device and in the dtype of the tensor `like`
+        draw(num, generator)        num draws t ~ p(t) (num, latent_dim) from a seeded CPU generator"""
 
     def __init__(self, latent_dim: int) -> None:
         super().__init__()
@@ -56,16 +53,13 @@ class StandardNormal(Prior):
 class Likelihood(nn.Module):
     """The distribution of each pixel given the decoder's output. Every likelihood (here and in
     vae/likelihoods.py) has, for images of `image_channels` channels:
-
         params_per_pixel    how many outputs per pixel and channel the decoder gives it
-        forward(out)        out (..., C * params_per_pixel, H, W) -> one distribution per pixel,
-                            batch (..., C, H, W)
+        forward(out)        out (..., C * params_per_pixel, H, W) -> one distribution per pixel, batch (..., C, H, W)
         observe(images)     intensities in [0, 1] (N, C, H, W) -> the observations it scores
-        log_bin_width       each pixel's log p(x) plus this is (a bound on) the log-probability of its
-                            8-bit level, for bits/dim; None where the observations are not those levels
+        log_bin_width       each pixel's log p(x) plus this bounds the log-probability of its 8-bit level
+                            (bits/dim); None where the observations are not those levels
         min_scale           the floor of a learned scale; None where there is no scale
-        learned_scale(p)    the per-pixel scale the network learns (floored at `min_scale`), else None
-    """
+        learned_scale(p)    the per-pixel scale the network learns (floored at `min_scale`), else None"""
 
     params_per_pixel = 1
     log_bin_width: float | None = None
@@ -133,47 +127,32 @@ def dequantize(images: Tensor, generator: torch.Generator | None = None) -> Tens
 class Decoder(nn.Module):
     """t (..., latent_dim) -> p(x|t) over images of `image_shape` (C, H, W), one distribution per image.
 
-    A dense layer lifts t to a small feature map; each transposed convolution doubles its height
-    and width, mirroring the encoder, to `likelihood.params_per_pixel` outputs per pixel and channel,
-    which `likelihood` turns into each pixel's distribution. Hidden layers use ELU (smooth, so no
-    unit is ever switched off for good). `residual_blocks` = R adds R `ResidualBlock`s at each
-    resolution below the output's, as in the encoder (R = 0: the plain network). `prior` is p(t), the
-    distribution the decoded t come from (N(0, I) when none is given); its parameters, if it has any,
-    are trained with the decoder's.
-    """
+    A dense layer lifts t to a small feature map; each transposed convolution doubles its height and
+    width, mirroring the encoder, to `likelihood.params_per_pixel` outputs per pixel and channel, which
+    `likelihood` turns into each pixel's distribution. ELU activations (smooth: no unit is switched off
+    for good). `prior` is p(t) (N(0, I) by default), trained with the decoder if it has parameters.
+    `at_resolution(c)` gives layers to add before each transposed convolution, at width c: none here
+    (vae/resnet.py adds residual blocks)."""
 
-    def __init__(
-        self,
-        image_shape: tuple[int, int, int],
-        latent_dim: int,
-        channels: list[int],
-        hidden_dim: int,
-        likelihood: Likelihood,
-        residual_blocks: int = 0,
-        prior: Prior | None = None,
-    ) -> None:
+    def __init__(self, image_shape: tuple[int, int, int], latent_dim: int, channels: list[int], hidden_dim: int,
+                 likelihood: Likelihood, prior: Prior | None = None) -> None:
         super().__init__()
         check_image_shape(image_shape, channels)
         image_channels, height, width = image_shape
-        downsample = 2 ** len(channels)
-        feature_shape = (channels[-1], height // downsample, width // downsample)
-        self.image_shape = tuple(image_shape)
-        self.latent_dim = latent_dim
-        self.likelihood = likelihood
+        feature_shape = (channels[-1], height // 2 ** len(channels), width // 2 ** len(channels))
+        self.image_shape, self.latent_dim, self.likelihood = tuple(image_shape), latent_dim, likelihood
         self.prior = prior if prior is not None else StandardNormal(latent_dim)
-        self.lift = nn.Sequential(
-            nn.Linear(latent_dim, hidden_dim),
-            nn.ELU(),
-            nn.Linear(hidden_dim, feature_shape[0] * feature_shape[1] * feature_shape[2]),
-            nn.ELU(),
-            nn.Unflatten(1, feature_shape),
-        )
+        self.lift = nn.Sequential(nn.Linear(latent_dim, hidden_dim), nn.ELU(),
+                                  nn.Linear(hidden_dim, math.prod(feature_shape)), nn.ELU(), nn.Unflatten(1, feature_shape))
         widths = list(reversed(channels)) + [image_channels * likelihood.params_per_pixel]
         layers: list[nn.Module] = []
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [ResidualBlock(c_in) for _ in range(residual_blocks)]  # at c_in's resolution
-            layers += [nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1), nn.ELU()]
+            layers += [*self.at_resolution(c_in), nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1),
+                       nn.ELU()]
         self.upsample = nn.Sequential(*layers[:-1])  # no activation on the output
+
+    def at_resolution(self, channels: int) -> list[nn.Module]:
+        return []
 
     def forward(self, t: Tensor) -> dist.Distribution:
         """p(x|t) for t (..., latent_dim), any leading batch dims (particles): batch (...,), event (C, H, W)."""
@@ -187,17 +166,13 @@ def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tenso
           kl_weight: float = 1.0) -> None:
     """p(x, t) = p(x|t) p(t) for the minibatch `x` (B, C, H, W) at positions `index` (B,).
 
-    The plate spans the whole dataset of `num_data` images and is told which of them this
-    minibatch holds, so Pyro scales every image's log-density by num_data / B and the minibatch
-    ELBO is an unbiased estimate of the full-data ELBO.
-
-    `mask` (B, C, H, W) bool, True where a pixel is observed: the site "x" then scores only
-    the observed pixels, log p(x_obs|t) = sum_{observed} log p(x_pixel|t); a missing pixel
-    contributes log 1 = 0 whatever value `x` holds there.
-
-    `kl_weight` = beta scales log p(t) here and log q(t|x) in `guide` alike, so the objective is
-    E_q[log p(x|t)] - beta KL(q || p): the KL warm-up of `trainer.kl_warmup_epochs` (beta rising
-    linearly to 1, from 1 / its steps: poutine.scale needs beta > 0); beta = 1 is the ELBO.
+    The plate spans the whole dataset of `num_data` images and is told which of them this minibatch
+    holds, so Pyro scales every image's log-density by num_data / B: the minibatch ELBO is an unbiased
+    estimate of the full-data ELBO.
+    `mask` (B, C, H, W) bool, True where a pixel is observed: site "x" then scores the observed pixels
+    alone, log p(x_obs|t) = sum_{observed} log p(x_pixel|t); a missing pixel adds log 1 = 0.
+    `kl_weight` = beta scales log p(t) here and log q(t|x) in `guide` alike: E_q[log p(x|t)] - beta KL(q || p),
+    the KL warm-up (beta rises to 1 from 1 / its steps: poutine.scale needs beta > 0); beta = 1 is the ELBO.
     """
     pyro.module("decoder", decoder)
     with pyro.plate("data", size=num_data, subsample=index):
@@ -210,41 +185,16 @@ def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tenso
 
 
 def log_joint(x: Tensor, t: Tensor, decoder: Decoder, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(log p(x|t), log p(t)), each (B,), read off `model` with the latent site fixed to t (B, latent_dim).
-
-    The plate spans just these B images (scale 1). Under `mask` (True = observed) the first term is
-    log p(x_obs|t): the missing pixels add nothing.
-    """
+    """(log p(x|t), log p(t)), each (B,), read off `model` with the latent site fixed to t (B, latent_dim);
+    the plate spans just these B images (scale 1). Under `mask` (True = observed): log p(x_obs|t)."""
     index = torch.arange(x.shape[0], device=x.device)
     trace = poutine.trace(poutine.condition(model, data={"t": t})).get_trace(x, index, decoder, x.shape[0], mask=mask)
     return trace.nodes["x"]["fn"].log_prob(x), trace.nodes["t"]["fn"].log_prob(t)  # log p(x|t), log p(t)
 
 
-# --- The layers both networks share (guide.Encoder too) -------------------------------------------
-
 def check_image_shape(image_shape: tuple[int, int, int], channels: list[int]) -> None:
-    """Each conv layer halves height and width, so both must divide by 2**len(channels)."""
-    _, height, width = image_shape
+    """Each conv layer halves height and width, so both must divide by 2**len(channels) (guide.Encoder too)."""
     factor = 2 ** len(channels)
-    if height % factor or width % factor:
-        raise ValueError(
-            f"image shape {tuple(image_shape)} cannot be taken by a network with "
-            f"{len(channels)} stride-2 layers (channels={list(channels)}): height and width "
-            f"must be divisible by {factor}"
-        )
-
-
-class ResidualBlock(nn.Module):
-    """x + conv(elu(conv(elu(x)))): a pre-activation residual block (He et al. 2016) of two 3x3
-    convolutions that keeps the shape (B, channels, H, W). The second convolution starts at zero,
-    so a new block is the identity and a deeper network starts as the shallow one it extends."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.residual = nn.Sequential(nn.ELU(), nn.Conv2d(channels, channels, 3, padding=1),
-                                      nn.ELU(), nn.Conv2d(channels, channels, 3, padding=1))
-        nn.init.zeros_(self.residual[-1].weight)
-        nn.init.zeros_(self.residual[-1].bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.residual(x)
+    if image_shape[1] % factor or image_shape[2] % factor:
+        raise ValueError(f"image shape {tuple(image_shape)} cannot be taken by a network with {len(channels)} stride-2 "
+                         f"layers (channels={list(channels)}): height and width must be divisible by {factor}")

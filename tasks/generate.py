@@ -32,7 +32,8 @@ from torchvision.utils import save_image
 
 from guide import latent_point
 from vae.classifier import accuracy, confident_share, train_classifier
-from vae.data import load_split
+from vae.config import ConfigError
+from vae.data import NO_LABELS, labelled, load_split
 from vae.runs import TrainedRun
 
 CLASSIFIER_SEED = 0  # one judge for every sample_seed: only the samples change with it
@@ -110,7 +111,10 @@ def generate(
 ) -> dict[str, str | float | list[int]]:
     """Write the pictures as PNG grids under out_dir; return their paths and, unless
     classifier_epochs is 0, the sample-quality numbers of `sample_quality`."""
-    x_test, _ = run.split(train=False)
+    x_test, labels = run.split(train=False)
+    if classifier_epochs > 0 and not labelled(labels):
+        raise ConfigError(f"task.classifier_epochs={classifier_epochs}: the sample-quality classifier learns labels, "
+                          f"and {NO_LABELS}; set task.classifier_epochs=0")
     encoder, decoder = run.encoder, run.decoder
     files = {"samples": out_dir / "samples.png", "samples_drawn": out_dir / "samples_drawn.png",
              "reconstructions": out_dir / "reconstructions.png",

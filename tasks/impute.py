@@ -104,7 +104,7 @@ def fit_posterior(x: Tensor, mask: Tensor, encoder: nn.Module, decoder: nn.Modul
     """r_i(t) = N(loc_i, diag scale_i^2) for each image, fit to p(t|x_o) by SVI: maximize the masked
     ELBO E_r[log p(x_o|t) + log p(t) - log r_i(t)] over (loc_i, scale_i) only, from q(t|x~)."""
     q_t, _ = posterior(fill(x, mask, fill_value), encoder)  # q(t|x~)
-    if len(encoder.flows):  # not Gaussian: start from the mean and spread of its samples
+    if not (isinstance(q_t, dist.Independent) and isinstance(q_t.base_dist, dist.Normal)):  # start from its samples
         draws = q_t.sample((256,))  # (256, N, L)
         start = dist.Normal(draws.mean(0), draws.std(0))
     else:

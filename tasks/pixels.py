@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from guide import latent_point
+from vae.config import ConfigError
 from vae.data import bits_per_dim, load_split, observe_test_set
 from vae.elbo import FLOOR_MARGIN
 from vae.runs import TrainedRun
@@ -43,6 +44,10 @@ def pixel_costs(run: TrainedRun, x: Tensor) -> tuple[Tensor, Tensor | None]:
 
 def pixels(run: TrainedRun, out_dir: Path, max_images: int = 1000, batch_size: int = 250) -> dict:
     """The table above for the first `max_images` test images, as metrics and pixels.md."""
+    if run.decoder.likelihood.log_bin_width is None:
+        raise ConfigError(f"task=pixels with likelihood._target_={run.cfg.likelihood._target_}: its observations are "
+                          "not the 8-bit levels this task groups and counts in bits; evaluate a run of a likelihood "
+                          "of gray levels (likelihood=gaussian, logit_gaussian or discretized_logistic)")
     images, _ = load_split(run.cfg.data, train=False)
     images = images[:max_images]
     levels = torch.round(images * 255).to(run.device)

@@ -1,8 +1,8 @@
-"""The latent code as a representation: t_loc(x), the mean of q(t|x), for every image (with flows
-in the guide, the code of `guide.latent_point`: the flows' image of the Gaussian's mean).
+"""The latent code as a representation: t_loc(x), the mean of q(t|x), for every image (with a richer
+posterior, the code of `guide.latent_point`: the point t_loc maps to, e.g. through the flows).
 
     export        latents_<split>.npz per split: t_loc (N, latent_dim) that code, t_scale (N, latent_dim)
-                  the Gaussian's scale (with flows: before them), labels (N,)
+                  the Gaussian's scale (with a richer posterior: its base's), labels (N,)
     linear probe  multinomial logistic regression p(y|t_loc) = softmax(A t_loc + c), fitted on the
                   training split and scored on the test split: accuracy is the number for how
                   linearly the labels can be read off the code (no labels were used to train it)
@@ -23,7 +23,8 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 
-from guide import through_flows
+from vae.config import ConfigError
+from vae.data import NO_LABELS, labelled
 from vae.runs import TrainedRun
 
 
@@ -33,7 +34,7 @@ def latent_means(encoder: nn.Module, x: Tensor, batch_size: int = 1000) -> tuple
     codes, scales = [], []
     for x_batch in x.split(batch_size):  # one encoder pass per batch gives both
         t_loc, t_scale, h = encoder(x_batch)
-        codes.append(through_flows(t_loc, h, encoder))
+        codes.append(encoder.posterior.point(t_loc, h))
         scales.append(t_scale)
     return torch.cat(codes), torch.cat(scales)
 
@@ -68,6 +69,8 @@ def represent(run: TrainedRun, out_dir: Path, splits: tuple[str, ...] = ("train"
     codes = {}
     for split in splits:
         x, labels = run.split(train=split == "train")
+        if not labelled(labels):
+            raise ConfigError(f"task=represent: the linear probe and the scatter read labels, and {NO_LABELS}")
         t_loc, t_scale = latent_means(run.encoder, x)
         codes[split] = (t_loc, labels)
         np.savez(out_dir / f"latents_{split}.npz", t_loc=t_loc.cpu().numpy(), t_scale=t_scale.cpu().numpy(),

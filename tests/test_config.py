@@ -29,7 +29,7 @@ OPTIONS = sorted(
 
 def test_every_group_has_options():
     groups = {group for group, _ in OPTIONS}
-    assert groups == {"data", "model", "likelihood", "prior", "estimator", "optim", "schedule", "trainer"}
+    assert groups == {"data", "model", "likelihood", "prior", "posterior", "estimator", "optim", "schedule", "trainer"}
 
 
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
@@ -183,8 +183,8 @@ def test_help_lists_each_entry_points_own_groups():
         listing = text.split("== Configuration groups ==")[1].split("== Config ==")[0]
         return {line.split(":")[0] for line in listing.splitlines()[2:] if ":" in line}
 
-    assert groups("train.py") == {"data", "estimator", "experiment", "likelihood", "model", "prior", "optim", "schedule",
-                                  "trainer"}
+    assert groups("train.py") == {"data", "estimator", "experiment", "likelihood", "model", "prior", "posterior", "optim",
+                                  "schedule", "trainer"}
     tasks = {path.stem for path in (PROJECT_DIR / "tasks" / "conf" / "task").glob("*.yaml")}
     listing = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=PROJECT_DIR, capture_output=True,
                              text=True, timeout=120, check=True).stdout
@@ -192,9 +192,10 @@ def test_help_lists_each_entry_points_own_groups():
 
 
 # Every key of every option has a rule (vae/rules.py), and each rule refuses its bad values naming the key.
-KEYED = sorted({(g, o) for g, o in OPTIONS if g not in ("likelihood", "prior")} | {("config", "default")})
+KEYED = sorted({(g, o) for g, o in OPTIONS if g not in ("likelihood", "prior", "posterior")} | {("config", "default")})
 # (group, option): the groups whose keys the table checks; ("config", "default"): conf/config.yaml's own keys
-# (the likelihood and prior groups check their own keys: the likelihood test above, tests/test_mixture_prior.py)
+# (the likelihood, prior and posterior groups check their own keys: the likelihood test above,
+# tests/test_mixture_prior.py, tests/test_flows.py)
 
 
 def option_config(group: str, option: str):

@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import evaluate as evaluate_module
+from guide import DiagonalNormal
 from model import Likelihood, StandardNormal, log_joint
 from tasks.anomaly import SCORES, auroc, average_precision
 from tasks.generate import CLASSIFIER_SEED, normal_quantile_grid, prior_samples
@@ -48,6 +49,14 @@ def run_dir(tmp_path_factory):
 def evaluate(run_dir, tmp_path, task, *overrides):
     cfg = compose_config(f"run={run_dir if run_dir else 'null'}", f"task={task}", "device=cpu", *overrides, config_name="evaluate")
     return evaluate_module.evaluate(cfg, tmp_path)
+
+
+def test_the_pixels_task_refuses_the_bernoulli_in_one_line(run_dir, tmp_path):
+    """Binarized pixels are no 8-bit levels: the task says so, and writes nothing."""
+    with pytest.raises(ConfigError, match=r"^task=pixels with likelihood._target_=model.Bernoulli: its observations "
+                                          r"are not the 8-bit levels") as error:
+        evaluate(run_dir, tmp_path, "pixels")
+    assert "\n" not in str(error.value) and not (tmp_path / "pixels.md").exists()
 
 
 def assert_detection_is_the_saved_scores(metrics: dict, out_dir) -> None:
@@ -115,7 +124,7 @@ class LinearEncoder(nn.Module):
         self.register_buffer("gain", torch.linalg.solve(m, w.T))  # M^-1 W^T (L, D)
         self.register_buffer("bias", decoder.bias)
         self.register_buffer("scale", inflate * (s2 * torch.linalg.inv(m)).diagonal().sqrt())
-        self.flows = nn.ModuleList()  # a Gaussian q(t|x), as guide.Encoder without flows
+        self.posterior = DiagonalNormal(w.shape[1], w.shape[1])  # q(t|x) is the Gaussian, as guide.Encoder's default
 
     def forward(self, x):
         t_loc = (x.flatten(1) - self.bias) @ self.gain.T

@@ -1,6 +1,6 @@
-"""The flow posterior (`model.flows`): q(t|x) is a normalized density whose samples follow it,
-it fits a correlated posterior that the diagonal Gaussian cannot, it survives a checkpoint, every
-evaluation task runs on it, and the score function is refused with it."""
+"""The flow posterior (`posterior=iaf`, vae/flows.py): q(t|x) is a normalized density whose samples
+follow it, it fits a correlated posterior that the diagonal Gaussian cannot, it survives a checkpoint,
+every evaluation task runs on it, and the score function is refused with it."""
 from __future__ import annotations
 
 import math
@@ -14,12 +14,13 @@ from pyro.infer import SVI, Trace_ELBO
 
 from conftest import FAST, assert_png_shows, compose_config, trained_run
 from evaluate import evaluate as evaluate_run
-from guide import Encoder, guide, latent_point, posterior
+from guide import DiagonalNormal, Encoder, guide, latent_point, posterior
 from model import Bernoulli, Decoder, model
 from tasks.impute import make_mask
 from test_evaluate import LinearGaussianDecoder, assert_detection_is_the_saved_scores
 from vae.config import ConfigError, check_config
 from vae.data import load_split
+from vae.flows import InverseAutoregressive
 from vae.importance import log_weights
 from vae.iwae import IWAE_ELBO
 from vae.logbook import read_metrics
@@ -28,7 +29,8 @@ from vae.runs import load_run
 
 def flow_encoder(flows: int = 2, seed: int = 0, image_shape=(1, 8, 8), latent_dim: int = 2) -> Encoder:
     torch.manual_seed(seed)
-    return Encoder(image_shape, latent_dim=latent_dim, channels=[4], hidden_dim=8, flows=flows)
+    q_t = partial(InverseAutoregressive, flows=flows) if flows else DiagonalNormal
+    return Encoder(image_shape, latent_dim=latent_dim, channels=[4], hidden_dim=8, posterior=q_t)
 
 
 def test_flow_posterior_is_a_density_and_its_samples_follow_it():
@@ -57,7 +59,7 @@ def test_log_q_of_a_fresh_sample_equals_the_inverted_one():
     assert torch.allclose(cached, inverted, atol=1e-4), (cached, inverted)
     t_loc, t_scale, h = encoder(x)
     t_f, log_det = t, torch.zeros(4)
-    for flow in reversed([f.condition(h) for f in encoder.flows]):
+    for flow in reversed([f.condition(h) for f in encoder.posterior.flows]):
         t_before = flow.inv(t_f.clone())
         log_det += flow.log_abs_det_jacobian(t_before, t_f)
         t_f = t_before
@@ -76,7 +78,7 @@ def test_importance_weights_take_the_flow_posteriors_log_density():
         terms = log_weights(x, encoder, decoder, num_particles=6)
         t_loc, t_scale, h = encoder(x)
         t_f, log_det = terms["t"].clone(), torch.zeros(6, 4)  # (K, B, L): invert every flow, last first
-        for flow in reversed([f.condition(h) for f in encoder.flows]):
+        for flow in reversed([f.condition(h) for f in encoder.posterior.flows]):
             t_before = flow.inv(t_f)
             log_det += flow.log_abs_det_jacobian(t_before, t_f)
             t_f = t_before
@@ -133,19 +135,19 @@ def test_the_same_config_builds_the_same_flow_masks():
 
 @pytest.fixture(scope="module")
 def flow_run(tmp_path_factory):
-    return trained_run(tmp_path_factory.mktemp("flow_run"), "model.flows=2", "trainer.epochs=2", "model.latent_dim=2")
+    return trained_run(tmp_path_factory.mktemp("flow_run"), "posterior=iaf", "trainer.epochs=2", "model.latent_dim=2")
 
 
 def test_a_flow_run_trains_and_loads_with_its_own_posterior(flow_run):
     elbos = [m["test_elbo"] for m in read_metrics(flow_run)]
     assert len(elbos) == 3 and all(math.isfinite(e) for e in elbos) and elbos[-1] > elbos[0] + 10, elbos
     run = load_run(flow_run, "cpu")
-    assert len(run.encoder.flows) == 2
+    assert len(run.encoder.posterior.flows) == 2
     x, _ = run.split(train=False)
     q_t, t = posterior(x[:16], run.encoder)
     saved = torch.load(flow_run / "checkpoint.pt", weights_only=False)["param_store"]["params"]
     loaded = dict(run.encoder.named_parameters())
-    flow_params = [name for name in loaded if name.startswith("flows.")]
+    flow_params = [name for name in loaded if name.startswith("posterior.flows.")]
     assert flow_params and all(torch.equal(loaded[name], saved["encoder$$$" + name])
                                for name in flow_params)  # the flows' trained weights came back
     assert torch.isfinite(q_t.log_prob(t)).all()
@@ -154,7 +156,7 @@ def test_a_flow_run_trains_and_loads_with_its_own_posterior(flow_run):
 def flow_code(x: torch.Tensor, encoder: Encoder) -> torch.Tensor:
     """t_loc(x) carried through every flow, written out here: the point the uses of a flow run take."""
     t, _, h = encoder(x)
-    for flow in encoder.flows:
+    for flow in encoder.posterior.flows:
         t = flow.condition(h)(t)
     return t
 
@@ -213,10 +215,13 @@ def test_every_task_runs_on_the_flow_posterior(flow_run, tmp_path, task, overrid
 
 
 def test_flows_with_a_score_function_estimator_are_refused():
-    with pytest.raises(ConfigError, match="model.flows=2 with estimator.reparameterized=false"):
-        check_config(compose_config(*FAST, "model.flows=2", "estimator=score"))
-    with pytest.raises(ConfigError, match="model.flows=-1"):
-        check_config(compose_config(*FAST, "model.flows=-1"))
+    with pytest.raises(ConfigError, match="posterior._target_=vae.flows.InverseAutoregressive with "
+                                          "estimator.reparameterized=false: a flow posterior is trained"):
+        check_config(compose_config(*FAST, "posterior=iaf", "estimator=score"))
+    for key, value in (("flows", "0"), ("flows", "-1"), ("flows", "1.5"), ("hidden_dims", "[0]"), ("hidden_dims", "8")):
+        with pytest.raises(ConfigError, match=rf"^posterior.{key}={value.replace('[', '.')}"):
+            check_config(compose_config(*FAST, "posterior=iaf", f"posterior.{key}={value}"))
+    check_config(compose_config(*FAST, "posterior=iaf", "posterior.flows=1", "posterior.hidden_dims=[8]"))
 
 
 def test_the_importance_weighted_bound_takes_the_flow_posterior():

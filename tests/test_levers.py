@@ -1,7 +1,6 @@
-"""Two levers of a stronger density model besides the flows (tests/test_flows.py): the learning-rate
-schedule (`schedule=`) follows its formula epoch by epoch and survives a stop exactly; residual
-blocks (`model.residual_blocks`) start as the identity, so a deeper network given a shallower one's
-weights computes the same outputs, then learn, and load back."""
+"""The learning-rate schedule (`schedule=`), a lever of a stronger density model besides the flows
+(tests/test_flows.py) and residual blocks (tests/test_resnet.py): it follows its formula epoch by
+epoch and survives a stop exactly."""
 from __future__ import annotations
 
 import json
@@ -12,13 +11,9 @@ import pytest
 import torch
 
 from conftest import FAST, compose_config, process_starts
-from guide import Encoder
-from model import Bernoulli, Decoder
 from train import train
 from vae.checkpoint import CheckpointError
 from vae.config import ConfigError, check_config
-from vae.likelihoods import DiscretizedLogistic
-from vae.runs import load_run
 
 LR = 1e-3  # conf/optim/adam.yaml
 
@@ -78,58 +73,3 @@ def test_a_schedule_that_would_rise_again_or_a_changed_optimizer_is_refused(tmp_
     with pytest.raises(CheckpointError, match=r"optim.optim_args.lr: 0.001 -> 0.01 \(a run with a schedule keeps"):
         run(tmp_path, "schedule=cosine", "schedule.T_max=3", "trainer.epochs=2", "optim.optim_args.lr=1e-2")
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
-    with pytest.raises(ConfigError, match="model.residual_blocks=-1"):
-        check_config(compose_config(*FAST, "model.residual_blocks=-1"))
-
-
-def copy_plain_weights(shallow: torch.nn.Module, deep: torch.nn.Module) -> None:
-    """Give `deep` the weights of `shallow`: the same layers in the same order, plus the blocks."""
-    plain = [p for name, p in deep.named_parameters() if ".residual." not in name]
-    assert len(plain) == len(list(shallow.parameters())) < len(list(deep.parameters()))
-    with torch.no_grad():
-        for target, source in zip(plain, shallow.parameters()):
-            target.copy_(source)
-
-
-LIKELIHOODS = {"bernoulli": Bernoulli, "discretized_logistic": DiscretizedLogistic}
-
-
-def parameters(p_x) -> list[torch.Tensor]:
-    """The per-pixel parameters of p(x|t) (each of its distribution's arguments)."""
-    return [getattr(p_x.base_dist, name) for name in p_x.base_dist.arg_constraints]
-
-
-@pytest.mark.parametrize("likelihood", list(LIKELIHOODS))
-def test_new_residual_blocks_are_the_identity(likelihood):
-    image_shape, sizes = (1, 16, 16), dict(latent_dim=3, channels=[4, 8], hidden_dim=16)
-    shallow_encoder, deep_encoder = Encoder(image_shape, **sizes), Encoder(image_shape, **sizes, residual_blocks=2)
-    shallow_decoder = Decoder(image_shape, **sizes, likelihood=LIKELIHOODS[likelihood]())
-    deep_decoder = Decoder(image_shape, **sizes, likelihood=LIKELIHOODS[likelihood](), residual_blocks=2)
-    assert [n for n, _ in Encoder(image_shape, **sizes, residual_blocks=0).named_parameters()] == \
-        [n for n, _ in shallow_encoder.named_parameters()]  # R = 0: the plain network, by name
-    copy_plain_weights(shallow_encoder, deep_encoder)
-    copy_plain_weights(shallow_decoder, deep_decoder)
-    x, t = torch.rand(5, *image_shape), torch.randn(5, 3)
-    for shallow_out, deep_out in zip(shallow_encoder(x), deep_encoder(x)):
-        assert torch.equal(shallow_out, deep_out)
-    shallow_out, deep_out = parameters(shallow_decoder(t)), parameters(deep_decoder(t))
-    assert len(shallow_out) == len(deep_out) >= 1
-    for a, b in zip(shallow_out, deep_out, strict=True):
-        assert torch.equal(a, b)
-    moved = deep_encoder.features[2].residual[-1].weight  # a block that is trained is no longer the identity
-    with torch.no_grad():
-        moved.add_(0.1)
-    assert not torch.equal(deep_encoder(x)[0], shallow_encoder(x)[0])
-
-
-def test_a_residual_run_trains_its_blocks_and_loads_back(tmp_path):
-    trained = run(tmp_path, "model.residual_blocks=1")
-    elbos = [m["test_elbo"] for m in read_metrics(tmp_path)]
-    assert elbos[-1] > elbos[0] + 30, elbos
-    last_convs = [name for name in trained if name.endswith("residual.3.weight")]
-    assert len(last_convs) == 4  # two resolutions in the encoder, two in the decoder
-    assert all(trained[name].abs().max() > 0 for name in last_convs)  # they left the identity
-    loaded = load_run(tmp_path, "cpu")
-    weights = {f"encoder$$${n}": p for n, p in loaded.encoder.named_parameters()}
-    weights.update({f"decoder$$${n}": p for n, p in loaded.decoder.named_parameters()})
-    assert set(weights) == set(trained) and all(torch.equal(weights[n], trained[n]) for n in trained)

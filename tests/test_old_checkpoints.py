@@ -1,8 +1,10 @@
-"""Runs from before the `likelihood` group (conf/likelihood/) load and resume exactly.
+"""Runs from before the `likelihood` and `posterior` groups and `model=resnet` load and resume exactly.
 
 Such a run's checkpoint named its likelihood in model.likelihood, its options beside it (model.scale,
-model.min_scale, model.fixed_scale, model.squeeze, model.components, and the same under model.decoder)
-and kept a shared scale as the decoder's own parameter, `decoder$$$raw_scale`. The old checkpoints
+model.min_scale, model.fixed_scale, model.squeeze, model.components, and the same under model.decoder),
+kept a shared scale as the decoder's own parameter, `decoder$$$raw_scale`, its flows in model.flows
+(and model.encoder.flows) as the encoder's `flows.*`, and its residual blocks in model.residual_blocks
+of the plain networks (vae/old_runs.py). The old checkpoints
 here are made honestly from new ones: a tiny run of today's code, its checkpoint.pt rewritten into
 that layout (the networks' weights, the optimizer's moments and the RNG states stay as they are), so
 a resume of it must give, number for number, what the run would have given without the stop.
@@ -23,7 +25,8 @@ from omegaconf import OmegaConf
 from conftest import FAST, compose_config
 from train import train
 from vae import checkpoint
-from vae.checkpoint import CHECKPOINT_NAME, RENAMED_PARAMS, current_overrides
+from vae.checkpoint import CHECKPOINT_NAME
+from vae.old_runs import OLD_LIKELIHOOD_KEYS, RENAMED_PARAMS, todays_overrides
 from vae.runs import load_run, resume_command
 
 TIMING = {"seconds", "test_seconds", "wall_time"}
@@ -34,12 +37,21 @@ CASES = {
                         ["likelihood=gaussian", "likelihood.scale=shared"]),
     "mixture": (["model.likelihood=discretized_logistic", "model.components=3"],
                 ["likelihood=discretized_logistic_mixture", "likelihood.components=3"]),
+    "flows": (["model.flows=3"], ["posterior=iaf", "posterior.flows=3"]),
+    "residual": (["model.residual_blocks=1"], ["model=resnet"]),
 }
 # Today's likelihood classes by the name model.likelihood gave them (the mixture: discretized_logistic, K > 1).
 OLD_NAMES = {"model.Bernoulli": "bernoulli", "vae.likelihoods.Gaussian": "gaussian",
              "vae.likelihoods.LogitGaussian": "logit_gaussian", "vae.likelihoods.DiscretizedLogistic": "discretized_logistic",
              "vae.likelihoods.DiscretizedLogisticMixture": "discretized_logistic"}
-OLD_PARAMS = {new: old for old, new in RENAMED_PARAMS.items()}
+
+
+def old_param(name: str) -> str:
+    """A parameter's name of today as an old run saved it."""
+    for old, new in RENAMED_PARAMS.items():
+        if name.startswith(new):
+            return old + name[len(new):]
+    return name
 
 
 def old_config(config: dict) -> dict:
@@ -53,6 +65,12 @@ def old_config(config: dict) -> dict:
            "squeeze": likelihood.get("logit_lambda", 1e-3), "components": likelihood.get("components", 1)}
     config["model"].update(old)
     config["model"]["decoder"].update(old)  # the old conv.yaml's ${..likelihood} etc., resolved when saved
+    posterior = config.pop("posterior")
+    config["model"]["flows"] = config["model"]["encoder"]["flows"] = posterior.get("flows", 0)
+    blocks = config["model"].get("residual_blocks", 0)
+    config["model"]["residual_blocks"] = blocks
+    for network, target in (("encoder", "guide.Encoder"), ("decoder", "model.Decoder")):
+        config["model"][network].update(_target_=target, residual_blocks=blocks)
     return config
 
 
@@ -62,8 +80,8 @@ def make_old(run_dir: Path) -> None:
     contents = torch.load(path, weights_only=False)
     contents["config"] = old_config(contents["config"])
     for key in ("params", "constraints"):
-        contents["param_store"][key] = {OLD_PARAMS.get(name, name): value for name, value in contents["param_store"][key].items()}
-    contents["optimizer"] = {OLD_PARAMS.get(name, name): value for name, value in contents["optimizer"].items()}
+        contents["param_store"][key] = {old_param(name): value for name, value in contents["param_store"][key].items()}
+    contents["optimizer"] = {old_param(name): value for name, value in contents["optimizer"].items()}
     torch.save(contents, path)
 
 
@@ -121,12 +139,20 @@ def test_an_old_checkpoint_is_in_the_old_layout(runs):
         assert model["decoder"][key] == model[key], key
     names = [*saved["param_store"]["params"], *saved["param_store"]["constraints"], *saved["optimizer"]]
     assert not any("likelihood" in name for name in names)
+    assert "posterior" not in saved["config"] and model["encoder"]["_target_"] == "guide.Encoder"
+    assert not any("posterior" in name for name in names)
     if case == "gaussian_shared":
         assert (model["likelihood"], model["scale"]) == ("gaussian", "shared")
         assert all("decoder$$$raw_scale" in group for group in
                    (saved["param_store"]["params"], saved["param_store"]["constraints"], saved["optimizer"]))
-    else:
+    elif case == "mixture":
         assert (model["likelihood"], model["components"]) == ("discretized_logistic", 3)
+    elif case == "flows":
+        assert model["flows"] == model["encoder"]["flows"] == 3
+        assert any(name.startswith("encoder$$$flows.2.") for name in names)
+    else:
+        assert model["residual_blocks"] == model["encoder"]["residual_blocks"] == model["decoder"]["residual_blocks"] == 1
+        assert any(".residual." in name for name in names)
 
 
 def test_an_old_checkpoint_reads_as_the_new_one(runs):
@@ -167,12 +193,14 @@ def test_an_old_run_resumes_exactly(runs, tmp_path):
         assert without_timing(read_metrics(run)) == without_timing(read_metrics(straight)), how
         saved = checkpoint.read(run / CHECKPOINT_NAME)
         assert "likelihood" in saved["config"] and "likelihood" not in saved["config"]["model"], how  # saved anew today
-        assert not any(old_name in saved["param_store"]["params"] for old_name in RENAMED_PARAMS), how
+        assert not any(name.startswith(tuple(RENAMED_PARAMS)) for name in saved["param_store"]["params"]), how
+        assert "posterior" in saved["config"] and "flows" not in saved["config"]["model"], how
 
 
-def test_load_run_rebuilds_the_old_runs_decoder(runs):
-    """vae.runs.load_run on the old run: the likelihood its config named, with its options, and a
-    decoder whose p(x|t) is the one the run had (the shared scale's trained value included)."""
+def test_load_run_rebuilds_the_old_runs_networks(runs):
+    """vae.runs.load_run on the old run: the likelihood its config named, with its options, a decoder
+    whose p(x|t) is the one the run had (the shared scale's trained value included), and the encoder
+    with its flows or blocks, weight for weight."""
     case, old, new, _ = runs
     old_run, new_run = load_run(old, "cpu"), load_run(new, "cpu")
     assert type(old_run.decoder.likelihood) is type(new_run.decoder.likelihood)
@@ -183,11 +211,13 @@ def test_load_run_rebuilds_the_old_runs_decoder(runs):
         raw_scale = old_run.decoder.likelihood.scale.raw_scale
         torch.testing.assert_close(raw_scale, new_run.decoder.likelihood.scale.raw_scale, rtol=0, atol=0)
         assert not torch.equal(raw_scale, torch.zeros_like(raw_scale))  # trained, not the fresh zeros
-    else:
+    elif case == "mixture":
         assert old_run.cfg.likelihood.components == old_run.decoder.likelihood.components == 3
-    for (name, value), (new_name, new_value) in zip(old_run.decoder.state_dict().items(),
-                                                    new_run.decoder.state_dict().items(), strict=True):
-        assert name == new_name and torch.equal(value, new_value), name
+    assert old_run.cfg.posterior == new_run.cfg.posterior and old_run.cfg.model == new_run.cfg.model
+    for network in ("encoder", "decoder"):
+        old_state, new_state = getattr(old_run, network).state_dict(), getattr(new_run, network).state_dict()
+        for (name, value), (new_name, new_value) in zip(old_state.items(), new_state.items(), strict=True):
+            assert name == new_name and torch.equal(value, new_value), name
     t = torch.randn(8, old_run.cfg.model.latent_dim, generator=torch.Generator().manual_seed(0))
     x = old_run.split(train=False)[0][:8]
     assert torch.equal(x, new_run.split(train=False)[0][:8])
@@ -217,19 +247,26 @@ def test_load_run_rebuilds_the_old_runs_decoder(runs):
     (["likelihood=gaussian", "likelihood.scale=shared", "model.latent_dim=4"],  # today's: as they are
      ["likelihood=gaussian", "likelihood.scale=shared", "model.latent_dim=4"]),
     ([], []),
+    (["model.flows=2", "seed=1"], ["posterior=iaf", "seed=1"]),  # conf/posterior/iaf.yaml's own count
+    (["model.flows=3"], ["posterior=iaf", "posterior.flows=3"]),
+    (["model.flows=0", "estimator=score"], ["posterior=gaussian", "estimator=score"]),
+    (["model.residual_blocks=1", "model.latent_dim=32"], ["model=resnet", "model.latent_dim=32"]),
+    (["model.residual_blocks=2"], ["model=resnet", "model.residual_blocks=2"]),
+    (["model.residual_blocks=0"], ["model=conv"]),
+    (["model=resnet", "model.residual_blocks=2", "posterior=iaf"], ["model=resnet", "model.residual_blocks=2", "posterior=iaf"]),
 ])
-def test_current_overrides_map_old_overrides_to_todays(old, new):
-    assert current_overrides(old) == new
+def test_todays_overrides_map_old_overrides_to_todays(old, new):
+    assert todays_overrides(old) == new
     compose_config(*FAST, *new)  # they compose
 
 
-def test_current_overrides_compose_the_config_the_old_ones_did():
+def test_todays_overrides_compose_the_config_the_old_ones_did():
     """The mapped command line composes the likelihood the old one described."""
-    cfg = compose_config(*FAST, *current_overrides(["model.likelihood=discretized_logistic", "model.components=3",
+    cfg = compose_config(*FAST, *todays_overrides(["model.likelihood=discretized_logistic", "model.components=3",
                                                     "model.min_scale=0.01"]))
     assert cfg.likelihood._target_ == "vae.likelihoods.DiscretizedLogisticMixture"
     assert (cfg.likelihood.components, cfg.likelihood.min_scale) == (3, 0.01)
-    cfg = compose_config(*FAST, *current_overrides(["model.likelihood=logit_gaussian", "model.squeeze=0.01",
+    cfg = compose_config(*FAST, *todays_overrides(["model.likelihood=logit_gaussian", "model.squeeze=0.01",
                                                     "model.scale=shared"]))
     assert cfg.likelihood._target_ == "vae.likelihoods.LogitGaussian"
     assert (cfg.likelihood.logit_lambda, cfg.likelihood.scale) == (0.01, "shared")
@@ -264,7 +301,7 @@ def test_resume_command_of_old_overrides_composes_the_runs_likelihood(tmp_path, 
     run.mkdir()
     write_overrides(run, [*FAST, *old])
     command = shlex.split(resume_command(run))
-    assert not any(o.split("=")[0].removeprefix("model.") in checkpoint.OLD_LIKELIHOOD_KEYS
+    assert not any(o.split("=")[0].removeprefix("model.") in OLD_LIKELIHOOD_KEYS
                    for o in command[2:] if o.startswith("model."))
     cfg = compose_config(*command[2:])
     assert cfg.likelihood._target_ == target

@@ -419,11 +419,11 @@ def test_lever_rows_rank_seed_0s_run_by_its_test_nll_and_put_those_not_evaluated
     """Each configuration's seed 0 at its last tested epoch (an epoch without a test is not its last),
     its whole-split NLL and that NLL's standard error; best NLL first, runs not evaluated last."""
     sweep, evaluations = tmp_path / "multirun" / "levers", tmp_path / "multirun" / "levers_likelihood"
-    runs = {"0": (["estimator=reparam", "model.flows=0", "seed=0"], [-540.0, -96.0, -95.0, None], [2, 24, 25, 26], 86.0),
-            "1": (["estimator=reparam", "model.flows=0", "seed=1"], [-540.0, -93.0], [2, 20], None),  # seed 1: not shown
-            "2": (["estimator=reparam", "model.flows=2", "seed=0"], [-540.0, -94.0], [2, 27], 85.5),
-            "3": (["estimator=iwae", "model.flows=0", "seed=0"], [-540.0, -97.0], [2, 28], None),
-            "4": (["estimator=iwae", "model.flows=2", "seed=0"], [-540.0, -93.5], [2, 29], 85.7)}
+    runs = {"0": (["estimator=reparam", "posterior=gaussian", "seed=0"], [-540.0, -96.0, -95.0, None], [2, 24, 25, 26], 86.0),
+            "1": (["estimator=reparam", "posterior=gaussian", "seed=1"], [-540.0, -93.0], [2, 20], None),  # seed 1: not shown
+            "2": (["estimator=reparam", "posterior=iaf", "seed=0"], [-540.0, -94.0], [2, 27], 85.5),
+            "3": (["estimator=iwae", "posterior=gaussian", "seed=0"], [-540.0, -97.0], [2, 28], None),
+            "4": (["estimator=iwae", "posterior=iaf", "seed=0"], [-540.0, -93.5], [2, 29], 85.7)}
     for job, (overrides, elbos, kls, nll) in runs.items():
         fake_job(sweep / job, [*overrides, "experiment=levers"], elbos, test_kl=kls)
         if nll is not None:
@@ -439,24 +439,27 @@ def test_lever_rows_rank_seed_0s_run_by_its_test_nll_and_put_those_not_evaluated
         last = max(e for e, elbo in enumerate(elbos) if elbo is not None)
         assert (row["epoch"], row["wall_time"], row["test_elbo"], row["test_kl"]) == (last, 10.0 * last, elbos[last], kls[last])
         assert (row["nll"], row["nll_standard_error"]) == ((nll, nll / 1000) if nll is not None else (None, None))
-    assert rows[0]["options"] == {"estimator": "reparam", "model.flows": "2"} and rows[-1]["nll"] is None
-    assert rows[2]["epoch"] == 2 and rows[2]["test_elbo"] == -95.0  # seed 0 of flows=0, at its last tested epoch
+    assert rows[0]["options"] == {"estimator": "reparam", "posterior": "iaf"} and rows[-1]["nll"] is None
+    assert rows[2]["epoch"] == 2 and rows[2]["test_elbo"] == -95.0  # seed 0 of the Gaussian, at its last tested epoch
 
 
 def test_levers_table_says_which_runs_are_not_evaluated(tmp_path):
-    """The levers table's format: a row per run, best NLL first, the runs not evaluated saying so."""
+    """The levers table's format: a row per run, best NLL first, the runs not evaluated saying so. The
+    jobs here have the overrides of a sweep from before the posterior group (model.flows=F): they are
+    read in today's options (vae/old_runs.py)."""
     fake_lever_sweep(tmp_path, "levers", {"0": (["estimator=reparam", "model.flows=0"], -95.0, 86.0),
                                           "1": (["estimator=reparam", "model.flows=2"], -94.0, 85.5),
                                           "2": (["estimator=iwae", "model.flows=0"], -97.0, None)}, 25.0, 0.05)
     block = fill("<!-- report:levers -->\n<!-- /report:levers -->\n", outputs(tmp_path))
     rows = [line for line in block.splitlines() if line.startswith("| `")]
-    assert rows[0] == "| `reparam` | 2 | 1 | 0 min 10 s | -94.00 | 25.0 | **85.50 ± 0.05** |"
-    assert rows[2].startswith("| `iwae` | 0 | 1 |")
+    assert rows[0] == "| `reparam` | `iaf` | 1 | 0 min 10 s | -94.00 | 25.0 | **85.50 ± 0.05** |"
+    assert rows[2].startswith("| `iwae` | `gaussian` | 1 |")
     assert "not evaluated yet: `python evaluate.py -m experiment=levers_likelihood`" in rows[2]
 
 
 def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll(tmp_path):
-    """levers_training: a column per option, its default where the run left it out; best_one_hour:
+    """levers_training (jobs of a sweep from before model=resnet, read in today's options): a column per
+    option, its default where the run left it out; best_one_hour:
     the K=100 bound on every image and the whole-split NLL with its standard error (not the random
     images' own)."""
     fake_lever_sweep(tmp_path, "levers_training", {
@@ -464,8 +467,8 @@ def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll
         "1": (["model.residual_blocks=1", "model.latent_dim=32", "trainer.kl_warmup_epochs=3"], -92.0, 86.2)}, 25.0, 0.05)
     out = outputs(tmp_path)
     block = fill("<!-- report:levers_training -->\n<!-- /report:levers_training -->\n", out)
-    assert "| residual blocks | latent dim | KL warm-up epochs | epochs in the budget |" in block
-    assert [row[:3] for row in table_rows(block)] == [["1", "32", "3"], ["0", "16", "0"]]
+    assert "| networks | latent dim | KL warm-up epochs | epochs in the budget |" in block
+    assert [row[:3] for row in table_rows(block)] == [["resnet", "32", "3"], ["conv", "16", "0"]]
     for missing, command in (("levers_bf16", "python train.py -m experiment=levers_bf16"),
                              ("levers_schedule", "python train.py -m experiment=levers_schedule"),
                              ("best_one_hour", "python train.py experiment=best_one_hour")):

@@ -412,12 +412,13 @@ def test_checkpoint_from_before_a_config_key_existed_still_matches(fast_config):
     saved = OmegaConf.to_container(cfg, resolve=True)
     del saved["data"]["exclude_classes"]  # written before the key was added: it meant []
     assert config_differences(OmegaConf.create(saved), cfg) == ([], [])
-    del saved["model"]["flows"], saved["model"]["encoder"]["flows"]  # from before the flow posterior: none
+    del saved["prior"]  # from before the prior group: N(0, I)
     assert config_differences(OmegaConf.create(saved), cfg) == ([], [])
     saved["data"]["exclude_classes"] = [3]
     assert config_differences(OmegaConf.create(saved), cfg) == (["data.exclude_classes: [3] -> []"], [])
-    assert config_differences(OmegaConf.create(saved), fast_config("model.flows=2"))[0] == [
-        "data.exclude_classes: [3] -> []", "model.encoder.flows: 0 -> 2", "model.flows: 0 -> 2"]
+    assert config_differences(OmegaConf.create(saved), fast_config("prior=mixture"))[0] == [
+        "data.exclude_classes: [3] -> []", "prior._target_: 'model.StandardNormal' -> 'vae.priors.GaussianMixture'",
+        "prior.components: None -> 10", "prior.init_spread: None -> 1.0"]
 
 
 def test_resume_takes_a_new_learning_rate_and_a_new_optimizer(fast_config, tmp_path):

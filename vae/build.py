@@ -24,7 +24,7 @@ from pyro.infer import SVI
 from pyro.optim import PyroLRScheduler, PyroOptim
 from torch import Tensor, nn
 
-from guide import Encoder, guide
+from guide import Encoder, Posterior, guide
 from model import Decoder, Likelihood, Prior, model
 from vae.baselines import with_baselines
 from vae.beta_nll import beta_nll
@@ -39,21 +39,22 @@ def build_likelihood(likelihood_cfg: DictConfig, image_channels: int) -> Likelih
 
 def build_networks(cfg: DictConfig, image_shape: tuple[int, ...], device: torch.device,
                    trainer_cfg: DictConfig | None = None) -> tuple[Encoder, Decoder]:
-    """The encoder and the decoder with its likelihood and prior, of `cfg.model`, `cfg.likelihood` and
-    `cfg.prior` (`_target_` + arguments), on `device`, with the speed options of `trainer_cfg` when given
-    (training, the bench, the variance tool; never evaluation): these apply to the networks' layers,
-    not to the likelihood's or the prior's distributions."""
+    """The encoder with its posterior and the decoder with its likelihood and prior, of `cfg.model`,
+    `cfg.posterior`, `cfg.likelihood` and `cfg.prior` (`_target_` + arguments), on `device`, with the speed
+    options of `trainer_cfg` when given (training, the bench, the variance tool; never evaluation): these
+    apply to the networks' layers, not to the posterior's, the likelihood's or the prior's distributions."""
     latent_dims = {key: OmegaConf.select(cfg, key) for key in ("model.latent_dim", "model.encoder.latent_dim",
                                                                  "model.decoder.latent_dim")}
     if len(set(latent_dims.values())) > 1:
         raise ConfigError(f"{' and '.join(f'{k}={v}' for k, v in latent_dims.items())}: the encoder's t is the "
                           "decoder's and the prior's; set model.latent_dim alone")
-    encoder = instantiate(cfg.model.encoder, image_shape=image_shape).to(device)
+    posterior = partial(instantiate_checked, cfg.posterior, "posterior")  # the encoder builds it after its layers
+    encoder = instantiate(cfg.model.encoder, image_shape=image_shape, posterior=posterior).to(device)
     likelihood = build_likelihood(cfg.likelihood, image_shape[0])
     prior = instantiate_checked(cfg.prior, "prior", latent_dim=cfg.model.latent_dim)
     decoder = instantiate(cfg.model.decoder, image_shape=image_shape, likelihood=likelihood, prior=prior).to(device)
     for network in (encoder, decoder):
-        layers = [block for block in network.children() if not isinstance(block, (Likelihood, Prior))]
+        layers = [block for block in network.children() if not isinstance(block, (Likelihood, Prior, Posterior))]
         if trainer_cfg is not None and trainer_cfg.get("bf16"):
             for block in layers:  # the float32 maps to t_scale, the likelihood's parameters... follow them
                 run_in_bfloat16(block, device.type)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from vae import distributed
 from vae.distributed import ALONE, Ranks
+from vae.old_runs import ADDED_KEYS, todays_config, todays_param
 from vae.provenance import PROJECT_DIR, read_provenance
 
 log = logging.getLogger(__name__)
@@ -44,20 +45,6 @@ MAY_CHANGE = ("trainer.epochs", "trainer.max_minutes", "trainer.test_every", "tr
               "trainer.keep_checkpoints", "trainer.check_every_step", "trainer.channels_last", "trainer.bf16",
               "trainer.compile", "optim", "estimator.elbo", "device", "threads", "resume", "data.root",
               "data.dataset.download")
-# Keys added after checkpoints were first written, with the value an older checkpoint implies.
-ADDED_KEYS = {"data.exclude_classes": [], "model.flows": 0, "model.encoder.flows": 0, "trainer.kl_warmup_epochs": 0,
-              "trainer.nll_beta": 0, "trainer.nll_beta_target": "both",
-              "model.residual_blocks": 0, "model.encoder.residual_blocks": 0, "model.decoder.residual_blocks": 0,
-              "prior._target_": "model.StandardNormal"}
-# Classes that moved after checkpoints were first written: key -> {the old _target_: the new one}.
-MOVED_TARGETS = {"estimator.baseline_net._target_": {"guide.BaselineNet": "vae.baselines.BaselineNet"}}
-# Runs from before the `likelihood` group (conf/likelihood/) named it in model.likelihood, its options
-# beside it (model.<old key>), and kept a shared scale as the decoder's raw_scale.
-OLD_LIKELIHOOD_KEYS = {"likelihood": None, "scale": "scale", "min_scale": "min_scale", "fixed_scale": "fixed_scale",
-                       "squeeze": "logit_lambda", "components": "components"}
-RENAMED_PARAMS = {"decoder$$$raw_scale": "decoder$$$likelihood.scale.raw_scale"}
-
-
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be read, or that belongs to a different model or data."""
 
@@ -198,9 +185,9 @@ def read(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} is corrupt or not a checkpoint ({error}); it was left untouched") from error
     if not isinstance(contents, dict) or any(key not in contents for key in REQUIRED_KEYS):
         raise CheckpointError(f"{path} is not a checkpoint of this project (expected keys {REQUIRED_KEYS}); it was left untouched")
-    for key in ("params", "constraints"):  # parameters renamed since (RENAMED_PARAMS), in the store and the optimizer
-        contents["param_store"][key] = {RENAMED_PARAMS.get(name, name): value for name, value in contents["param_store"][key].items()}
-    contents["optimizer"] = {RENAMED_PARAMS.get(name, name): value for name, value in contents["optimizer"].items()}
+    for key in ("params", "constraints"):  # parameters renamed since (vae/old_runs.py), in the store and the optimizer
+        contents["param_store"][key] = {todays_param(name): value for name, value in contents["param_store"][key].items()}
+    contents["optimizer"] = {todays_param(name): value for name, value in contents["optimizer"].items()}
     return contents
 
 
@@ -243,8 +230,8 @@ def saved_state(contents: dict[str, Any]) -> RunState:
 
 
 def saved_config(contents: dict[str, Any]) -> DictConfig:
-    """The config a checkpoint was made with (keys added to the project since then filled in)."""
-    return with_added_keys(OmegaConf.create(contents["config"]))
+    """The config a checkpoint was made with, in today's keys (vae/old_runs.py)."""
+    return todays_config(OmegaConf.create(contents["config"]))
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str], out_dir: Path) -> DictConfig:
@@ -321,65 +308,6 @@ def restore_params(param_store_state: dict, device: torch.device, **networks: nn
     pyro.get_param_store().set_state({"params": params, "constraints": param_store_state["constraints"]})
     for name, network in networks.items():
         pyro.module(name, network, update_module_params=True)
-
-
-def with_added_keys(cfg: DictConfig) -> DictConfig:
-    """`cfg` with every key of ADDED_KEYS that it lacks set to the value an older run implies, and
-    every _target_ of MOVED_TARGETS where its class is now."""
-    for key, value in ADDED_KEYS.items():
-        if OmegaConf.select(cfg, key) is None:
-            OmegaConf.update(cfg, key, value, force_add=True)
-    for key, moved in MOVED_TARGETS.items():
-        if OmegaConf.select(cfg, key) in moved:
-            OmegaConf.update(cfg, key, moved[OmegaConf.select(cfg, key)])
-    if "likelihood" not in cfg:
-        cfg.likelihood = likelihood_node(cfg.model)
-    return cfg
-
-
-def current_overrides(overrides: list[str]) -> list[str]:
-    """A run's command-line overrides in today's keys: model.likelihood=NAME of a run from before the
-    likelihood group is likelihood=NAME (discretized_logistic_mixture with model.components > 1), and
-    model.<option> is likelihood.<its new name> where that likelihood has the option (the old config
-    accepted, and ignored, the options of the others)."""
-    old = {key.removeprefix("model."): value for key, _, value in (o.partition("=") for o in overrides)
-           if key.removeprefix("model.") in OLD_LIKELIHOOD_KEYS and key.startswith("model.")}
-    if not old:
-        return overrides
-    name = old_likelihood_option(old)
-    options = OmegaConf.load(CONF_DIR / "likelihood" / f"{name}.yaml").keys()
-    current = []
-    for override in overrides:
-        key, _, value = override.partition("=")
-        old_key = key.removeprefix("model.")
-        if not key.startswith("model.") or old_key not in OLD_LIKELIHOOD_KEYS:
-            current.append(override)
-        elif old_key == "likelihood":
-            current.append(f"likelihood={name}")
-        elif OLD_LIKELIHOOD_KEYS[old_key] in options:
-            current.append(f"likelihood.{OLD_LIKELIHOOD_KEYS[old_key]}={value}")
-    return current
-
-
-def old_likelihood_option(old: dict[str, Any]) -> str:
-    """The conf/likelihood/ option of a run from before the group, from its old model.* keys (`old`,
-    without the prefix; values as saved or as command-line strings)."""
-    name = old.get("likelihood", "bernoulli")  # the first runs had the Bernoulli alone
-    mixture = name == "discretized_logistic" and int(old.get("components", 1)) > 1
-    return f"{name}_mixture" if mixture else name
-
-
-def likelihood_node(model_cfg: DictConfig) -> DictConfig:
-    """The `likelihood` node of a run from before the group: conf/likelihood/<its model.likelihood>.yaml
-    with the values of its old keys, which leave `model_cfg` (and its decoder)."""
-    old = {key: model_cfg.pop(key) for key in OLD_LIKELIHOOD_KEYS if key in model_cfg}
-    for key in OLD_LIKELIHOOD_KEYS:
-        model_cfg.get("decoder", {}).pop(key, None)
-    node = OmegaConf.load(CONF_DIR / "likelihood" / f"{old_likelihood_option(old)}.yaml")
-    for key, new_key in OLD_LIKELIHOOD_KEYS.items():
-        if new_key in node and key in old:
-            node[new_key] = old[key]
-    return node
 
 
 def config_differences(saved: DictConfig, current: DictConfig) -> tuple[list[str], list[str]]:

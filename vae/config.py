@@ -35,13 +35,19 @@ class ConfigError(ValueError):
 
 def check_config(cfg: DictConfig) -> None:
     """Stop before any work, naming the key and the value, when a setting cannot work: every key by its
-    rule (vae/rules.py), the likelihood and prior by their own classes, then the keys that must fit
+    rule (vae/rules.py), the likelihood, prior and posterior by their own classes, then the keys that must fit
     together."""
     problem = refusal(cfg)
     if problem is not None:
         raise ConfigError(problem)
-    likelihood = instantiate_checked(cfg.likelihood, "likelihood", image_channels=1)  # its own keys; colour: with the data
+    channels = OmegaConf.select(cfg, "data.dataset.channels", default=1)  # a dataset that says; else: with the data
+    likelihood = instantiate_checked(cfg.likelihood, "likelihood", image_channels=channels)  # its own keys
     instantiate_checked(cfg.prior, "prior", latent_dim=cfg.model.latent_dim)  # its own keys
+    posterior = instantiate_checked(cfg.posterior, "posterior", latent_dim=cfg.model.latent_dim,
+                                    context_dim=cfg.model.hidden_dim)
+    if posterior.reparameterized_only and not cfg.estimator.reparameterized:
+        raise ConfigError(f"posterior._target_={cfg.posterior._target_} with estimator.reparameterized=false: "
+                          f"{posterior.reparameterized_only}")
     check_arguments(cfg)
     nll_beta = cfg.trainer.get("nll_beta", 0)
     if nll_beta and not weighs(likelihood):
@@ -55,9 +61,21 @@ def check_config(cfg: DictConfig) -> None:
     if eta_min is not None and eta_min > lr:
         raise ConfigError(f"schedule.eta_min={eta_min!r} with optim.optim_args.lr={lr!r}: the cosine falls from the "
                           "learning rate to eta_min; give an eta_min at most optim.optim_args.lr")
+    check_image_size(cfg)
     check_threads(cfg)
     check_estimator(cfg)
     check_device(cfg)
+
+
+def check_image_size(cfg: DictConfig) -> None:
+    """A dataset that sets its images' side (`data.dataset.image_size`) gives one the networks can take:
+    each of the len(model.channels) stride-2 layers halves it (model.check_image_shape, once the data is in)."""
+    size, layers = OmegaConf.select(cfg, "data.dataset.image_size"), len(cfg.model.channels)
+    if size is not None and size % 2**layers:
+        fitting = max(2**layers, round(size / 2**layers) * 2**layers)
+        raise ConfigError(f"data.dataset.image_size={size} with model.channels={list(cfg.model.channels)}: each of the "
+                          f"{layers} stride-2 layers halves the image, so its side must be divisible by {2**layers}, "
+                          f"e.g. data.dataset.image_size={fitting}")
 
 
 def instantiate_checked(node: DictConfig, key: str, **kwargs: Any) -> Any:
@@ -123,9 +141,6 @@ def check_estimator(cfg: DictConfig) -> None:
     if score and issubclass(elbo_class, IWAE_ELBO):
         raise ConfigError(f"estimator.elbo._target_={target} with estimator.reparameterized=false: the importance-"
                           "weighted bound is trained through reparameterized samples; use estimator=iwae as it is")
-    if score and cfg.model.get("flows", 0):
-        raise ConfigError(f"model.flows={cfg.model.flows} with estimator.reparameterized=false: a flow posterior "
-                          "is trained through reparameterized samples; use estimator=reparam or estimator=iwae")
     for key, reweighs in (("kl_warmup_epochs", "the warm-up weighs the ELBO's KL, a new weight at every step"),
                           ("nll_beta", "the beta-NLL weighs the ELBO's log p(x|t), pixel by pixel")):
         if cfg.trainer.get(key, 0) and issubclass(elbo_class, (IWAE_ELBO, *JIT_ELBOS)):

@@ -1,8 +1,10 @@
 """Image datasets held in memory as tensors and batched by index.
 
 A dataset is built from its config node (`_target_` + keyword arguments), so torchvision's
-`MNIST` and `FashionMNIST` and the file-free `SyntheticImages` below are interchangeable: each
-takes `(root, train, download)` and exposes `.data` (N, H, W) uint8 and `.targets` (N,).
+`MNIST` and `FashionMNIST`, a folder of your own pictures (vae/image_folder.py), CelebA
+(vae/celeba.py) and the file-free `SyntheticImages` below are interchangeable: each takes
+`(root, train, download)` and exposes `.data` (N, H, W) or (N, H, W, C) uint8 and `.targets` (N,),
+UNLABELLED for images without classes.
 
 Pixels become observations by the likelihood's rule, its `observe` (model.py, vae/likelihoods.py):
 dynamic binarization for the Bernoulli, uniform dequantization for the Gaussians (each a fresh draw
@@ -25,6 +27,9 @@ from vae.config import ConfigError
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 TEST_SET_SEED = 0  # fixes the test set's binarization / dequantization noise
+UNLABELLED = -1  # the label of every image of a dataset without classes
+NO_LABELS = ("the images have no labels (a folder of images is labelled by its class subfolders, two or more; "
+             "CelebA by data.dataset.attribute)")
 
 
 class DataNotFoundError(RuntimeError):
@@ -35,6 +40,11 @@ def data_root(root: str | Path) -> Path:
     """`data.root` as an absolute path; a relative one is taken under the project."""
     root = Path(root).expanduser()
     return root if root.is_absolute() else PROJECT_DIR / root
+
+
+def labelled(labels: Tensor) -> bool:
+    """Whether every image has a class label (a dataset without classes gives each one UNLABELLED)."""
+    return bool((labels != UNLABELLED).all())
 
 
 def load_split(data_cfg: DictConfig, train: bool) -> tuple[Tensor, Tensor]:
@@ -76,6 +86,8 @@ def load_split(data_cfg: DictConfig, train: bool) -> tuple[Tensor, Tensor]:
         images = images.permute(0, 3, 1, 2)
     labels = torch.as_tensor(dataset.targets, dtype=torch.long)
     if train and data_cfg.get("exclude_classes"):  # held-out classes: the test split keeps them
+        if not labelled(labels):
+            raise ConfigError(f"data.exclude_classes={list(data_cfg.exclude_classes)}: {NO_LABELS}; set it to []")
         excluded = torch.as_tensor(list(data_cfg.exclude_classes), dtype=torch.long)
         absent = sorted(set(excluded.tolist()) - set(labels.unique().tolist()))
         if absent:

@@ -545,12 +545,12 @@ def option_cell(value: str) -> str:
 
 def levers(out: Outputs) -> str:
     """The lecture's model against the IW bound and the flow posterior at equal wall time."""
-    return lever_table(out, "levers", [("estimator", "estimator", "reparam"), ("model.flows", "flows in q(t\\|x)", "0")])
+    return lever_table(out, "levers", [("estimator", "estimator", "reparam"), ("posterior", "q(t\\|x)", "gaussian")])
 
 
 def levers_training(out: Outputs) -> str:
     """Depth, latent size and KL warm-up around reparam + 2 flows, at equal wall time."""
-    return lever_table(out, "levers_training", [("model.residual_blocks", "residual blocks", "0"),
+    return lever_table(out, "levers_training", [("model", "networks", "conv"),
                                                 ("model.latent_dim", "latent dim", "16"),
                                                 ("trainer.kl_warmup_epochs", "KL warm-up epochs", "0")])
 

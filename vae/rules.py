@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-GROUPS = ("data", "model", "likelihood", "prior", "estimator", "optim", "schedule", "trainer")
+GROUPS = ("data", "model", "likelihood", "prior", "posterior", "estimator", "optim", "schedule", "trainer")
 TOP_LEVEL = ("seed", "device", "threads", "resume")  # conf/config.yaml's own keys (an entry point may add more)
 
 
@@ -126,7 +126,7 @@ SEED = Check(lambda v: is_int(v) and 0 <= v < 2**32, "must be an integer from 0 
 BETAS = Check(lambda v: is_list(v) and len(v) == 2 and all(is_finite(b) and 0 <= b < 1 for b in v),
               "must be two numbers in [0, 1), the decay rates of Adam's moment estimates, e.g. [0.9,0.999]",
               ("0.9", "[0.9]", "[0.9,1.5]", "[0.9,nan]"))
-NETWORK_KEYS = ("latent_dim", "channels", "hidden_dim", "flows", "residual_blocks")  # model.* the networks take
+NETWORK_KEYS = ("latent_dim", "channels", "hidden_dim", "residual_blocks")  # model.* the networks take
 
 RULES: dict[str, Rule] = {
     # conf/config.yaml
@@ -139,6 +139,18 @@ RULES: dict[str, Rule] = {
     "data.dataset.download": boolean("must be true (fetched into data.root when missing) or false"),
     "data.dataset.num_train": positive_int(),
     "data.dataset.num_test": positive_int(),
+    "data.dataset.channels": Check(lambda v: is_int(v) and v in (1, 3), "must be 1 (gray, L) or 3 (colour, RGB)",
+                                   ("2", "0", "true", "x")),
+    "data.dataset.image_size": positive_int("must be a positive integer, the side of the square images in pixels"),
+    "data.dataset.test_fraction": between(0, 1, "must be a number in (0, 1), the share of images held out for testing",
+                                          ("0", "1", "-0.1", "1.5", "nan", "true", "x"), low_open=True, high_open=True),
+    "data.dataset.split_seed": SEED,
+    "data.dataset.cache_dir": Check(lambda v: v is None or (isinstance(v, str) and v != ""),
+                                    "must be null (decode every run) or the folder of the decoded images' cache",
+                                    ("''", "5", "true")),
+    "data.dataset.attribute": Check(lambda v: v is None or (isinstance(v, str) and v != ""),
+                                    "must be null (no labels) or one of CelebA's 40 attributes, e.g. Smiling",
+                                    ("''", "5", "true")),
     "data.root": path("must be a folder, the path that holds the dataset's files"),
     "data.files": path("must be the folder of the dataset's files under data.root"),
     "data.subset": Check(lambda v: v is None or (is_int(v) and v > 0), "must be null or a positive integer",
@@ -152,14 +164,14 @@ RULES: dict[str, Rule] = {
     "model.channels": Check(lambda v: OmegaConf.is_list(v) and len(v) > 0 and all(is_int(c) and c > 0 for c in v),
                             "must be a non-empty list of positive integers", ("[]", "[0]", "[8,x]", "8", "[true]")),
     "model.hidden_dim": positive_int(),
-    "model.residual_blocks": whole("must be a whole number of blocks per resolution, 0 for none"),
-    "model.flows": whole("must be a whole number of flows, 0 for the Gaussian q(t|x)"),
+    "model.residual_blocks": positive_int("must be a positive number of blocks per resolution (model=conv for none)"),
     "model.encoder._target_": importable(),
     "model.decoder._target_": importable(),
     **{f"model.{net}.{key}": Mirror(f"model.{key}") for net in ("encoder", "decoder") for key in NETWORK_KEYS},
-    # p(x|t) and p(t): their classes check their own keys when they are built (vae/likelihoods.py, vae/priors.py)
+    # p(x|t), p(t) and q(t|x): their classes check their own keys when built (vae/likelihoods.py, priors.py, flows.py)
     "likelihood.*": Elsewhere("the likelihood's class, when it is built (vae.config.instantiate_checked)"),
     "prior.*": Elsewhere("the prior's class, when it is built (vae.config.instantiate_checked)"),
+    "posterior.*": Elsewhere("the posterior's class, when it is built (vae.config.instantiate_checked)"),
     # estimator (conf/estimator/)
     "estimator.reparameterized": boolean("must be true (reparameterized samples) or false (the score function)"),
     "estimator.elbo._target_": Elsewhere("vae.config.check_estimator: importable, and fits the estimator"),

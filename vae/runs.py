@@ -23,6 +23,7 @@ from vae import checkpoint
 from vae.build import build_networks
 from vae.config import resolve_device
 from vae.data import load_split, observe_test_set
+from vae.old_runs import todays_overrides
 
 
 class RunError(RuntimeError):
@@ -30,14 +31,15 @@ class RunError(RuntimeError):
 
 
 def run_overrides(run_dir: Path) -> list[str]:
-    """The command-line overrides a run was made with (its .hydra/overrides.yaml; [] without one)."""
+    """The command-line overrides a run was made with (its .hydra/overrides.yaml; [] without one), in
+    today's keys (vae/old_runs.py)."""
     overrides_file = Path(run_dir) / ".hydra" / "overrides.yaml"
-    return list(yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else []
+    return todays_overrides(list(yaml.safe_load(overrides_file.read_text()) or []) if overrides_file.is_file() else [])
 
 
 def resume_command(run_dir: Path) -> str:
     """The command line that continues the run in `run_dir`, with the run's own overrides."""
-    kept = [o for o in checkpoint.current_overrides(run_overrides(run_dir)) if not o.startswith("resume=")]
+    kept = [o for o in run_overrides(run_dir) if not o.startswith("resume=")]
     return " ".join(["python train.py", *kept, f"resume={run_dir}"])
 
 
@@ -70,8 +72,8 @@ def load_run(run: str | Path, device: str = "auto", data_root: str | None = None
     except checkpoint.CheckpointError as error:
         raise RunError(str(error)) from error
     cfg = checkpoint.saved_config(contents)  # keys added to the project since the run was made filled in
-    if data_root is not None:  # the files may live elsewhere than where the run was trained
-        cfg.data.root = data_root
+    if data_root is not None and cfg.data.get("files") != ".":  # the datasets may live elsewhere than where the
+        cfg.data.root = data_root  # run was trained; an image folder (its files in data.root itself) stays the run's
     cfg.data.dataset.download = False  # evaluation never downloads
     test_images, _ = load_split(cfg.data, train=False)
     image_shape = tuple(test_images.shape[1:])
