@@ -16,6 +16,7 @@ from PIL import Image
 
 import vae.image_folder as image_folder
 from train import train
+from vae.build import build_networks
 from vae.celeba import CelebAImages
 from vae.config import ConfigError, check_config
 from vae.data import UNLABELLED, load_split
@@ -104,6 +105,22 @@ def test_a_model_trains_on_the_faces(tmp_path, monkeypatch):
                          "device=cpu")
     metrics = train(cfg, tmp_path / "run")
     assert metrics["epoch"] == 1 and math.isfinite(metrics["test_elbo"])
+
+
+def test_the_64px_networks_take_the_faces_down_to_4x4(tmp_path, monkeypatch):
+    """model=conv_64px, the networks for 64x64 images: four stride-2 layers (64 -> 4), trained a step on the faces."""
+    celeba_standin(tmp_path / "data", monkeypatch)
+    cfg = compose_config("data=celeba", f"data.root={tmp_path / 'data'}", f"data.dataset.cache_dir={tmp_path / 'cache'}",
+                         "data.dataset.download=false", "likelihood=discretized_logistic", "model=conv_64px",
+                         "data.batch_size=4", "trainer.epochs=1", "device=cpu")
+    check_config(cfg)
+    encoder, decoder = build_networks(cfg, (3, 64, 64), torch.device("cpu"))
+    assert encoder.features[6].out_channels == 256 and encoder.features[9].in_features == 256 * 4 * 4
+    assert decoder.lift[-1].unflattened_size == (256, 4, 4)
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["epoch"] == 1 and math.isfinite(metrics["test_elbo"])
+    with pytest.raises(ConfigError, match=r"^data.dataset.image_size=40 with model.channels=\[32, 64, 128, 256\]"):
+        check_config(compose_config("data=celeba", "model=conv_64px", "data.dataset.image_size=40"))
 
 
 def test_missing_files_are_named_in_one_line(tmp_path):
