@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pyro
 import pytest
 import torch
 from conftest import PROJECT_DIR, compose_config, mnist_root
@@ -275,6 +276,38 @@ def test_mnist_written_as_png_files_reads_back_byte_for_byte(tmp_path):
         expected_images, expected_labels = load_split(compose_config("data=mnist").data, train=train_split)
         assert torch.equal(images, expected_images[:count][order])
         assert torch.equal(labels, expected_labels[:count][order])
+
+
+@pytest.mark.skipif(mnist_root() is None, reason="needs MNIST under VAE_DATA_ROOT")
+def test_mnist_written_as_png_files_reproduces_the_test_elbo_of_data_mnist(tmp_path):
+    """The first 512 training digits and all 10,000 test digits of MNIST, written as PNG files named by
+    their zero-padded index in train/ and test/ (no class folders: unlabelled, in MNIST's order), and
+    trained on through data=image_folder from seed 0: every number of metrics.jsonl (train and test
+    ELBO, recon, KL, each epoch; all but the timings) equals that of `data=mnist data.subset=512`."""
+    count, folder = 512, tmp_path / "mnist_png"
+    for split, num_images in (("train", count), ("test", None)):
+        (folder / split).mkdir(parents=True)
+        for index, pixels in enumerate(MNIST(str(mnist_root()), train=split == "train").data[:num_images].numpy()):
+            Image.fromarray(pixels).save(folder / split / f"{index:05d}.png")
+    options = [*SMALL, "data.batch_size=64", "trainer.epochs=1"]  # 8 steps
+    runs = {"mnist": ["data=mnist", f"data.subset={count}"],
+            "image_folder": ["data=image_folder", f"data.root={folder}", "data.dataset.channels=1",
+                             "data.dataset.image_size=28", f"data.dataset.cache_dir={tmp_path / 'cache'}"]}
+    for train_split in (True, False):  # the same pixels, in the same order (the folder's images are unlabelled)
+        images, labels = load_split(compose_config(*runs["image_folder"]).data, train=train_split)
+        assert torch.equal(images, load_split(compose_config(*runs["mnist"]).data, train=train_split)[0])
+        assert len(images) == (count if train_split else 10_000) and (labels == UNLABELLED).all()
+    metrics = {}
+    for name, data in runs.items():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        train(compose_config(*data, *options), tmp_path / name)
+        lines = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        timings = ("seconds", "test_seconds", "wall_time")
+        metrics[name] = [{key: value for key, value in line.items() if key not in timings} for line in lines]
+    assert [line["epoch"] for line in metrics["mnist"]] == [0, 1]
+    assert all(math.isfinite(line[key]) for line in metrics["mnist"] for key in ("test_elbo", "test_recon", "test_kl"))
+    assert metrics["image_folder"] == metrics["mnist"]  # exactly: the same numbers, not close ones
 
 
 # --- every evaluation task on models trained by train.py on generated folders ---------------------------------------
