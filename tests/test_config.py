@@ -46,9 +46,10 @@ def test_option_composes_and_instantiates(group, option, tmp_path):
         assert dataset.data.shape == (cfg.data.dataset.num_test, 16, 16) and dataset.data.dtype == torch.uint8
         assert len(dataset.targets) == len(dataset.data) and set(dataset.targets.tolist()) <= set(range(10))
 
-    encoder = instantiate(cfg.model.encoder, image_shape=(1, 28, 28))
+    side = 28 if 28 % 2 ** len(cfg.model.channels) == 0 else 64  # MNIST's, or the 64x64 networks' (model=conv_64px)
+    encoder = instantiate(cfg.model.encoder, image_shape=(1, side, side))
     likelihood = instantiate(cfg.likelihood, image_channels=1)
-    decoder = instantiate(cfg.model.decoder, image_shape=(1, 28, 28), likelihood=likelihood)
+    decoder = instantiate(cfg.model.decoder, image_shape=(1, side, side), likelihood=likelihood)
     assert encoder.t_loc.out_features == decoder.latent_dim == cfg.model.latent_dim
     assert decoder.likelihood is likelihood
     optimizer = instantiate(cfg.optim)
@@ -134,31 +135,41 @@ def test_data_root_defaults_to_environment(monkeypatch):
     assert compose_config().data.root == "data"
 
 
-RECIPES = sorted(path.stem for path in (CONF_DIR / "experiment").glob("*.yaml"))
+RECIPES = sorted(str(path.relative_to(CONF_DIR / "experiment").with_suffix("")) for path in
+                 (CONF_DIR / "experiment").glob("*/*.yaml"))  # <study>/<step>: a study's recipes sit together
 PRIMARY = {"train": "config", "evaluate": "evaluate", "variance": "variance", "bench": "bench", "faults": "faults"}
 
 
 def recipe_command(recipe: str) -> tuple[str, bool]:
     """(the entry point a recipe is for, whether it is a multirun), from its header comment
-    "# `python <entry>.py [-m] experiment=<recipe>`", which the docs quote."""
+    "# `python <entry>.py [-m] experiment=<study>/<step>`", which the docs quote."""
     header = (CONF_DIR / "experiment" / f"{recipe}.yaml").read_text().splitlines()[1]
-    match = re.match(r"# `python (\w+)\.py (-m )?experiment=(\w+)`", header)
+    match = re.match(r"# `python (\w+)\.py (-m )?experiment=([\w/]+)`", header)
     assert match and match.group(3) == recipe, f"experiment/{recipe}.yaml: header {header!r}"
     return match.group(1), bool(match.group(2))
+
+
+def test_recipes_are_grouped_by_study():
+    """conf/experiment/<study>/: every recipe is one step of a study, no recipe lies outside one."""
+    assert not list((CONF_DIR / "experiment").glob("*.yaml"))
+    assert all("/" in recipe for recipe in RECIPES) and len(RECIPES) >= 40
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_every_recipe_composes_with_its_entry_point(recipe):
     """Each recipe names its command in its header and composes with that entry point's config;
-    a multirun recipe holds its sweep, a single run writes to a fixed directory under outputs/."""
+    a multirun recipe holds its sweep, a single run writes to a fixed directory, each named after the
+    recipe: <study> for a study's `train` step, <study>_<step> for the others."""
     entry, multirun = recipe_command(recipe)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(PRIMARY[entry], overrides=[f"experiment={recipe}"], return_hydra_config=True)
     hydra_cfg = OmegaConf.to_container(cfg.hydra)
+    study, step = recipe.split("/")
+    name = study if step == "train" else f"{study}_{step}"
     if multirun:
-        assert hydra_cfg["sweeper"]["params"] and hydra_cfg["sweep"]["dir"] == f"multirun/experiments/{recipe}"
+        assert hydra_cfg["sweeper"]["params"] and hydra_cfg["sweep"]["dir"] == f"multirun/experiments/{name}"
     else:
-        assert hydra_cfg["run"]["dir"] == f"outputs/experiments/{recipe}"
+        assert hydra_cfg["run"]["dir"] == f"outputs/experiments/{name}"
     if entry in ("train", "variance", "bench"):  # evaluation recipes name a run to load, which a test cannot have
         check_config(cfg)
         assert unruled(cfg) == [], f"keys without a rule in vae/rules.py: {unruled(cfg)}"
@@ -166,7 +177,7 @@ def test_every_recipe_composes_with_its_entry_point(recipe):
 
 def test_estimators_recipe_sweeps_every_estimator_over_three_seeds():
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("config", overrides=["experiment=estimators"], return_hydra_config=True)
+        cfg = compose("config", overrides=["experiment=estimators/train"], return_hydra_config=True)
     params = cfg.hydra.sweeper.params
     # every gradient estimator of the ELBO; iwae trains a different (tighter) bound, compared on its own
     estimators = {path.stem for path in (CONF_DIR / "estimator").glob("*.yaml")} - {"iwae"}
@@ -183,8 +194,10 @@ def test_help_lists_each_entry_points_own_groups():
         listing = text.split("== Configuration groups ==")[1].split("== Config ==")[0]
         return {line.split(":")[0] for line in listing.splitlines()[2:] if ":" in line}
 
-    assert groups("train.py") == {"data", "estimator", "experiment", "likelihood", "model", "prior", "posterior", "optim",
-                                  "schedule", "trainer"}
+    listed = groups("train.py")  # the recipes by study: experiment/<study> with its steps
+    assert {group for group in listed if not group.startswith("experiment/")} == {
+        "data", "estimator", "likelihood", "model", "prior", "posterior", "optim", "schedule", "trainer"}
+    assert {"experiment/one_hour", "experiment/bound_and_posterior"} <= listed
     tasks = {path.stem for path in (PROJECT_DIR / "tasks" / "conf" / "task").glob("*.yaml")}
     listing = subprocess.run([sys.executable, "evaluate.py", "--help"], cwd=PROJECT_DIR, capture_output=True,
                              text=True, timeout=120, check=True).stdout

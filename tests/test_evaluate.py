@@ -640,29 +640,29 @@ def test_bad_run_is_one_line(tmp_path):
 
 
 def test_an_evaluation_recipe_evaluates_every_job_of_its_training_sweep(tmp_path):
-    """`run: ${sweep_jobs:multirun/experiments/levers}` in experiment=levers_likelihood: every trained job
+    """`run: ${sweep_jobs:multirun/experiments/bound_and_posterior}` in experiment=bound_and_posterior/likelihood: every trained job
     of the sweep (in job order, 10 after 2), nothing listed by hand; a sweep not trained yet is one line,
     and nothing is created."""
-    sweep = tmp_path / "multirun" / "experiments" / "levers"
+    sweep = tmp_path / "multirun" / "experiments" / "bound_and_posterior"
     for job in ("0", "1", "2", "10"):
         if job != "2":  # job 2 never trained: no checkpoint, not evaluated
             trained_run(sweep / job, "trainer.epochs=1", "data.subset=128")
     (sweep / "2").mkdir()
-    command = [sys.executable, str(PROJECT_DIR / "evaluate.py"), "-m", "experiment=levers_likelihood",
+    command = [sys.executable, str(PROJECT_DIR / "evaluate.py"), "-m", "experiment=bound_and_posterior/likelihood",
                "hydra/launcher=basic", "task.num_particles=4", "task.max_images=8", "task.whole_split_particles=2",
                "device=cpu"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    evaluated = [json.loads((tmp_path / "multirun" / "experiments" / "levers_likelihood" / job / "metrics.json").read_text())["run"]
+    evaluated = [json.loads((tmp_path / "multirun" / "experiments" / "bound_and_posterior_likelihood" / job / "metrics.json").read_text())["run"]
                  for job in ("0", "1", "2")]
-    assert evaluated == [f"multirun/experiments/levers/{job}" for job in ("0", "1", "10")]
-    assert not (tmp_path / "multirun" / "experiments" / "levers_likelihood" / "3").exists()
+    assert evaluated == [f"multirun/experiments/bound_and_posterior/{job}" for job in ("0", "1", "10")]
+    assert not (tmp_path / "multirun" / "experiments" / "bound_and_posterior_likelihood" / "3").exists()
 
     empty = tmp_path / "empty"
     empty.mkdir()
     refused = subprocess.run(command, cwd=empty, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1
-    assert refused.stderr.strip() == "error: no trained job in multirun/experiments/levers: run its training recipe first " \
+    assert refused.stderr.strip() == "error: no trained job in multirun/experiments/bound_and_posterior: run its training recipe first " \
                                      "(its command is in the recipe's header)"
     assert list(empty.iterdir()) == []
 

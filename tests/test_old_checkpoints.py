@@ -26,7 +26,7 @@ from conftest import FAST, compose_config
 from train import train
 from vae import checkpoint
 from vae.checkpoint import CHECKPOINT_NAME
-from vae.old_runs import OLD_LIKELIHOOD_KEYS, RENAMED_PARAMS, todays_overrides
+from vae.old_runs import OLD_LIKELIHOOD_KEYS, OLD_RECIPES, RENAMED_PARAMS, todays_overrides
 from vae.runs import load_run, resume_command
 
 TIMING = {"seconds", "test_seconds", "wall_time"}
@@ -254,10 +254,19 @@ def test_load_run_rebuilds_the_old_runs_networks(runs):
     (["model.residual_blocks=2"], ["model=resnet", "model.residual_blocks=2"]),
     (["model.residual_blocks=0"], ["model=conv"]),
     (["model=resnet", "model.residual_blocks=2", "posterior=iaf"], ["model=resnet", "model.residual_blocks=2", "posterior=iaf"]),
+    (["experiment=levers", "estimator=iwae", "model.flows=2"],  # a job of the old lever sweep
+     ["experiment=bound_and_posterior/train", "estimator=iwae", "posterior=iaf"]),
+    (["experiment=one_hour_gray"], ["experiment=one_hour_logistic_mixture/train"]),
 ])
 def test_todays_overrides_map_old_overrides_to_todays(old, new):
     assert todays_overrides(old) == new
+    assert todays_overrides(new) == new  # today's stay as they are
     compose_config(*FAST, *new)  # they compose
+
+
+def test_every_old_recipe_name_is_a_recipe_today():
+    for old, new in OLD_RECIPES.items():
+        assert (checkpoint.CONF_DIR / "experiment" / f"{new}.yaml").is_file(), (old, new)
 
 
 def test_todays_overrides_compose_the_config_the_old_ones_did():

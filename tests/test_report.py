@@ -135,7 +135,7 @@ def test_report_of_a_missing_sweep_is_one_line_and_creates_nothing(tmp_path):
 
 # --- the estimators -------------------------------------------------------------------------------
 
-# The fake experiment=estimators: {job directory: (estimator, seed, test ELBO per epoch, test KL per
+# The fake experiment=estimators/train: {job directory: (estimator, seed, test ELBO per epoch, test KL per
 # epoch, failed)}, directories in neither the table's order nor the medians' order.
 ESTIMATOR_JOBS = {
     "0": ("score_loo", 0, [-500, -120, -105, -100.4], [2, 20, 22, 23], None),
@@ -151,7 +151,7 @@ ESTIMATOR_JOBS = {
 
 def fake_estimators(sweep: Path) -> None:
     for job, (estimator, seed, elbos, kls, failed) in ESTIMATOR_JOBS.items():
-        fake_job(sweep / job, [f"estimator={estimator}", f"seed={seed}", "experiment=estimators"], elbos, failed,
+        fake_job(sweep / job, [f"estimator={estimator}", f"seed={seed}", "experiment=estimators/train"], elbos, failed,
                  test_kl=kls)
 
 
@@ -202,7 +202,7 @@ def test_a_sweep_in_progress_says_how_many_jobs_are_done(tmp_path):
 
 
 def test_a_job_with_a_time_budget_is_done_when_it_has_spent_it(tmp_path):
-    sweep = tmp_path / "levers"
+    sweep = tmp_path / "bound_and_posterior"
     fake_job(sweep / "0", ["estimator=reparam"], [-500, -110, -100])  # wall_time 20 s after epoch 2
     fake_job(sweep / "1", ["estimator=iwae"], [-500, -120])  # 10 s
     for job in ("0", "1"):
@@ -212,7 +212,7 @@ def test_a_job_with_a_time_budget_is_done_when_it_has_spent_it(tmp_path):
 
 # --- likelihoods of gray levels -------------------------------------------------------------------
 
-# The fake experiment=likelihoods: {job: (likelihood, seed, test bits/dim per epoch (None: not
+# The fake experiment=likelihoods/train: {job: (likelihood, seed, test bits/dim per epoch (None: not
 # recorded), failed)}; test KL 30 + seed + epoch, scale at the floor (the Gaussian's) 0.01 (seed + 1) + 0.001 epoch.
 LIKELIHOOD_JOBS = {
     "0": ("discretized_logistic_mixture", 0, [5.0, 2.5, 2.2], None),
@@ -245,7 +245,7 @@ def test_likelihood_rows_take_the_median_bits_per_dim_at_the_common_epoch_best_f
             columns["test_bits_per_dim"] = bits
         if name == "gaussian":
             columns["test_scale_at_floor"] = [0.01 * (seed + 1) + 0.001 * e for e in epochs]
-        fake_job(sweep / job, [f"{likelihood_key}={name}", f"{scale_key}=pixel", f"seed={seed}", "experiment=likelihoods"],
+        fake_job(sweep / job, [f"{likelihood_key}={name}", f"{scale_key}=pixel", f"seed={seed}", "experiment=likelihoods/train"],
                  [-900.0] * len(epochs), failed, **columns)
         if job in ("1", "2", "4"):  # the generate evaluations of some of the runs
             (samples / job).mkdir(parents=True)
@@ -278,7 +278,7 @@ def test_likelihood_rows_take_the_median_bits_per_dim_at_the_common_epoch_best_f
         for kind in ("samples", "samples_drawn")]
 
 
-# The fake experiment=likelihoods_beta: {job: (trainer.nll_beta, seed, test bits/dim per epoch, failed)}.
+# The fake experiment=beta_nll/train: {job: (trainer.nll_beta, seed, test bits/dim per epoch, failed)}.
 BETA_JOBS = {
     "0": (1, 0, [9.0, 4.3, 4.35, 4.2, 4.25], None),
     "1": (0, 0, [9.0, 4.0, 5.5, 5.0, 5.2, 12.0], None),  # worst rise +1.5 in epoch 2; +6.8 after the common epoch
@@ -293,9 +293,9 @@ def test_beta_rows_give_the_median_and_each_seeds_worst_rise_in_the_order_of_bet
     """docs' beta-NLL blocks: a row per trainer.nll_beta, smallest first; at the last epoch all its
     seeds reached, the median bits/dim and each seed's; each seed's largest rise of bits/dim from one
     epoch to the next up to there (not its last step, not past the common epoch); the failed seeds."""
-    sweep = tmp_path / "multirun" / "likelihoods_beta"
+    sweep = tmp_path / "multirun" / "beta_nll"
     for job, (beta, seed, bits, failed) in BETA_JOBS.items():
-        fake_job(sweep / job, [f"trainer.nll_beta={beta}", f"seed={seed}", "experiment=likelihoods_beta"],
+        fake_job(sweep / job, [f"trainer.nll_beta={beta}", f"seed={seed}", "experiment=beta_nll/train"],
                  [-900.0] * len(bits), failed, test_bits_per_dim=bits, test_kl=60.0 + seed, test_scale_at_floor=0.1 * seed)
     rows = beta_rows(read_jobs(sweep), failed_seeds(sweep))
     assert [row["beta"] for row in rows] == [0, 0.5, 1]
@@ -314,7 +314,7 @@ def test_beta_rows_give_the_median_and_each_seeds_worst_rise_in_the_order_of_bet
     assert one["largest_rise"] == pytest.approx([0.05]) and one["failed"] == []
 
 
-@pytest.mark.parametrize("name, target", [("likelihoods_beta", "both"), ("likelihoods_beta_loc", "loc")])
+@pytest.mark.parametrize("name, target", [("beta_nll", "both"), ("beta_nll_loc", "loc")])
 def test_likelihoods_beta_block_names_the_target_the_samples_and_seed_0s_scales(name, target, tmp_path):
     """The beta-NLL blocks' format: the row names beta (and the target of its weight when not both),
     the seeds' samples' confident shares, seed 0's scales and bits per pixel, and its sample grids."""
@@ -341,7 +341,7 @@ def test_likelihoods_beta_block_names_the_target_the_samples_and_seed_0s_scales(
 def test_an_evaluation_whose_run_is_not_found_is_not_given_a_label(tmp_path):
     """An evaluation names its run by a path relative to where it ran; read from elsewhere, the run's
     overrides (its label and seed) are not found, and the block says so instead of filing it under 'default'."""
-    evaluations = tmp_path / "multirun" / "likelihoods_beta_samples" / "0"
+    evaluations = tmp_path / "multirun" / "beta_nll_samples" / "0"
     evaluations.mkdir(parents=True)
     (evaluations / "metrics.json").write_text(json.dumps({"run": "multirun/likelihoods_beta/0", "sample_confident_share": 0.2}))
     with pytest.raises(NotRun, match="multirun/likelihoods_beta/0"):
@@ -368,7 +368,7 @@ def test_likelihood_pixels_block_compares_background_and_edges(keys, tmp_path):
     assert float(row[8]) == pytest.approx((1 / 0.001**2) / (1 / 0.4**2), rel=1e-3)  # 1/scale^2: background over edge
 
 
-@pytest.mark.parametrize("name", ["one_hour_gray", "one_hour_gaussian", "one_hour_gaussian_loc"])
+@pytest.mark.parametrize("name", ["one_hour_logistic_mixture", "one_hour_gaussian", "one_hour_gaussian_loc"])
 def test_one_hour_gray_block_gives_each_seed_and_the_k5000_bits_per_dim(name, tmp_path):
     sweep = tmp_path / "multirun" / name
     for seed, bits in ((0, 1.31), (1, 1.33)):
@@ -418,14 +418,14 @@ def fake_lever_sweep(tmp_path, name, runs, kl, standard_error):
 def test_lever_rows_rank_seed_0s_run_by_its_test_nll_and_put_those_not_evaluated_last(tmp_path):
     """Each configuration's seed 0 at its last tested epoch (an epoch without a test is not its last),
     its whole-split NLL and that NLL's standard error; best NLL first, runs not evaluated last."""
-    sweep, evaluations = tmp_path / "multirun" / "levers", tmp_path / "multirun" / "levers_likelihood"
+    sweep, evaluations = tmp_path / "multirun" / "bound_and_posterior", tmp_path / "multirun" / "bound_and_posterior_likelihood"
     runs = {"0": (["estimator=reparam", "posterior=gaussian", "seed=0"], [-540.0, -96.0, -95.0, None], [2, 24, 25, 26], 86.0),
             "1": (["estimator=reparam", "posterior=gaussian", "seed=1"], [-540.0, -93.0], [2, 20], None),  # seed 1: not shown
             "2": (["estimator=reparam", "posterior=iaf", "seed=0"], [-540.0, -94.0], [2, 27], 85.5),
             "3": (["estimator=iwae", "posterior=gaussian", "seed=0"], [-540.0, -97.0], [2, 28], None),
             "4": (["estimator=iwae", "posterior=iaf", "seed=0"], [-540.0, -93.5], [2, 29], 85.7)}
     for job, (overrides, elbos, kls, nll) in runs.items():
-        fake_job(sweep / job, [*overrides, "experiment=levers"], elbos, test_kl=kls)
+        fake_job(sweep / job, [*overrides, "experiment=bound_and_posterior/train"], elbos, test_kl=kls)
         if nll is not None:
             (evaluations / job).mkdir(parents=True)
             (evaluations / job / "metrics.json").write_text(json.dumps(
@@ -447,14 +447,14 @@ def test_levers_table_says_which_runs_are_not_evaluated(tmp_path):
     """The levers table's format: a row per run, best NLL first, the runs not evaluated saying so. The
     jobs here have the overrides of a sweep from before the posterior group (model.flows=F): they are
     read in today's options (vae/old_runs.py)."""
-    fake_lever_sweep(tmp_path, "levers", {"0": (["estimator=reparam", "model.flows=0"], -95.0, 86.0),
+    fake_lever_sweep(tmp_path, "bound_and_posterior", {"0": (["estimator=reparam", "model.flows=0"], -95.0, 86.0),
                                           "1": (["estimator=reparam", "model.flows=2"], -94.0, 85.5),
                                           "2": (["estimator=iwae", "model.flows=0"], -97.0, None)}, 25.0, 0.05)
-    block = fill("<!-- report:levers -->\n<!-- /report:levers -->\n", outputs(tmp_path))
+    block = fill("<!-- report:bound_and_posterior -->\n<!-- /report:bound_and_posterior -->\n", outputs(tmp_path))
     rows = [line for line in block.splitlines() if line.startswith("| `")]
     assert rows[0] == "| `reparam` | `iaf` | 1 | 0 min 10 s | -94.00 | 25.0 | **85.50 ± 0.05** |"
     assert rows[2].startswith("| `iwae` | `gaussian` | 1 |")
-    assert "not evaluated yet: `python evaluate.py -m experiment=levers_likelihood`" in rows[2]
+    assert "not evaluated yet: `python evaluate.py -m experiment=bound_and_posterior/likelihood`" in rows[2]
 
 
 def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll(tmp_path):
@@ -462,18 +462,18 @@ def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll
     option, its default where the run left it out; best_one_hour:
     the K=100 bound on every image and the whole-split NLL with its standard error (not the random
     images' own)."""
-    fake_lever_sweep(tmp_path, "levers_training", {
+    fake_lever_sweep(tmp_path, "depth_latent_warmup", {
         "0": (["model.residual_blocks=0", "model.latent_dim=16"], -93.0, 87.0),
         "1": (["model.residual_blocks=1", "model.latent_dim=32", "trainer.kl_warmup_epochs=3"], -92.0, 86.2)}, 25.0, 0.05)
     out = outputs(tmp_path)
-    block = fill("<!-- report:levers_training -->\n<!-- /report:levers_training -->\n", out)
+    block = fill("<!-- report:depth_latent_warmup -->\n<!-- /report:depth_latent_warmup -->\n", out)
     assert "| networks | latent dim | KL warm-up epochs | epochs in the budget |" in block
     assert [row[:3] for row in table_rows(block)] == [["resnet", "32", "3"], ["conv", "16", "0"]]
-    for missing, command in (("levers_bf16", "python train.py -m experiment=levers_bf16"),
-                             ("levers_schedule", "python train.py -m experiment=levers_schedule"),
-                             ("best_one_hour", "python train.py experiment=best_one_hour")):
+    for missing, command in (("bf16", "python train.py -m experiment=bf16/train"),
+                             ("lr_schedule", "python train.py -m experiment=lr_schedule/train"),
+                             ("best_one_hour", "python train.py experiment=best_one_hour/train")):
         assert f"_Not run yet: `{command}`._" in fill(f"<!-- report:{missing} -->\n<!-- /report:{missing} -->\n", out)
-    fake_job(out.run("best_one_hour"), ["experiment=best_one_hour"], [-540.0, -90.5])
+    fake_job(out.run("best_one_hour"), ["experiment=best_one_hour/train"], [-540.0, -90.5])
     (out.run("best_one_hour_likelihood")).mkdir(parents=True)
     (out.run("best_one_hour_likelihood") / "metrics.json").write_text(json.dumps(
         {"num_particles": 5000, "num_images": 1000, "whole_split_nll": 84.321, "whole_split_nll_standard_error": 0.04,
@@ -487,9 +487,9 @@ def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll
 
 
 def test_the_bf16_lever_table_names_each_runs_layers(tmp_path):
-    fake_lever_sweep(tmp_path, "levers_bf16", {"0": (["trainer.bf16=false"], -91.0, 85.9),
+    fake_lever_sweep(tmp_path, "bf16", {"0": (["trainer.bf16=false"], -91.0, 85.9),
                                                "1": (["trainer.bf16=true"], -90.5, 85.6)}, 26.0, 0.09)
-    block = fill("<!-- report:levers_bf16 -->\n<!-- /report:levers_bf16 -->\n", outputs(tmp_path))
+    block = fill("<!-- report:bf16 -->\n<!-- /report:bf16 -->\n", outputs(tmp_path))
     assert "| bfloat16 layers (`trainer.bf16`) | epochs in the budget |" in block
     assert [row[0] for row in table_rows(block)] == ["true", "false"]
 
@@ -497,9 +497,9 @@ def test_the_bf16_lever_table_names_each_runs_layers(tmp_path):
 def test_the_best_one_hour_iwae_block_sets_the_two_forks_side_by_side(tmp_path):
     out = outputs(tmp_path)
     empty = "<!-- report:best_one_hour_iwae -->\n<!-- /report:best_one_hour_iwae -->\n"
-    assert "_Not run yet: `python train.py experiment=best_one_hour`._" in fill(empty, out)
+    assert "_Not run yet: `python train.py experiment=best_one_hour/train`._" in fill(empty, out)
     for name, elbos, nll in (("best_one_hour", [-540.0, -88.4], 83.51), ("best_one_hour_iwae", [-540.0, -89.0, -89.2], 82.87)):
-        fake_job(out.run(name), ["experiment=best_one_hour"], elbos)
+        fake_job(out.run(name), ["experiment=best_one_hour/train"], elbos)
         (out.run(f"{name}_likelihood")).mkdir(parents=True)
         (out.run(f"{name}_likelihood") / "metrics.json").write_text(json.dumps(
             {"num_particles": 5000, "num_images": 1000, "whole_split_nll": nll, "whole_split_nll_standard_error": 0.06,
@@ -516,8 +516,8 @@ def test_the_best_one_hour_iwae_block_sets_the_two_forks_side_by_side(tmp_path):
 def test_the_data_parallel_block_sets_the_two_runs_side_by_side(tmp_path):
     out = outputs(tmp_path)
     empty = "<!-- report:data_parallel -->\n<!-- /report:data_parallel -->\n"
-    assert "_Not run yet: `python train.py experiment=data_parallel`._" in fill(empty, out)
-    for name, seconds in (("data_parallel", [41.0, 39.7]), ("data_parallel_2ranks", [52.9, 49.6])):
+    assert "_Not run yet: `python train.py experiment=speed/data_parallel`._" in fill(empty, out)
+    for name, seconds in (("speed_data_parallel", [41.0, 39.7]), ("speed_data_parallel_2ranks", [52.9, 49.6])):
         run = out.run(name)
         run.mkdir(parents=True)
         lines = [{"epoch": 0, "test_elbo": -540.0}] + [{"epoch": e + 1, "seconds": s, "test_elbo": -101.0 - e}
@@ -531,7 +531,7 @@ def test_the_data_parallel_block_sets_the_two_runs_side_by_side(tmp_path):
 # --- what the density model is for ----------------------------------------------------------------
 
 def test_generation_block_gives_the_classifiers_judgement_of_the_samples(tmp_path):
-    directory = tmp_path / "multirun" / "uses" / "generate"
+    directory = tmp_path / "multirun" / "default_applications" / "generate"
     directory.mkdir(parents=True)
     (directory / "samples.png").write_bytes(b"")
     (directory / "metrics.json").write_text(json.dumps({
@@ -569,13 +569,13 @@ def test_documents_are_filled_from_the_recipes_outputs(tmp_path):
     assert "old text" not in filled and filled.startswith("a\n") and filled.endswith("b\n")
     assert "**-101.01**" in filled and "-105.25 after the first epoch" in filled and "about 2 minutes (61 s per epoch" in filled
     assert "Some CPU, 2 threads; no GPU; torch 9.9; pyro 1.9.2." in filled and "0123456" not in filled
-    assert "_Not run yet: `python bench.py experiment=bench`._" in filled
+    assert "_Not run yet: `python bench.py experiment=speed/bench`._" in filled
     assert "commit 0123456; 2026-12-01." in fill(document, outputs(tmp_path, full=True))
     assert fill(filled, out) == filled  # filling again changes nothing
     with pytest.raises(KeyError, match="nope"):
         fill("<!-- report:nope -->\n<!-- /report:nope -->", out)
     partly = fill(document, out, only=["speed"])  # `python report.py blocks=[speed]`: the others stay as they are
-    assert "old text" in partly and "_Not run yet: `python bench.py experiment=bench`._" in partly
+    assert "old text" in partly and "_Not run yet: `python bench.py experiment=speed/bench`._" in partly
     with pytest.raises(KeyError, match=r"blocks=\['nope'\]"):
         fill(document, out, only=["speed", "nope"])
 
@@ -613,14 +613,14 @@ BENCH = {"score_loo": (293.54, 4.891), "raw": (60.84, 1.0), "score_avg_baseline"
 
 
 def fake_readme_outputs(experiments: Path, sweeps: Path) -> None:
-    """The outputs the README's blocks read: the default run, experiment=estimators, one_hour and its
+    """The outputs the README's blocks read: the default run, experiment=estimators/train, one_hour and its
     likelihood, the uses (and heldout_anomaly) evaluations, and bench.json."""
-    default = fake_job(experiments / "default", ["experiment=default"], DEFAULT_ELBOS, seconds=DEFAULT_SECONDS,
+    default = fake_job(experiments / "default", ["experiment=default/train"], DEFAULT_ELBOS, seconds=DEFAULT_SECONDS,
                        test_recon=[e - 20 for e in DEFAULT_ELBOS], test_kl=20.0,
                        train_elbo=[None, -124.2, -104.0, -98.0, -95.5])
     (default / "provenance.jsonl").write_text(json.dumps(PROVENANCE) + "\n")
     fake_estimators(sweeps / "estimators")
-    fake_job(experiments / "one_hour", ["experiment=one_hour"], [-540.0, -100.0, -95.0, -93.1],
+    fake_job(experiments / "one_hour", ["experiment=one_hour/train"], [-540.0, -100.0, -95.0, -93.1],
              wall_time=[0, 1200.4, 2400.9, 3560.2])  # 59 min 20 s
     (experiments / "one_hour_likelihood").mkdir(parents=True)
     (experiments / "one_hour_likelihood" / "metrics.json").write_text(json.dumps(ONE_HOUR_NLL))
@@ -634,16 +634,16 @@ def fake_readme_outputs(experiments: Path, sweeps: Path) -> None:
             "generate": {"classifier_test_accuracy": 0.983, "test_confident_share": 0.957, "scored_samples": 1000,
                          "sample_confident_share": 0.479, "sample_confident_classes": [5] * 10, "confidence_threshold": 0.9}}
     for task, metrics in uses.items():
-        (sweeps / "uses" / task).mkdir(parents=True)
-        (sweeps / "uses" / task / "metrics.json").write_text(json.dumps(metrics))
-    (sweeps / "uses" / "generate" / "samples.png").write_bytes(b"png")
+        (sweeps / "default_applications" / task).mkdir(parents=True)
+        (sweeps / "default_applications" / task / "metrics.json").write_text(json.dumps(metrics))
+    (sweeps / "default_applications" / "generate" / "samples.png").write_bytes(b"png")
     for job, (digit, auroc) in HELDOUT.items():
-        run = fake_job(sweeps / "heldout" / str(digit), [f"data.exclude_classes=[{digit}]"], [-540.0, -101.0])
-        (sweeps / "heldout_anomaly" / job).mkdir(parents=True)
-        (sweeps / "heldout_anomaly" / job / "metrics.json").write_text(json.dumps({"run": str(run), "detection": [
+        run = fake_job(sweeps / "heldout_digit" / str(digit), [f"data.exclude_classes=[{digit}]"], [-540.0, -101.0])
+        (sweeps / "heldout_digit_anomaly" / job).mkdir(parents=True)
+        (sweeps / "heldout_digit_anomaly" / job / "metrics.json").write_text(json.dumps({"run": str(run), "detection": [
             detection(f"held-out class [{digit}]", auroc, 980), detection("noise", 0.99), detection("inverted", 0.97)]}))
-    (experiments / "bench").mkdir(parents=True)
-    (experiments / "bench" / "bench.json").write_text(json.dumps({
+    (experiments / "speed_bench").mkdir(parents=True)
+    (experiments / "speed_bench" / "bench.json").write_text(json.dumps({
         "batch_size": 128, "rounds": 5, "steps_per_round": 20, "data_fraction_of_step": 0.012,
         "evaluation": {"particles": 1000, "iw_throughput_fraction_of_decoder": 0.4},
         "results": {name: {"median_ms": ms, "iqr_ms": 1.0, "ratio_to_raw": ratio, "ratio_iqr": 0.01}
@@ -697,7 +697,7 @@ def test_report_py_fills_the_readmes_four_tables_from_the_recipes_outputs(tmp_pa
         [ONE_HOUR_NLL["whole_split_nll"], ONE_HOUR_NLL["whole_split_nll_standard_error"]], abs=0.005)  # not nll's own
     assert [float(row[1]) for row in anchors] == [86.76, 84.78, 82.90]
 
-    uses = {row[0]: row[1] for row in table_rows(block_of(text, "uses_short"))}
+    uses = {row[0]: row[1] for row in table_rows(block_of(text, "applications_short"))}
     assert list(uses) == ["generation: prior samples a digit classifier is confident about (p > 0.9)",
                           "representation: a linear probe on t_loc(x)", "anomalies: a digit left out of training",
                           "anomalies: uniform noise, inverted digits",
@@ -724,5 +724,5 @@ def test_report_py_fills_the_readmes_four_tables_from_the_recipes_outputs(tmp_pa
             "| 24.00 / 25.00 / 21.00 | 30 |") in block_of(docs, "estimators")
     assert "Failed: `estimator=score` seed 1: loss is nan at epoch 3" in block_of(docs, "estimators")
     assert "commit 0123456; 2026-12-01." in block_of(docs, "training")
-    assert "_Not run yet: `python faults.py experiment=faults`._" in block_of(docs, "faults")
+    assert "_Not run yet: `python faults.py experiment=reliability/faults`._" in block_of(docs, "faults")
     assert (tmp_path / "figures" / "estimators.png").stat().st_size > 0

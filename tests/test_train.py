@@ -447,8 +447,8 @@ def test_a_sweep_run_again_goes_on_with_its_recipe_as_it_is_now(fast_config, tmp
     without the recipe on the command line the saved value stays."""
     train(fast_config("trainer.epochs=1", "threads=2"), tmp_path)
     saved = checkpoint_module.saved_config(checkpoint_module.read(tmp_path / "checkpoint.pt"))
-    now = compose_config("experiment=estimators")  # trainer.epochs: 3, threads: 1
-    resumed = checkpoint_module.resumed_config(now, ["experiment=estimators"], tmp_path)
+    now = compose_config("experiment=estimators/train")  # trainer.epochs: 3, threads: 1
+    resumed = checkpoint_module.resumed_config(now, ["experiment=estimators/train"], tmp_path)
     assert (resumed.trainer.epochs, resumed.threads) == (now.trainer.epochs, now.threads) == (3, 1)
     assert resumed.data == saved.data and resumed.model == saved.model and resumed.estimator == saved.estimator
     assert checkpoint_module.resumed_config(now, [], tmp_path).trainer.epochs == 1

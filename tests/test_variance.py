@@ -95,7 +95,7 @@ def test_variance_cli_reads_every_kept_checkpoint(tmp_path):
     train(compose_config(*FAST, "trainer.epochs=2", "data.subset=128", "trainer.keep_checkpoints=true"), run_dir)
     assert sorted(p.name for p in run_dir.glob("checkpoint_epoch_*.pt")) == [
         "checkpoint_epoch_000.pt", "checkpoint_epoch_001.pt", "checkpoint_epoch_002.pt"]
-    out = tmp_path / "variance"
+    out = tmp_path / "estimators_variance"
     result = subprocess.run(
         [sys.executable, "variance.py", f"run={run_dir}", "estimators=[reparam,score]", "samples=10",
          "batch_size=8", "threads=1", f"hydra.run.dir={out}"], cwd=PROJECT_DIR, capture_output=True, text=True,

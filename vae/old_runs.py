@@ -9,6 +9,7 @@ command line. As variants moved out of the core into config groups, their keys a
     before the `posterior` group    model.flows=F (F > 0: inverse autoregressive flows), the flows
                                     the encoder's `flows.*`
     before `model=resnet`           model.residual_blocks=R in the plain networks (R = 0: none)
+    before recipes by study         experiment=NAME, now experiment=<study>/<step>
 
 `todays_config` converts a saved config, `todays_param` a parameter's name (in the param store and the
 optimizer's state), `todays_overrides` a command line; the weights, moments and RNG states are kept,
@@ -34,6 +35,26 @@ OLD_LIKELIHOOD_KEYS = {"likelihood": None, "scale": "scale", "min_scale": "min_s
 # The start of an old parameter name -> the start of its name today.
 RENAMED_PARAMS = {"decoder$$$raw_scale": "decoder$$$likelihood.scale.raw_scale",
                   "encoder$$$flows.": "encoder$$$posterior.flows."}
+# Recipes from before conf/experiment/ was grouped by study: experiment=<old name> -> <study>/<step>.
+OLD_RECIPES = {
+    "default": "default/train", "uses": "default/applications", "estimators": "estimators/train",
+    "variance": "estimators/variance", "bench": "speed/bench", "data_parallel": "speed/data_parallel",
+    "faults": "reliability/faults", "heldout": "heldout_digit/train", "heldout_anomaly": "heldout_digit/anomaly",
+    **{f"{old}{step}": f"{new}/{step.lstrip('_') or 'train'}"
+       for old, new, steps in (("one_hour", "one_hour", ("", "_likelihood")),
+                               ("one_hour_gaussian", "one_hour_gaussian", ("", "_likelihood", "_samples")),
+                               ("one_hour_gaussian_loc", "one_hour_gaussian_loc", ("", "_likelihood", "_samples")),
+                               ("one_hour_gray", "one_hour_logistic_mixture", ("", "_likelihood", "_samples")),
+                               ("likelihoods", "likelihoods", ("", "_pixels", "_samples")),
+                               ("likelihoods_beta", "beta_nll", ("", "_pixels", "_samples")),
+                               ("likelihoods_beta_loc", "beta_nll_loc", ("", "_pixels", "_samples")),
+                               ("levers", "bound_and_posterior", ("", "_likelihood")),
+                               ("levers_training", "depth_latent_warmup", ("", "_likelihood")),
+                               ("levers_schedule", "lr_schedule", ("", "_likelihood")),
+                               ("levers_bf16", "bf16", ("", "_likelihood")),
+                               ("best_one_hour", "best_one_hour", ("", "_likelihood", "_iwae_likelihood")))
+       for step in steps},
+}
 PLAIN_NETWORKS = {"encoder": "guide.Encoder", "decoder": "model.Decoder"}
 
 
@@ -117,6 +138,7 @@ def todays_overrides(overrides: list[str]) -> list[str]:
     model.flows=F                posterior=iaf (and posterior.flows=F unless F is its default);
                                  F = 0: posterior=gaussian
     model.residual_blocks=R      model=resnet (and model.residual_blocks=R unless R is its default); R = 0: model=conv
+    experiment=NAME              experiment=<study>/<step> (OLD_RECIPES)
     """
     pairs = [override.partition("=")[::2] for override in overrides]
     old = {key.removeprefix("model."): value for key, value in pairs
@@ -131,6 +153,8 @@ def todays_overrides(overrides: list[str]) -> list[str]:
         elif old_key in OLD_LIKELIHOOD_KEYS:
             if OLD_LIKELIHOOD_KEYS[old_key] in likelihood_options:
                 current.append(f"likelihood.{OLD_LIKELIHOOD_KEYS[old_key]}={value}")
+        elif key == "experiment" and value in OLD_RECIPES:
+            current.append(f"experiment={OLD_RECIPES[value]}")
         elif old_key == "flows":
             current += variant(int(value), "posterior=gaussian", "posterior=iaf", "posterior.flows",
                                option("posterior", "iaf").flows)

@@ -98,7 +98,7 @@ def minutes(seconds: float) -> str:
 # --- training ----------------------------------------------------------------------------------
 
 def default_run(out: Outputs) -> list[dict[str, Any]]:
-    return read_jsonl(out.run("default") / "metrics.jsonl", "python train.py experiment=default")
+    return read_jsonl(out.run("default") / "metrics.jsonl", "python train.py experiment=default/train")
 
 
 def quickstart(out: Outputs) -> str:
@@ -133,12 +133,12 @@ def copy_figure(source: Path, target: Path) -> None:
 # --- estimators --------------------------------------------------------------------------------
 
 def trained_jobs(out: Outputs, name: str) -> tuple[Path, dict[str, list[list[dict[str, Any]]]]]:
-    """(the sweep directory of `python train.py -m experiment=<name>`, its jobs by configuration);
+    """(the sweep directory of `python train.py -m experiment=<name>/train`, its jobs by configuration);
     NotRun, naming that command, while it holds none."""
     sweep = out.sweep(name)
     jobs = read_jobs(sweep) if sweep.is_dir() else {}
     if not jobs:
-        raise NotRun(f"python train.py -m experiment={name}")
+        raise NotRun(f"python train.py -m experiment={name}/train")
     return sweep, jobs
 
 
@@ -176,7 +176,7 @@ def estimator_numbers(jobs: dict[str, list[list[dict[str, Any]]]]) -> list[dict[
 
 
 def estimator_rows(out: Outputs) -> list[dict[str, Any]]:
-    """estimator_numbers of experiment=estimators; its figure, estimators.png, into the figures."""
+    """estimator_numbers of experiment=estimators/train; its figure, estimators.png, into the figures."""
     rows = estimator_numbers(trained_jobs(out, "estimators")[1])
     plot(rows).savefig(out.figures / "estimators.png", dpi=110)
     return rows
@@ -248,7 +248,7 @@ def run_evaluations(sweep: Path) -> list[tuple[str, int, dict[str, Any], Path]]:
 
 
 def likelihood_options(label: str) -> tuple[str, str]:
-    """(likelihood, likelihood.scale) of a configuration label of experiment=likelihoods (runs from before
+    """(likelihood, likelihood.scale) of a configuration label of experiment=likelihoods/train (runs from before
     the likelihood group: model.likelihood, model.scale)."""
     options = label_options(label)
     return (options.get("likelihood", options.get("model.likelihood", "?")),
@@ -260,7 +260,7 @@ def likelihood_sample_quality(out: Outputs, sweep: str = "likelihoods_samples",
                               ) -> tuple[dict[str, list[float]], str]:
     """({configuration label: the sample-confident share of each seed's run}, the seed-0 sample grids
     side by side, E[x|t] above x ~ p(x|t), copied into the figures as likelihoods_<name_of(label)>_*.png)
-    from the generate evaluations of `experiment=<sweep>` (({}, '') when they have not run)."""
+    from the generate evaluations of `experiment=<study>/samples` (({}, '') when they have not run)."""
     shares: dict[str, list[tuple[int, float]]] = {}
     grids = []
     for label, seed, metrics, directory in run_evaluations(out.sweep(sweep)):
@@ -277,7 +277,7 @@ def likelihood_sample_quality(out: Outputs, sweep: str = "likelihoods_samples",
 
 
 def likelihood_rows(jobs: dict[str, list[list[dict[str, Any]]]], failed: dict[str, list[int]]) -> list[dict[str, Any]]:
-    """One row per configuration of experiment=likelihoods whose seeds all have test bits/dim, best
+    """One row per configuration of experiment=likelihoods/train whose seeds all have test bits/dim, best
     (lowest) median first: at the last epoch every seed reached, the median bits/dim over seeds and
     each seed's bits/dim, KL and share of pixels at the scale's floor (None when not recorded), and
     the seeds that failed or diverged."""
@@ -314,7 +314,7 @@ def likelihood_pixels(out: Outputs) -> str:
     evaluations = run_evaluations(out.sweep("likelihoods_pixels"))
     results = {label: metrics for label, seed, metrics, _ in evaluations if seed == 0}
     if not results:
-        raise NotRun("python evaluate.py -m experiment=likelihoods_pixels")
+        raise NotRun("python evaluate.py -m experiment=likelihoods/pixels")
     rows = []
     for label, metrics in sorted(results.items(), key=lambda item: item[1]["bits_per_dim"]):
         groups = metrics["groups"]
@@ -337,7 +337,7 @@ def likelihood_pixels(out: Outputs) -> str:
 
 
 def nll_beta_of(label: str) -> float:
-    """trainer.nll_beta of a configuration label of experiment=likelihoods_beta (0: the ELBO)."""
+    """trainer.nll_beta of a configuration label of experiment=beta_nll/train (0: the ELBO)."""
     return float(label_options(label).get("trainer.nll_beta", 0))
 
 
@@ -349,7 +349,7 @@ def largest_rise(metrics: list[dict[str, Any]], last_epoch: int) -> float:
 
 
 def beta_rows(jobs: dict[str, list[list[dict[str, Any]]]], failed: dict[str, list[int]]) -> list[dict[str, Any]]:
-    """One row per trainer.nll_beta of experiment=likelihoods_beta, smallest beta first: at the last
+    """One row per trainer.nll_beta of experiment=beta_nll/train, smallest beta first: at the last
     epoch every seed reached, the median test bits/dim over seeds, each seed's bits/dim, KL, share of
     pixels at the scale's floor and largest rise of bits/dim up to there, and the seeds that failed
     or diverged."""
@@ -363,7 +363,7 @@ def beta_rows(jobs: dict[str, list[list[dict[str, Any]]]], failed: dict[str, lis
     return rows
 
 
-def likelihoods_beta(out: Outputs, name: str = "likelihoods_beta", target: str = "both") -> str:
+def beta_nll(out: Outputs, name: str = "beta_nll", target: str = "both") -> str:
     """The lecture's Gaussian (per-pixel scale) trained on the ELBO and on the beta-NLL (recipe `name`, its
     weight on `target`: trainer.nll_beta_target): each seed's test bits/dim and KL (the ELBO's, whatever
     the training objective), the samples' confident share, and seed 0's scales (`task=pixels`)."""
@@ -397,8 +397,8 @@ def likelihoods_beta(out: Outputs, name: str = "likelihoods_beta", target: str =
 # --- gradient variance -------------------------------------------------------------------------
 
 def variance(out: Outputs) -> str:
-    directory = out.run("variance")
-    points = read_json(directory / "variance.json", "python variance.py experiment=variance")
+    directory = out.run("estimators_variance")
+    points = read_json(directory / "variance.json", "python variance.py experiment=estimators/variance")
     copy_figure(directory / "variance.png", out.figures / "variance.png")
     shown = [points[0], points[1], points[-1]] if len(points) > 2 else points
     epochs = " / ".join(f"{p['epoch']:g}" for p in shown)
@@ -423,8 +423,8 @@ def likelihood_numbers(out: Outputs, name: str = "one_hour", train_command: str 
                        ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """(the training metrics of `python train.py experiment=NAME` (or of `train_command`), the metrics
     of its NAME_likelihood)."""
-    training_metrics = read_jsonl(out.run(name) / "metrics.jsonl", train_command or f"python train.py experiment={name}")
-    nll = read_json(out.run(f"{name}_likelihood") / "metrics.json", f"python evaluate.py experiment={name}_likelihood")
+    training_metrics = read_jsonl(out.run(name) / "metrics.jsonl", train_command or f"python train.py experiment={name}/train")
+    nll = read_json(out.run(f"{name}_likelihood") / "metrics.json", f"python evaluate.py experiment={name}/likelihood")
     return training_metrics, nll
 
 
@@ -461,7 +461,7 @@ def likelihood_short(out: Outputs) -> str:
 GRAY_ANCHORS = [("RealNVP (Dinh et al. 2017)", 1.06), ("Glow (Kingma & Dhariwal 2018)", 1.05)]
 
 
-def one_hour_gray(out: Outputs, name: str = "one_hour_gray") -> str:
+def one_hour_seeds(out: Outputs, name: str = "one_hour_logistic_mixture") -> str:
     """The one-hour runs of recipe `name` (a likelihood of gray levels), each seed, seed 0's K=5000
     bits/dim (recipe NAME_likelihood) and its prior samples with their confident share (NAME_samples)."""
     sweep, jobs = trained_jobs(out, name)
@@ -514,7 +514,7 @@ def lever_table(out: Outputs, name: str, columns: list[tuple[str, str, str]],
     rows = [[*(option_cell(row["options"].get(key, default)) for key, _, default in columns), row["epoch"],
              minutes(row["wall_time"]), nats(row["test_elbo"]), f"{row['test_kl']:.1f}",
              f"**{nats(row['nll'])} ± {row['nll_standard_error']:.2f}**" if row["nll"] is not None
-             else f"_not evaluated yet: `python evaluate.py -m experiment={name}_likelihood`_"]
+             else f"_not evaluated yet: `python evaluate.py -m experiment={name}/likelihood`_"]
             for row in lever_rows(jobs, run_evaluations(evaluation))]
     head = [header for _, header, _ in columns] + [
         epochs_header, "training time", "test ELBO (nats)", "KL(q ‖ p)", "test NLL (nats): ELBO + IW gap at K=1000"]
@@ -543,26 +543,26 @@ def option_cell(value: str) -> str:
     return value if value.lstrip("-").replace(".", "", 1).isdigit() else f"`{value}`"
 
 
-def levers(out: Outputs) -> str:
+def bound_and_posterior(out: Outputs) -> str:
     """The lecture's model against the IW bound and the flow posterior at equal wall time."""
-    return lever_table(out, "levers", [("estimator", "estimator", "reparam"), ("posterior", "q(t\\|x)", "gaussian")])
+    return lever_table(out, "bound_and_posterior", [("estimator", "estimator", "reparam"), ("posterior", "q(t\\|x)", "gaussian")])
 
 
-def levers_training(out: Outputs) -> str:
+def depth_latent_warmup(out: Outputs) -> str:
     """Depth, latent size and KL warm-up around reparam + 2 flows, at equal wall time."""
-    return lever_table(out, "levers_training", [("model", "networks", "conv"),
+    return lever_table(out, "depth_latent_warmup", [("model", "networks", "conv"),
                                                 ("model.latent_dim", "latent dim", "16"),
                                                 ("trainer.kl_warmup_epochs", "KL warm-up epochs", "0")])
 
 
-def levers_schedule(out: Outputs) -> str:
+def lr_schedule(out: Outputs) -> str:
     """A constant learning rate against the cosine schedule over the same epochs."""
-    return lever_table(out, "levers_schedule", [("schedule", "learning-rate schedule", "none")], "epochs")
+    return lever_table(out, "lr_schedule", [("schedule", "learning-rate schedule", "none")], "epochs")
 
 
-def levers_bf16(out: Outputs) -> str:
+def bf16(out: Outputs) -> str:
     """The best configuration's layers in float32 against bfloat16 autocast, at equal wall time."""
-    return lever_table(out, "levers_bf16", [("trainer.bf16", "bfloat16 layers (`trainer.bf16`)", "false")])
+    return lever_table(out, "bf16", [("trainer.bf16", "bfloat16 layers (`trainer.bf16`)", "false")])
 
 
 def best_one_hour(out: Outputs) -> str:
@@ -576,7 +576,7 @@ FORK_COMMAND = ("python train.py resume=outputs/experiments/best_one_hour_iwae e
 
 
 def best_one_hour_iwae(out: Outputs) -> str:
-    """The hour of `experiment=best_one_hour` forked after 40 minutes: its last 20 minutes on the ELBO
+    """The hour of `experiment=best_one_hour/train` forked after 40 minutes: its last 20 minutes on the ELBO
     as it was, or on the IW bound (`estimator=iwae`), side by side with their K=5000 NLLs."""
     runs = {"on the ELBO": likelihood_numbers(out, "best_one_hour"),
             "on the IW bound, K=5": likelihood_numbers(out, "best_one_hour_iwae", FORK_COMMAND)}
@@ -600,9 +600,9 @@ def best_one_hour_iwae(out: Outputs) -> str:
 
 def data_parallel(out: Outputs) -> str:
     """One process against two ranks on the same global batch: each epoch's seconds, the test ELBO."""
-    runs = {"1 process, 2 threads": (out.run("data_parallel"), "python train.py experiment=data_parallel"),
-            "2 ranks (torchrun), 1 thread each": (out.run("data_parallel_2ranks"), "torchrun --standalone "
-                "--nproc_per_node=2 train.py experiment=data_parallel hydra.run.dir=outputs/experiments/data_parallel_2ranks")}
+    runs = {"1 process, 2 threads": (out.run("speed_data_parallel"), "python train.py experiment=speed/data_parallel"),
+            "2 ranks (torchrun), 1 thread each": (out.run("speed_data_parallel_2ranks"), "torchrun --standalone "
+                "--nproc_per_node=2 train.py experiment=speed/data_parallel hydra.run.dir=outputs/experiments/speed_data_parallel_2ranks")}
     metrics = {name: read_jsonl(run / "metrics.jsonl", command) for name, (run, command) in runs.items()}
     rows = [[name, " / ".join(f"{m['seconds']:.1f}" for m in lines[1:]), nats(lines[-1]["test_elbo"])]
             for name, lines in metrics.items()]
@@ -612,12 +612,12 @@ def data_parallel(out: Outputs) -> str:
 
 # --- what the density model is for -------------------------------------------------------------
 
-USES = "python evaluate.py -m experiment=uses"
+USES = "python evaluate.py -m experiment=default/applications"
 SCORES = (("neg_elbo", "-ELBO"), ("kl", "KL"), ("neg_recon", "-reconstruction"), ("iw_nll", "IW NLL"))
 
 
 def use(out: Outputs, task: str) -> dict[str, Any]:
-    return read_json(out.sweep("uses") / task / "metrics.json", USES)
+    return read_json(out.sweep("default_applications") / task / "metrics.json", USES)
 
 
 def auc(cell: dict[str, float]) -> str:
@@ -625,7 +625,7 @@ def auc(cell: dict[str, float]) -> str:
 
 
 def generation(out: Outputs) -> str:
-    directory = out.sweep("uses") / "generate"
+    directory = out.sweep("default_applications") / "generate"
     if not (directory / "samples.png").is_file():
         raise NotRun(USES)
     for name in ("interpolations", "traversals"):  # its prior samples are those of the README's picture
@@ -646,7 +646,7 @@ def generation(out: Outputs) -> str:
 def representation(out: Outputs) -> str:
     probe = use(out, "represent")
     return (f"A multinomial logistic regression on the latent means t_loc(x) (training split -> test split): "
-            f"**{probe['linear_probe_accuracy']:.1%}** test accuracy.\n\n" + provenance_line(out, out.sweep("uses") / "represent"))
+            f"**{probe['linear_probe_accuracy']:.1%}** test accuracy.\n\n" + provenance_line(out, out.sweep("default_applications") / "represent"))
 
 
 def ood(out: Outputs) -> str:
@@ -656,19 +656,19 @@ def ood(out: Outputs) -> str:
     rows.append(["mean score: normal / " + " / ".join(name for name in means if name != "normal"), "",
                  *(" / ".join(f"{means[name][score]:.1f}" for name in means) for score, _ in SCORES)])
     return (table(["anomalies", "images", *(f"{label} AUROC / AUPRC" for _, label in SCORES)], rows) + "\n\n"
-            + provenance_line(out, out.sweep("uses") / "anomaly"))
+            + provenance_line(out, out.sweep("default_applications") / "anomaly"))
 
 
 def heldout_rows(out: Outputs) -> list[tuple[int, dict[str, Any], list[dict[str, Any]]]]:
-    evaluations = out.sweep("heldout_anomaly")
+    evaluations = out.sweep("heldout_digit_anomaly")
     found = sorted(evaluations.glob("*/metrics.json")) if evaluations.is_dir() else []
     if not found:
-        raise NotRun("python train.py -m experiment=heldout && python evaluate.py -m experiment=heldout_anomaly")
+        raise NotRun("python train.py -m experiment=heldout_digit/train && python evaluate.py -m experiment=heldout_digit/anomaly")
     rows = []
     for path in found:
         result = json.loads(path.read_text())
         run = Path(result["run"])
-        rows.append((int(run.name), result, read_jsonl(run / "metrics.jsonl", "python train.py -m experiment=heldout")))
+        rows.append((int(run.name), result, read_jsonl(run / "metrics.jsonl", "python train.py -m experiment=heldout_digit/train")))
     return sorted(rows, key=lambda row: row[0])
 
 
@@ -681,7 +681,7 @@ def heldout(out: Outputs) -> str:
                       f"{detection['noise']['neg_elbo']['auroc']:.2f}, {detection['inverted']['neg_elbo']['auroc']:.2f}"])
     head = ["held-out digit", "images", "test ELBO of the run", *(f"{label} AUROC / AUPRC" for _, label in SCORES),
             "noise, inverted: -ELBO AUROC"]
-    return table(head, lines) + "\n\n" + provenance_line(out, out.sweep("heldout"), out.sweep("heldout_anomaly"))
+    return table(head, lines) + "\n\n" + provenance_line(out, out.sweep("heldout_digit"), out.sweep("heldout_digit_anomaly"))
 
 
 def impute(out: Outputs) -> str:
@@ -699,10 +699,10 @@ def impute(out: Outputs) -> str:
         lines.append([kind.replace("_", " "), *cells])
     return (f"{result['num_images']:,} test images; MSE on the missing pixels (in brackets: the mean effective sample size "
             "of the importance weights).\n\n" + table(["mask", *(name.replace("_", " ") for name in methods)], lines)
-            + "\n\n" + provenance_line(out, out.sweep("uses") / "impute"))
+            + "\n\n" + provenance_line(out, out.sweep("default_applications") / "impute"))
 
 
-def uses_short(out: Outputs) -> str:
+def applications_short(out: Outputs) -> str:
     probe, anomaly, imputation = use(out, "represent"), use(out, "anomaly"), use(out, "impute")
     detection = {row["anomalies"]: row for row in anomaly["detection"]}
     errors = imputation["errors"]
@@ -725,13 +725,13 @@ def uses_short(out: Outputs) -> str:
             f"{digit}: {value:.2f}" for digit, value in held)])
     except NotRun:
         pass
-    return table(["use", "result"], rows) + "\n\n" + provenance_line(out, out.sweep("uses"))
+    return table(["use", "result"], rows) + "\n\n" + provenance_line(out, out.sweep("default_applications"))
 
 
 # --- speed -------------------------------------------------------------------------------------
 
 def bench_report(out: Outputs) -> dict[str, Any]:
-    return read_json(out.run("bench") / "bench.json", "python bench.py experiment=bench")
+    return read_json(out.run("speed_bench") / "bench.json", "python bench.py experiment=speed/bench")
 
 
 def speed(out: Outputs) -> str:
@@ -746,7 +746,7 @@ def speed(out: Outputs) -> str:
             f"bare decoder's throughput" + (f"; with {e['flows']} inverse autoregressive flows in q(t|x) it takes "
                                             f"{e['flow_time_ratio']:.2f}x the time per image of the Gaussian q(t|x)"
                                             if "flows" in e else "")
-            + ".\n\n" + provenance_line(out, out.run("bench")))
+            + ".\n\n" + provenance_line(out, out.run("speed_bench")))
 
 
 def speed_short(out: Outputs) -> str:
@@ -754,14 +754,14 @@ def speed_short(out: Outputs) -> str:
     rows = [[f"`{name}`", f"{results[name]['median_ms']:.1f}", f"{results[name]['ratio_to_raw']:.2f}"]
             for name in ("raw", "reparam", "reparam_jit", "reparam_bf16", "score", "score_loo") if name in results]
     return (table(["one training step (batch " + str(bench_report(out)["batch_size"]) + ")", "ms", "/ raw"], rows)
-            + "\n\n" + provenance_line(out, out.run("bench")))
+            + "\n\n" + provenance_line(out, out.run("speed_bench")))
 
 
 # --- faults ------------------------------------------------------------------------------------
 
 def faults(out: Outputs) -> str:
-    directory = out.run("faults")
-    result = read_json(directory / "faults.json", "python faults.py experiment=faults")
+    directory = out.run("reliability_faults")
+    result = read_json(directory / "faults.json", "python faults.py experiment=reliability/faults")
     copy_figure(directory / "faults.png", out.figures / "faults.png")
     s = result["summary"]
     rows = [["SIGKILLs / SIGTERMs sent", f"{s['kills']} / {s['terms']}"],
@@ -780,15 +780,15 @@ def faults(out: Outputs) -> str:
 BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "quickstart": quickstart, "training": training, "estimators": estimators, "estimators_short": estimators_short,
     "variance": variance, "likelihood": likelihood, "likelihood_short": likelihood_short, "generation": generation,
-    "representation": representation, "ood": ood, "heldout": heldout, "impute": impute, "uses_short": uses_short,
+    "representation": representation, "ood": ood, "heldout_digit": heldout, "impute": impute, "applications_short": applications_short,
     "speed": speed, "speed_short": speed_short, "faults": faults, "likelihoods": likelihoods,
-    "likelihood_pixels": likelihood_pixels, "one_hour_gray": one_hour_gray,
-    "one_hour_gaussian": lambda out: one_hour_gray(out, "one_hour_gaussian"), "levers": levers,
-    "levers_training": levers_training, "levers_schedule": levers_schedule, "levers_bf16": levers_bf16, "best_one_hour": best_one_hour,
+    "likelihood_pixels": likelihood_pixels, "one_hour_logistic_mixture": one_hour_seeds,
+    "one_hour_gaussian": lambda out: one_hour_seeds(out, "one_hour_gaussian"), "bound_and_posterior": bound_and_posterior,
+    "depth_latent_warmup": depth_latent_warmup, "lr_schedule": lr_schedule, "bf16": bf16, "best_one_hour": best_one_hour,
     "best_one_hour_iwae": best_one_hour_iwae,
-    "data_parallel": data_parallel, "likelihoods_beta": likelihoods_beta,
-    "likelihoods_beta_loc": lambda out: likelihoods_beta(out, "likelihoods_beta_loc", "loc"),
-    "one_hour_gaussian_loc": lambda out: one_hour_gray(out, "one_hour_gaussian_loc"),
+    "data_parallel": data_parallel, "beta_nll": beta_nll,
+    "beta_nll_loc": lambda out: beta_nll(out, "beta_nll_loc", "loc"),
+    "one_hour_gaussian_loc": lambda out: one_hour_seeds(out, "one_hour_gaussian_loc"),
 }
 
 
