@@ -26,7 +26,7 @@ import pyro
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from guide import posterior
 from vae import checkpoint, distributed
@@ -36,7 +36,7 @@ from vae.data import DataNotFoundError, load_training_data, observe_test_set
 from vae.elbo import dataset_elbo
 from vae.logbook import RunDirectoryBusy, record_failure
 from vae.runner import Runner, TrainingDiverged
-from vae.runs import resume_command
+from vae.runs import RunError, fork_point, resume_command
 
 log = logging.getLogger(__name__)
 PRIOR_GRID_SEED = 0  # the same prior samples t are decoded every epoch
@@ -118,6 +118,15 @@ def main(cfg: DictConfig) -> float | None:
     return metrics.get("test_elbo")
 
 
+def fork_point_or_exit(source: str, minutes: float, fork: str) -> str:
+    """`${fork_point:<run>,<minutes>,<fork dir>}` in a recipe: the checkpoint to go on from (vae/runs.py), or one line."""
+    try:
+        return fork_point(source, minutes, fork)
+    except RunError as error:
+        sys.exit(f"error: {error}")  # a SystemExit passes through OmegaConf and Hydra as it is
+
+
 if __name__ == "__main__":
     register_resolvers()  # conf/config.yaml's hydra.run.dir
+    OmegaConf.register_new_resolver("fork_point", fork_point_or_exit)  # a recipe that forks a run
     main()

@@ -499,13 +499,13 @@ def test_the_best_one_hour_iwae_block_sets_the_two_forks_side_by_side(tmp_path):
     empty = "<!-- report:best_one_hour_iwae -->\n<!-- /report:best_one_hour_iwae -->\n"
     assert "_Not run yet: `python train.py experiment=best_one_hour/train`._" in fill(empty, out)
     for name, elbos, nll in (("best_one_hour", [-540.0, -88.4], 83.51), ("best_one_hour_iwae", [-540.0, -89.0, -89.2], 82.87)):
-        fake_job(out.run(name), ["experiment=best_one_hour/train"], elbos)
+        fake_job(out.run(name), [f"experiment=best_one_hour/{'train' if name == 'best_one_hour' else 'iwae'}"], elbos)
         (out.run(f"{name}_likelihood")).mkdir(parents=True)
         (out.run(f"{name}_likelihood") / "metrics.json").write_text(json.dumps(
             {"num_particles": 5000, "num_images": 1000, "whole_split_nll": nll, "whole_split_nll_standard_error": 0.06,
              "whole_split_particles": 100, "whole_split_images": 10000, "whole_split_nll_with_whole_split_particles": nll + 0.7}))
         if name == "best_one_hour":
-            assert "_Not run yet: `python train.py resume=outputs/experiments/best_one_hour_iwae estimator=iwae" in fill(empty, out)
+            assert "_Not run yet: `python train.py experiment=best_one_hour/iwae`._" in fill(empty, out)
     block = fill(empty, out)
     assert "| last 20 minutes trained | on the ELBO | on the IW bound, K=5 |" in block
     assert "| epochs | 1 | 2 |" in block and "| test ELBO after the last epoch (nats) | -88.40 | -89.20 |" in block

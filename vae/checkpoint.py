@@ -256,14 +256,16 @@ def resumed_config(cfg: DictConfig, overrides: list[str], out_dir: Path) -> Dict
 
 def recipe_keys(override: str) -> list[str]:
     """The keys that `experiment=NAME` on the command line sets (its conf/experiment/NAME.yaml,
-    `# @package _global_`), as dotted paths to their values; [] for any other override. A sweep
-    continued with an edited recipe (say, fewer epochs) thus goes on with the recipe as it is now."""
+    `# @package _global_`), as dotted paths to their values, with the groups its defaults choose
+    (`override /estimator: iwae`: the whole `estimator` node) and the keys of the recipes it builds on;
+    [] for any other override. A sweep continued with an edited recipe (say, fewer epochs) thus goes on
+    with the recipe as it is now, and a recipe that forks a run (resume=...) gets its objective."""
     group, _, option = override.partition("=")
     path = CONF_DIR / "experiment" / f"{option}.yaml"
     if group.lstrip("+~") != "experiment" or not path.is_file():
         return []
     recipe = OmegaConf.to_container(OmegaConf.load(path))
-    recipe.pop("defaults", None)
+    defaults = recipe.pop("defaults", None) or []
     recipe.pop("hydra", None)
 
     def leaves(node: Any, prefix: str) -> list[str]:
@@ -271,7 +273,13 @@ def recipe_keys(override: str) -> list[str]:
             return [key for name, child in node.items() for key in leaves(child, f"{prefix}{name}.")]
         return [prefix[:-1]]
 
-    return leaves(recipe, "")
+    keys = []
+    for entry in defaults:
+        if isinstance(entry, str) and entry.startswith("/experiment/"):  # a recipe it builds on
+            keys += recipe_keys(f"experiment={entry.removeprefix('/experiment/')}")
+        elif isinstance(entry, dict):  # {"override /estimator": "iwae"}: that group's node
+            keys += [name.removeprefix("override").strip().strip("/").replace("/", ".") for name in entry]
+    return keys + leaves(recipe, "")
 
 
 def restore(contents: dict[str, Any], optimizer: PyroOptim, cfg: DictConfig, device: torch.device,

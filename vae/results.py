@@ -571,8 +571,7 @@ def best_one_hour(out: Outputs) -> str:
 
 
 
-FORK_COMMAND = ("python train.py resume=outputs/experiments/best_one_hour_iwae estimator=iwae trainer.max_minutes=58.5, "
-                "in a copy of outputs/experiments/best_one_hour after its first 40 minutes")
+FORK_COMMAND = "python train.py experiment=best_one_hour/iwae"
 
 
 def best_one_hour_iwae(out: Outputs) -> str:

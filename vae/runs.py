@@ -8,6 +8,7 @@ store exactly as training restores them on resume.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,3 +84,25 @@ def load_run(run: str | Path, device: str = "auto", data_root: str | None = None
     checkpoint.restore_params(contents["param_store"], target, encoder=encoder, decoder=decoder)
     state = checkpoint.saved_state(contents)
     return TrainedRun(cfg, encoder.eval(), decoder.eval(), image_shape, target, path.parent, state)
+
+
+def fork_point(source: str | Path, minutes: float, fork: str | Path) -> str:
+    """The checkpoint a fork of the run in `source` goes on from: the fork's own checkpoint.pt once it has
+    one (a stopped fork continues where it stopped), else the copy of `source`'s last epoch that ended
+    within `minutes` of training and testing (trainer.keep_checkpoints=true keeps those copies), from
+    which a new run starts in the fork's directory. A recipe forks a run with `resume: ${fork_point:...}`
+    (train.py registers the resolver), e.g. to train its last minutes on another objective."""
+    own = checkpoint.checkpoint_path(fork)
+    if Path(fork).is_dir() and own.is_file():
+        return str(own)
+    metrics_file = Path(source) / "metrics.jsonl"
+    if not metrics_file.is_file():
+        raise RunError(f"no run in {source} to fork: run its training recipe first (its command is in the recipe's header)")
+    lines = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
+    within = [line["epoch"] for line in lines if line["epoch"] > 0 and line["wall_time"] <= 60 * float(minutes)]
+    copies = [checkpoint.epoch_checkpoint_path(Path(source), epoch) for epoch in within]
+    copies = [copy for copy in copies if copy.is_file()]
+    if not copies:
+        raise RunError(f"{source} has no per-epoch checkpoint of an epoch that ended within {minutes} minutes (it needs "
+                       "trainer.keep_checkpoints=true, and an epoch that ended in time); nothing to fork from")
+    return str(copies[-1])
