@@ -19,8 +19,11 @@ from conftest import PROJECT_DIR
 from omegaconf import OmegaConf
 
 from report import report
-from vae.results import (BLOCK, NotRun, Outputs, beta_rows, estimator_numbers, failed_seeds, fill, lever_rows,
-                         likelihood_rows, run_evaluations, sweep_progress)
+from vae.report.common import NotRun, Outputs, failed_seeds, run_evaluations, sweep_progress
+from vae.report.estimators import estimator_numbers
+from vae.report.levers import lever_rows
+from vae.report.likelihoods import beta_rows, likelihood_rows
+from vae.results import BLOCK, fill
 from vae.sweeps import nats, plot, read_jobs, summarize
 
 
