@@ -66,7 +66,7 @@ def pixels(run: TrainedRun, out_dir: Path, max_images: int = 1000, batch_size: i
                        at_floor=(scale[inside] < FLOOR_MARGIN * run.decoder.likelihood.min_scale).float().mean().item(),
                        mean_gradient_weight=scale[inside].pow(-2).mean().item())
         groups[name] = row
-    result = {"num_images": len(x), "bits_per_dim": bits.mean().item(), "groups": groups}
+    result = {"num_images": len(x), "dims_per_image": x[0].numel(), "bits_per_dim": bits.mean().item(), "groups": groups}
     (out_dir / "pixels.md").write_text(markdown(result) + "\n")
     return result
 

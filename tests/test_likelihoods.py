@@ -539,6 +539,7 @@ def test_pixels_task_splits_the_bits_by_level(gray_run, tmp_path):
     run_dir, name = gray_run
     metrics = evaluate(run_dir, tmp_path, "pixels", "task.max_images=100", "task.batch_size=40")
     groups = metrics["groups"]
+    assert metrics["dims_per_image"] == 256  # the synthetic disks' 1 x 16 x 16
     assert sum(g["share_of_pixels"] for g in groups.values()) == pytest.approx(1.0)
     assert sum(g["share_of_bits"] for g in groups.values()) == pytest.approx(1.0, abs=1e-4)
     by_group = sum(g["share_of_pixels"] * g["bits_per_pixel"] for g in groups.values() if g["share_of_pixels"] > 0)

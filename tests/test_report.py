@@ -460,6 +460,37 @@ def test_levers_table_says_which_runs_are_not_evaluated(tmp_path):
     assert "not evaluated yet: `python evaluate.py -m experiment=bound_and_posterior/likelihood`" in rows[2]
 
 
+def test_the_pixel_costs_block_sets_each_models_bits_at_t_loc_against_its_elbos_reconstruction(tmp_path):
+    """Seed 0 of each one-hour likelihood: its pixels evaluation and its last tested epoch; the reconstruction
+    term is test bits/dim minus the KL in bits/dim (KL nats / (D ln 2)), the cost of a draw its excess over
+    the bits at t_loc. Checked as numbers, row by row, in the order of the studies."""
+    studies = {"one_hour_gaussian": ({"_target_": "vae.likelihoods.Gaussian"}, {"nll_beta": 0.25, "nll_beta_target": "both"},
+                                     2.799, 0.137, 2.134, {"bits_per_pixel": 0.88, "at_floor": 0.62}),
+               "one_hour_gaussian_loc": ({"_target_": "vae.likelihoods.Gaussian"}, {"nll_beta": 0.5, "nll_beta_target": "loc"},
+                                         2.780, 0.119, 2.478, {"bits_per_pixel": 1.21, "at_floor": 0.0}),
+               "one_hour_logistic_mixture": ({"_target_": "vae.likelihoods.DiscretizedLogisticMixture", "components": 5},
+                                             {"nll_beta": 0}, 1.273, 0.072, 1.150, {"bits_per_pixel": 0.02})}
+    out = outputs(tmp_path)
+    empty = "<!-- report:pixel_costs -->\n<!-- /report:pixel_costs -->\n"
+    for name, (likelihood, trainer, bits, kl_bits, pixel_bits, background) in studies.items():
+        run = fake_job(out.sweep(name) / "0", ["seed=0"], [-900.0, -850.0, None],
+                       test_bits_per_dim=[bits + 1, bits, None], test_kl=kl_bits * 784 * math.log(2))
+        (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump({"likelihood": likelihood, "trainer": trainer}))
+        assert f"_Not run yet: `python evaluate.py experiment={name}/pixels`._" in fill(empty, out)
+        out.run(f"{name}_pixels").mkdir(parents=True)
+        (out.run(f"{name}_pixels") / "metrics.json").write_text(json.dumps(
+            {"dims_per_image": 784, "bits_per_dim": pixel_bits, "groups": {"background": background}}))
+    rows = table_rows(fill(empty, out))
+    assert [row[0].replace("`", "") for row in rows] == ["Gaussian, beta 0.25, both", "Gaussian, beta 0.5, loc", "5 discretized logistics"]
+    for row, (likelihood, trainer, bits, kl_bits, pixel_bits, background) in zip(rows, studies.values(), strict=True):
+        assert float(row[1]) == pixel_bits
+        assert [float(v) for v in row[3].replace("=", "-").split(" - ")] == pytest.approx([bits, kl_bits, bits - kl_bits],
+                                                                                             abs=6e-4)
+        assert float(row[4]) == pytest.approx(bits - kl_bits - pixel_bits, abs=6e-3)
+        assert row[2] == (f"{background['bits_per_pixel']:.2f}, {background['at_floor']:.0%}" if "at_floor" in background
+                          else "")
+
+
 def test_lever_tables_name_each_runs_options_and_the_best_one_hour_block_its_nll(tmp_path):
     """levers_training (jobs of a sweep from before model=resnet, read in today's options): a column per
     option, its default where the run left it out; best_one_hour:

@@ -4,8 +4,11 @@ seeds of the likelihoods of gray levels (`one_hour_gaussian/`, `one_hour_gaussia
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from vae.report.common import (Outputs, copy_figure, minutes, provenance_line, read_json, read_jsonl, sweep_progress, table,
                                trained_jobs)
@@ -104,7 +107,45 @@ def one_hour_seeds(out: Outputs, name: str = "one_hour_logistic_mixture") -> str
             + provenance_line(out, sweep, out.run(f"{name}_likelihood"), samples) + picture)
 
 
+
+PIXEL_STUDIES = ("one_hour_gaussian", "one_hour_gaussian_loc", "one_hour_logistic_mixture")
+
+
+def model_label(config: dict[str, Any]) -> str:
+    """A one-hour run's model in words: "5 discretized logistics", "Gaussian, beta 0.25, `both`"."""
+    likelihood, trainer = config["likelihood"], config["trainer"]
+    if "components" in likelihood:
+        return f"{likelihood['components']} discretized logistics"
+    name = likelihood["_target_"].rsplit(".", 1)[-1].replace("LogitGaussian", "logit-Gaussian")
+    beta = trainer.get("nll_beta", 0)
+    return f"{name}, beta {beta}, `{trainer.get('nll_beta_target', 'both')}`" if beta else f"{name}, the ELBO"
+
+
+def pixel_costs(out: Outputs) -> str:
+    """Seed 0 of each one-hour likelihood of gray levels: its bits/dim at t_loc(x) and the background's
+    (recipe <study>/pixels), against the ELBO's reconstruction term after its last epoch (test bits/dim
+    minus the KL in bits/dim): the difference is what a draw t ~ q(t|x) costs over t_loc."""
+    rows, directories = [], []
+    for study in PIXEL_STUDIES:
+        run = out.sweep(study) / "0"
+        pixels = read_json(out.run(f"{study}_pixels") / "metrics.json", f"python evaluate.py experiment={study}/pixels")
+        tested = [m for m in read_jsonl(run / "metrics.jsonl", f"python train.py -m experiment={study}/train")
+                  if m.get("test_bits_per_dim") is not None]
+        config = OmegaConf.to_container(OmegaConf.load(run / ".hydra" / "config.yaml"))
+        bits, kl_bits = tested[-1]["test_bits_per_dim"], tested[-1]["test_kl"] / (pixels["dims_per_image"] * math.log(2))
+        recon = bits - kl_bits
+        background = pixels["groups"]["background"]
+        floor = f", {background['at_floor']:.0%}" if "at_floor" in background else ""
+        rows.append([model_label(config), f"{pixels['bits_per_dim']:.3f}",
+                     f"{background['bits_per_pixel']:.2f}{floor}" if floor else "",
+                     f"{bits:.3f} - {kl_bits:.3f} = {recon:.3f}", f"{recon - pixels['bits_per_dim']:.2f}"])
+        directories += [run, out.run(f"{study}_pixels")]
+    head = ["one-hour model", "bits/dim at t_loc(x)", "background: bits per pixel, at the floor",
+            "ELBO's reconstruction (bits/dim): test bits/dim minus KL", "cost of a draw t ~ q over t_loc"]
+    return table(head, rows) + "\n\n" + provenance_line(out, *directories)
+
 BLOCKS: dict[str, Callable[[Outputs], str]] = {
+    "pixel_costs": pixel_costs,
     "likelihood": likelihood,
     "likelihood_short": likelihood_short,
     "one_hour_logistic_mixture": one_hour_seeds,
