@@ -34,7 +34,7 @@ from hydra.core.hydra_config import HydraConfig
 from matplotlib.figure import Figure
 from omegaconf import DictConfig
 
-from vae.config import ConfigError, is_int, is_number
+from vae.config import CHECKPOINT_NAME, ConfigError, is_int, is_number
 from vae.logbook import METRICS_NAME
 from vae.provenance import PROJECT_DIR, PROVENANCE_NAME, record_provenance
 
@@ -106,8 +106,8 @@ def outcome(run_dir: Path, reference: Path) -> dict[str, Any]:
     expected = [json.loads(line) for line in (reference / METRICS_NAME).read_text().splitlines()]
     counts = Counter(m["epoch"] for m in lines)
     strip = lambda ms: [{k: v for k, v in m.items() if k not in TIMING} for m in ms]  # noqa: E731
-    weights = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)["param_store"]["params"]
-    reference_weights = torch.load(reference / "checkpoint.pt", map_location="cpu", weights_only=False)["param_store"]["params"]
+    weights = torch.load(run_dir / CHECKPOINT_NAME, map_location="cpu", weights_only=False)["param_store"]["params"]
+    reference_weights = torch.load(reference / CHECKPOINT_NAME, map_location="cpu", weights_only=False)["param_store"]["params"]
     return {"epochs_lost": sum(1 for m in expected if m["epoch"] not in counts),
             "epochs_duplicated": sum(n - 1 for n in counts.values()),
             "metrics_equal": strip(lines) == strip(expected),

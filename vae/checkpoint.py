@@ -31,13 +31,13 @@ from pyro.optim import PyroOptim
 from torch import Tensor, nn
 
 from vae import distributed
+from vae.config import CHECKPOINT_NAME
 from vae.distributed import ALONE, Ranks
 from vae.old_runs import ADDED_KEYS, todays_config, todays_param
 from vae.provenance import PROJECT_DIR, read_provenance
 
 log = logging.getLogger(__name__)
 CONF_DIR = PROJECT_DIR / "conf"
-CHECKPOINT_NAME = "checkpoint.pt"
 # The config keys (and everything under them) that may change when a run is resumed; every other
 # key is the run's identity. data.root and data.dataset.download say where the files are, not what
 # they are; the speed options change how the networks run, not what they compute.

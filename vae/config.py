@@ -28,6 +28,11 @@ from vae.rules import is_int, is_number, locate, refusal  # is_int, is_number: f
 
 JIT_ELBOS = (JitTrace_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO, JitTraceEnum_ELBO)
 
+# The config nodes whose class may say what else in the config it cannot work with: a classmethod
+# `refuses(cfg) -> str | None` (vae/dreg.py, vae/priors.py), asked by check_config before any work.
+EXTENSIONS = ("likelihood", "prior", "posterior", "estimator.elbo")
+CHECKPOINT_NAME = "checkpoint.pt"  # a run directory's latest checkpoint (vae/checkpoint.py writes it)
+
 
 class ConfigError(ValueError):
     """A config value that training cannot use."""
@@ -35,8 +40,8 @@ class ConfigError(ValueError):
 
 def check_config(cfg: DictConfig) -> None:
     """Stop before any work, naming the key and the value, when a setting cannot work: every key by its
-    rule (vae/rules.py), the likelihood, prior and posterior by their own classes, then the keys that must fit
-    together."""
+    rule (vae/rules.py), the likelihood, prior and posterior by their own classes (their keys, and what else
+    in the config they refuse), then the keys that must fit together."""
     problem = refusal(cfg)
     if problem is not None:
         raise ConfigError(problem)
@@ -48,6 +53,11 @@ def check_config(cfg: DictConfig) -> None:
     if posterior.reparameterized_only and not cfg.estimator.reparameterized:
         raise ConfigError(f"posterior._target_={cfg.posterior._target_} with estimator.reparameterized=false: "
                           f"{posterior.reparameterized_only}")
+    for key in EXTENSIONS:  # each extension's class may refuse the rest of the config, in its own words
+        refuses = getattr(locate(str(OmegaConf.select(cfg, f"{key}._target_"))), "refuses", None)
+        problem = refuses(cfg) if callable(refuses) else None
+        if problem is not None:
+            raise ConfigError(problem)
     check_arguments(cfg)
     nll_beta = cfg.trainer.get("nll_beta", 0)
     if nll_beta and not weighs(likelihood):
@@ -212,7 +222,7 @@ def resume_directory(resume: str | None, fresh: str) -> str:
     path = Path(str(resume)).expanduser() if resume is not None else None
     if path is not None and path.is_dir():
         return str(path)
-    if path is not None and path.name == "checkpoint.pt":
+    if path is not None and path.name == CHECKPOINT_NAME:
         return str(path.parent)
     return fresh
 
@@ -222,7 +232,7 @@ def resume_subdirectory(resume: str | None, fresh: str, stamp: str, output_dir: 
     directory already holds a run's checkpoint.pt: a requeued job, a sweep run again, or a command
     that will be refused) keeps its .hydra/ (its overrides and config) and gets .hydra/resume-<stamp>/
     for this invocation's."""
-    in_place = resume_directory(resume, "") != "" or (output_dir is not None and (Path(output_dir) / "checkpoint.pt").is_file())
+    in_place = resume_directory(resume, "") != "" or (output_dir is not None and (Path(output_dir) / CHECKPOINT_NAME).is_file())
     return f"{fresh}/resume-{stamp}" if in_place else fresh
 
 
@@ -254,7 +264,7 @@ class RefuseBeforeWriting(Callback):
         HydraConfig.instance().set_config(config)  # as run_job will: hydra.run.dir may read ${hydra:...}
         run_dir = Path(str(config.hydra.run.dir))
         self.refuse_unusable("hydra.run.dir", run_dir)
-        continues = config.get("resume") is not None or (run_dir / "checkpoint.pt").is_file()
+        continues = config.get("resume") is not None or (run_dir / CHECKPOINT_NAME).is_file()
         if self.check is not None and not continues:
             try:
                 self.check(config)
