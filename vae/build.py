@@ -28,7 +28,8 @@ from guide import Encoder, Posterior, guide
 from model import Decoder, Likelihood, Prior, model
 from vae.baselines import with_baselines
 from vae.beta_nll import beta_nll
-from vae.config import JIT_ELBOS, ConfigError, instantiate_checked
+from vae.config import JIT_ELBOS, ConfigError, arguments, instantiate_checked
+from vae.rules import locate
 
 
 def build_likelihood(likelihood_cfg: DictConfig, image_channels: int) -> Likelihood:
@@ -51,7 +52,10 @@ def build_networks(cfg: DictConfig, image_shape: tuple[int, ...], device: torch.
     posterior = partial(instantiate_checked, cfg.posterior, "posterior")  # the encoder builds it after its layers
     encoder = instantiate(cfg.model.encoder, image_shape=image_shape, posterior=posterior).to(device)
     likelihood = build_likelihood(cfg.likelihood, image_shape[0])
-    prior = instantiate_checked(cfg.prior, "prior", latent_dim=cfg.model.latent_dim)
+    takes = arguments(locate(str(cfg.prior.get("_target_")))) or set()  # a prior built on the encoder (VampPrior)
+    offered = {"encoder": encoder, "image_shape": image_shape}  # gets them; held outside its module tree
+    prior = instantiate_checked(cfg.prior, "prior", latent_dim=cfg.model.latent_dim,
+                                **{key: value for key, value in offered.items() if key in takes})
     decoder = instantiate(cfg.model.decoder, image_shape=image_shape, likelihood=likelihood, prior=prior).to(device)
     for network in (encoder, decoder):
         layers = [block for block in network.children() if not isinstance(block, (Likelihood, Prior, Posterior))]
