@@ -22,6 +22,7 @@ from torchvision.datasets import MNIST
 
 import evaluate as evaluate_module
 import vae.image_folder as image_folder
+from tools import mnist_as_png
 from train import train
 from vae.config import ConfigError, check_config
 from vae.data import UNLABELLED, load_split
@@ -283,12 +284,10 @@ def test_mnist_written_as_png_files_reproduces_the_test_elbo_of_data_mnist(tmp_p
     """The first 512 training digits and all 10,000 test digits of MNIST, written as PNG files named by
     their zero-padded index in train/ and test/ (no class folders: unlabelled, in MNIST's order), and
     trained on through data=image_folder from seed 0: every number of metrics.jsonl (train and test
-    ELBO, recon, KL, each epoch; all but the timings) equals that of `data=mnist data.subset=512`."""
+    ELBO, recon, KL, each epoch; all but the timings) equals that of `data=mnist data.subset=512`. The files are
+    written by tools/mnist_as_png.py, as for experiment=image_folder/mnist_png."""
     count, folder = 512, tmp_path / "mnist_png"
-    for split, num_images in (("train", count), ("test", None)):
-        (folder / split).mkdir(parents=True)
-        for index, pixels in enumerate(MNIST(str(mnist_root()), train=split == "train").data[:num_images].numpy()):
-            Image.fromarray(pixels).save(folder / split / f"{index:05d}.png")
+    mnist_as_png.write(folder, mnist_root(), count)  # `python -m tools.mnist_as_png <folder> 512`
     options = [*SMALL, "data.batch_size=64", "trainer.epochs=1"]  # 8 steps
     runs = {"mnist": ["data=mnist", f"data.subset={count}"],
             "image_folder": ["data=image_folder", f"data.root={folder}", "data.dataset.channels=1",

@@ -159,7 +159,19 @@ def heldout(out: Outputs) -> str:
     return table(head, lines) + "\n\n" + provenance_line(out, out.sweep("heldout_digit"), out.sweep("heldout_digit_anomaly"))
 
 
+
+def image_folder_mnist_png(out: Outputs) -> str:
+    """The default model's first epoch on MNIST read as PNG files through data=image_folder: its test ELBO
+    before and after the epoch, to set beside the quickstart's (the same images in the same order)."""
+    directory = out.run("image_folder_mnist_png")
+    metrics = read_jsonl(directory / "metrics.jsonl", "python -m tools.mnist_as_png outputs/mnist_png && "
+                                                        "python train.py experiment=image_folder/mnist_png")
+    rows = [[f"after epoch {m['epoch']}" if m["epoch"] else "untrained (epoch 0)", f"{m['test_elbo']:.2f}"]
+            for m in metrics if m.get("test_elbo") is not None]
+    return table(["MNIST as PNG files, `data=image_folder`", "test ELBO (nats)"], rows) + "\n\n" + provenance_line(out, directory)
+
 BLOCKS: dict[str, Callable[[Outputs], str]] = {
+    "image_folder_mnist_png": image_folder_mnist_png,
     "quickstart": quickstart,
     "training": training,
     "generation": generation,

@@ -1,0 +1,1 @@
+"""Small command-line tools beside the entry points."""
