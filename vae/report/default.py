@@ -171,7 +171,6 @@ def image_folder_mnist_png(out: Outputs) -> str:
     return table(["MNIST as PNG files, `data=image_folder`", "test ELBO (nats)"], rows) + "\n\n" + provenance_line(out, directory)
 
 BLOCKS: dict[str, Callable[[Outputs], str]] = {
-    "image_folder_mnist_png": image_folder_mnist_png,
     "quickstart": quickstart,
     "training": training,
     "generation": generation,
@@ -180,4 +179,5 @@ BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "heldout_digit": heldout,
     "impute": impute,
     "applications_short": applications_short,
+    "image_folder_mnist_png": image_folder_mnist_png,
 }
