@@ -30,7 +30,7 @@ def test_the_fork_point_is_the_last_copy_within_the_minutes_then_the_forks_own(t
     lines = read_metrics(run)
     between = (lines[2]["wall_time"] + lines[3]["wall_time"]) / 2 / 60  # after epoch 2 ended, before epoch 3 did
     assert fork_point(run, between, fork) == str(run / "checkpoint_epoch_002.pt")
-    assert fork_point(run, lines[3]["wall_time"] / 60, fork) == str(run / "checkpoint_epoch_003.pt")
+    assert fork_point(run, lines[3]["wall_time"] / 60 + 1, fork) == str(run / "checkpoint_epoch_003.pt")  # past the end
     with pytest.raises(RunError, match="no per-epoch checkpoint of an epoch that ended within"):
         fork_point(run, lines[1]["wall_time"] / 120, fork)  # before the first epoch ended
     with pytest.raises(RunError, match="no run in"):
