@@ -24,6 +24,7 @@ from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 
 from guide import Posterior
+from vae.rules import is_int
 
 
 class InverseAutoregressive(Posterior):
@@ -37,10 +38,10 @@ class InverseAutoregressive(Posterior):
 
     def __init__(self, latent_dim: int, context_dim: int, flows: int = 2, hidden_dims: list[int] | None = None) -> None:
         super().__init__(latent_dim, context_dim)
-        if not is_count(flows):
+        if not (is_int(flows) and flows > 0):
             raise ValueError(f"posterior.flows={flows!r}: must be a positive number of flows (posterior=gaussian for none)")
         if hidden_dims is not None and not (isinstance(hidden_dims, Sequence) and not isinstance(hidden_dims, str)
-                                            and len(hidden_dims) and all(is_count(d) for d in hidden_dims)):
+                                            and len(hidden_dims) and all(is_int(d) and d > 0 for d in hidden_dims)):
             raise ValueError(f"posterior.hidden_dims={hidden_dims!r}: must be null or a list of positive integers")
         hidden = list(hidden_dims) if hidden_dims is not None else [context_dim, context_dim]
         order = torch.arange(latent_dim)
@@ -61,6 +62,3 @@ class InverseAutoregressive(Posterior):
             t_0 = flow.condition(h)(t_0)
         return t_0
 
-
-def is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0

@@ -8,7 +8,6 @@ store exactly as training restores them on resume.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from vae import checkpoint
 from vae.build import build_networks
 from vae.config import resolve_device
 from vae.data import load_split, observe_test_set
+from vae.logbook import read_metrics
 from vae.old_runs import todays_overrides
 
 
@@ -95,10 +95,9 @@ def fork_point(source: str | Path, minutes: float, fork: str | Path) -> str:
     own = checkpoint.checkpoint_path(fork)
     if Path(fork).is_dir() and own.is_file():
         return str(own)
-    metrics_file = Path(source) / "metrics.jsonl"
-    if not metrics_file.is_file():
+    lines = read_metrics(Path(source))
+    if not lines:
         raise RunError(f"no run in {source} to fork: run its training recipe first (its command is in the recipe's header)")
-    lines = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     within = [line["epoch"] for line in lines if line["epoch"] > 0 and line["wall_time"] <= 60 * float(minutes)]
     copies = [checkpoint.epoch_checkpoint_path(Path(source), epoch) for epoch in within]
     copies = [copy for copy in copies if copy.is_file()]
