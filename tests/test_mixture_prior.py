@@ -121,16 +121,23 @@ def test_a_mixture_prior_trains_resumes_exactly_and_is_evaluated(tmp_path):
     start = GaussianMixture(run.cfg.model.latent_dim, components=4)  # the prior's initial values, redrawn
     assert isinstance(run.decoder.prior, GaussianMixture)
     assert not torch.equal(run.decoder.prior.locs.detach(), start.locs.detach())
+    metrics = evaluate_likelihood_and_samples(whole, run, tmp_path)
+    assert metrics["nll"] < -metrics["elbo"] + 1e-6  # the IW bound (K=10) is above the ELBO
+
+
+def evaluate_likelihood_and_samples(run_dir, run, out_dir) -> dict:
+    """`python evaluate.py` task=likelihood and task=generate on a run of a learned prior (`run`, loaded): both
+    run, and the generated samples are E[x|t] of the prior's own draws (task.sample_seed=0); the likelihood
+    task's metrics (tests/test_vamp_prior.py uses it too)."""
     for task, options in (("likelihood", ["task.max_images=64", "task.num_particles=10"]),
                           ("generate", ["task.classifier_epochs=0"])):
-        result = subprocess.run([sys.executable, "evaluate.py", f"run={whole}", f"task={task}", *options,
-                                 f"hydra.run.dir={tmp_path / task}"], cwd=PROJECT_DIR, capture_output=True, text=True)
+        result = subprocess.run([sys.executable, "evaluate.py", f"run={run_dir}", f"task={task}", *options,
+                                 f"hydra.run.dir={out_dir / task}"], cwd=PROJECT_DIR, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
-    with torch.no_grad():  # the generated samples are E[x|t] of the mixture's own draws (task.sample_seed=0)
+    with torch.no_grad():
         t = run.decoder.prior.draw(64, torch.Generator().manual_seed(0))
-        assert_png_shows(tmp_path / "generate" / "samples.png", run.decoder(t).mean, nrow=8)
-    metrics = json.loads((tmp_path / "likelihood" / "metrics.json").read_text())
-    assert metrics["nll"] < -metrics["elbo"] + 1e-6  # the IW bound (K=10) is above the ELBO
+        assert_png_shows(out_dir / "generate" / "samples.png", run.decoder(t).mean, nrow=8)
+    return json.loads((out_dir / "likelihood" / "metrics.json").read_text())
 
 
 @pytest.mark.parametrize("override,message", [

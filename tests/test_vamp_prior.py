@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
 import pyro
 import pytest
 import torch
-from conftest import FAST, PROJECT_DIR, assert_png_shows, compose_config, trained_run
+from conftest import FAST, compose_config, trained_run
 from torch.func import functional_call
 
 from guide import Encoder, guide
 from model import model
+from test_mixture_prior import evaluate_likelihood_and_samples
 from vae.build import build_networks, build_svi
 from vae.config import ConfigError, check_config
 from vae.priors import VampPrior
@@ -163,15 +162,7 @@ def test_a_vamp_prior_trains_loads_back_and_is_evaluated(tmp_path):
         by_hand = torch.distributions.Normal(t_loc, t_scale).log_prob(t[:, None, :]).sum(-1).logsumexp(-1) - math.log(6)
         assert torch.equal(prior(5, like=t).log_prob(t), by_hand)
 
-    for task, options in (("likelihood", ["task.max_images=64", "task.num_particles=10"]),
-                          ("generate", ["task.classifier_epochs=0"])):
-        result = subprocess.run([sys.executable, "evaluate.py", f"run={run_dir}", f"task={task}", *options,
-                                 f"hydra.run.dir={tmp_path / task}"], cwd=PROJECT_DIR, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-2000:]
-    with torch.no_grad():  # the generated samples are E[x|t] of the VampPrior's own draws (task.sample_seed=0)
-        t = prior.draw(64, torch.Generator().manual_seed(0))
-        assert_png_shows(tmp_path / "generate" / "samples.png", run.decoder(t).mean, nrow=8)
-    metrics = json.loads((tmp_path / "likelihood" / "metrics.json").read_text())
+    metrics = evaluate_likelihood_and_samples(run_dir, run, tmp_path)  # samples: E[x|t] of the VampPrior's draws
     assert math.isfinite(metrics["nll"]) and metrics["nll"] < -metrics["elbo"] + 1e-6  # the IW bound (K=10) is higher
 
 
