@@ -56,14 +56,20 @@ class Posterior(nn.Module):
 
         forward(q_0, h)        q(t|x), batch (B,), event (latent_dim,), from q_0 (batch (B,)) and h (B, context_dim)
         point(t_0, h)          the point of q(t|x) that the point t_0 of q_0 maps to (B, latent_dim)
+        above(t)               samples the latents above t from q(.|t) in `guide`: none in the lecture's model;
+                               a second stochastic layer's t2 ~ q(t2|t) (vae/hierarchy.py), named in `sites_above`
         reparameterized_only   None, or why the score function cannot train it (vae/config.py refuses that)
     """
 
     reparameterized_only: str | None = None
+    sites_above: tuple[str, ...] = ()
 
     def __init__(self, latent_dim: int, context_dim: int) -> None:
         super().__init__()
         self.latent_dim, self.context_dim = latent_dim, context_dim
+
+    def above(self, t: Tensor) -> None:
+        return None
 
 
 class DiagonalNormal(Posterior):
@@ -135,7 +141,8 @@ def guide(
         else:
             q_t = ScoreFunctionNormal(t_loc, t_scale).to_event(1)  # E_q[(log p - log q) * grad log q]
         with poutine.scale(scale=kl_weight):
-            pyro.sample("t", encoder.posterior(q_t, h))  # log q(t|x), times beta
+            t = pyro.sample("t", encoder.posterior(q_t, h))  # log q(t|x), times beta
+            encoder.posterior.above(t)  # the latents above t, if any: log q(t2|t) (vae/hierarchy.py)
 
 
 def posterior(x: Tensor, encoder: Encoder) -> tuple[dist.Distribution, Tensor]:

@@ -18,6 +18,7 @@ import math
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
+from pyro.poutine.util import site_is_subsample
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -28,7 +29,8 @@ from torch.nn import functional as F
 class Prior(nn.Module):
     """p(t) over `latent_dim` dimensions. Every prior (here and in vae/priors.py) has
         forward(num_images, like)   p(t) for each image, batch (num_images,), event (latent_dim,), on the
-                                    device and in the dtype of the tensor `like`
+                                    device and in the dtype of the tensor `like`; a prior with latents of
+                                    its own samples them here, in `model` (vae/hierarchy.py: t2, then p(t|t2))
         draw(num, generator)        num draws t ~ p(t) (num, latent_dim) from a seeded CPU generator"""
 
     def __init__(self, latent_dim: int) -> None:
@@ -184,12 +186,20 @@ def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tenso
         pyro.sample("x", p_x, obs=x)  # log p(x|t), or log p(x_obs|t) under the mask
 
 
-def log_joint(x: Tensor, t: Tensor, decoder: Decoder, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def log_joint(x: Tensor, t: Tensor, decoder: Decoder, mask: Tensor | None = None,
+              above: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
     """(log p(x|t), log p(t)), each (B,), read off `model` with the latent site fixed to t (B, latent_dim);
-    the plate spans just these B images (scale 1). Under `mask` (True = observed): log p(x_obs|t)."""
+    the plate spans just these B images (scale 1). Under `mask` (True = observed): log p(x_obs|t).
+    `above`: the latents above t, if the prior has any (a second layer's t2: vae.elbo.latents_above)."""
     index = torch.arange(x.shape[0], device=x.device)
-    trace = poutine.trace(poutine.condition(model, data={"t": t})).get_trace(x, index, decoder, x.shape[0], mask=mask)
-    return trace.nodes["x"]["fn"].log_prob(x), trace.nodes["t"]["fn"].log_prob(t)  # log p(x|t), log p(t)
+    latents = {"t": t, **(above or {})}
+    trace = poutine.trace(poutine.condition(model, data=latents)).get_trace(x, index, decoder, x.shape[0], mask=mask)
+    drawn = [name for name, site in trace.nodes.items()  # a latent not given was drawn from its prior
+             if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)]
+    if drawn:
+        raise ValueError(f"log_joint: the model has latents {drawn} above t; give their values (`above`)")
+    log_p_t = sum(trace.nodes[name]["fn"].log_prob(value) for name, value in latents.items())  # (with t2: p(t|t2) p(t2))
+    return trace.nodes["x"]["fn"].log_prob(x), log_p_t  # log p(x|t), log p(t)
 
 
 def check_image_shape(image_shape: tuple[int, int, int], channels: list[int]) -> None:

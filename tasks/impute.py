@@ -37,6 +37,7 @@ from torchvision.utils import save_image
 
 from guide import latent_point, posterior
 from model import log_joint, model
+from vae.config import ConfigError
 from vae.data import load_split
 from vae.importance import repeat
 from vae.runs import TrainedRun
@@ -203,6 +204,10 @@ def impute(
     `max_images` test images (and the importance samplers' mean effective sample size), and a
     figure impute_<mask>.png with one row per method: masked input (missing pixels grey), the
     methods, the baselines, the truth."""
+    if run.encoder.posterior.sites_above:  # one line before any work
+        raise ConfigError(f"task=impute with latents above t ({', '.join(run.encoder.posterior.sites_above)}: "
+                          f"posterior._target_={run.cfg.posterior._target_}): its samplers and chains draw t alone; "
+                          "evaluate a one-layer run, or use task=likelihood, generate, represent, anomaly or pixels")
     x, _ = run.split(train=False)
     x = x[:max_images]
     train_images, _ = load_split(run.cfg.data, train=True)

@@ -32,9 +32,15 @@ def test_every_group_has_options():
     assert groups == {"data", "model", "likelihood", "prior", "posterior", "estimator", "optim", "schedule", "trainer"}
 
 
+# Options that work only together: each is composed with its partner (tests/test_hierarchy.py checks that
+# either alone is refused in one line).
+PARTNERS = {("prior", "two_layer"): "posterior=bottom_up", ("posterior", "bottom_up"): "prior=two_layer"}
+
+
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}/{o}" for g, o in OPTIONS])
 def test_option_composes_and_instantiates(group, option, tmp_path):
-    cfg = compose_config(f"{group}={option}")
+    partner = [PARTNERS[group, option]] if (group, option) in PARTNERS else []
+    cfg = compose_config(f"{group}={option}", *partner)
     check_config(cfg)
 
     # The dataset's target exists and accepts the config's keys plus root and train.
@@ -173,6 +179,22 @@ def test_every_recipe_composes_with_its_entry_point(recipe):
     if entry in ("train", "variance", "bench"):  # evaluation recipes name a run to load, which a test cannot have
         check_config(cfg)
         assert unruled(cfg) == [], f"keys without a rule in vae/rules.py: {unruled(cfg)}"
+
+
+ARMS = sorted((path.parent.parent.name, path.stem) for path in (CONF_DIR / "experiment").glob("*/arm/*.yaml"))
+
+
+@pytest.mark.parametrize("study,arm", ARMS, ids=[f"{s}/arm/{a}" for s, a in ARMS])
+def test_every_arm_of_a_study_is_a_job_that_composes_and_checks(study, arm):
+    """A study whose configurations differ in more than one group sweeps its arms, the files of
+    conf/experiment/<study>/arm/: its train recipe sweeps each once, and each composes with it and passes."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={study}/train", f"+experiment/{study}/arm={arm}"],
+                      return_hydra_config=True)
+    swept = cfg.hydra.sweeper.params[f"+experiment/{study}/arm"].split(",")
+    assert sorted(swept) == sorted(a for s, a in ARMS if s == study)
+    check_config(cfg)
+    assert unruled(cfg) == []
 
 
 def test_estimators_recipe_sweeps_every_estimator_over_three_seeds():

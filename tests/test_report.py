@@ -528,6 +528,16 @@ def test_the_bf16_lever_table_names_each_runs_layers(tmp_path):
     assert [row[0] for row in table_rows(block)] == ["true", "false"]
 
 
+def test_the_model_levers_table_names_each_arm_best_nll_first(tmp_path):
+    fake_lever_sweep(tmp_path, "model_levers", {"0": (["+experiment/model_levers/arm=best"], -91.0, 85.9),
+                                                "1": (["+experiment/model_levers/arm=two_layer"], -90.5, 85.4),
+                                                "2": (["+experiment/model_levers/arm=dreg"], -95.5, 88.4)}, 26.0, 0.09)
+    block = fill("<!-- report:model_levers -->\n<!-- /report:model_levers -->\n", outputs(tmp_path))
+    assert "| lever (conf/experiment/model_levers/arm/) | epochs in the budget |" in block
+    assert [row[0] for row in table_rows(block)] == ["two_layer", "best", "dreg"]  # table_rows strips the backticks
+    assert [row[-1] for row in table_rows(block)] == ["85.40 ± 0.09", "85.90 ± 0.09", "88.40 ± 0.09"]
+
+
 def test_the_readmes_strongest_configuration_is_what_its_block_makes_of_the_two_hours(tmp_path):
     """best_one_hour_short from the hour and its IW fork (numbers of the docs' best_one_hour_iwae block):
     their K=5000 NLLs in order, then the two-layer IWAE; the README's block holds the same rows."""

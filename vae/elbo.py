@@ -7,13 +7,15 @@ The reconstruction is estimated with one t sampled from the guide (not its mean,
 overstate the bound); the KL between the two diagonal Gaussians is exact, and for a guide with
 flows (no closed form) it is the one-sample estimate log q(t|x) - log p(t) at that same t. Both come from the
 same Pyro `model` and `guide` that training uses (`guide.posterior`, `model.log_joint`); a
-learned prior without a closed-form KL gets the same one-sample estimate.
+learned prior without a closed-form KL gets the same one-sample estimate, and so does a second stochastic
+layer (vae/hierarchy.py): log q(t|x) + log q(t2|t) - log p(t|t2) - log p(t2), its t2 drawn by the guide's q(t2|t).
 For the likelihoods of 8-bit data the mean ELBO is also given in bits per dimension, and for a
 learned scale the share of pixels whose scale sits at its floor `likelihood.min_scale` (a likelihood
 that rewards precision the data does not have shows up there first).
 """
 from __future__ import annotations
 
+import pyro.poutine as poutine
 import torch
 from torch import Tensor
 from torch.distributions import kl_divergence
@@ -26,16 +28,29 @@ from vae.data import bits_per_dim
 FLOOR_MARGIN = 1.01  # a scale within 1% of likelihood.min_scale counts as at the floor
 
 
+def latents_above(t: Tensor, encoder: Encoder) -> tuple[dict[str, Tensor], Tensor]:
+    """The latents above t (..., latent_dim) drawn from the guide's q(.|t), and their log q summed (...):
+    a second layer's t2 ~ q(t2|t) and log q(t2|t) (vae/hierarchy.py); none and 0 in the lecture's model."""
+    trace = poutine.trace(encoder.posterior.above).get_trace(t)
+    sites = [site for site in trace.nodes.values() if site["type"] == "sample"]
+    log_q = sum((site["fn"].log_prob(site["value"]) for site in sites), t.new_zeros(t.shape[:-1]))
+    return {site["name"]: site["value"] for site in sites}, log_q
+
+
 @torch.no_grad()
 def elbo_parts(x: Tensor, encoder: Encoder, decoder: Decoder) -> dict[str, Tensor]:
     """Per-image `elbo`, `recon` = log p(x|t) and `kl` = KL(q(t|x) || p(t)), each (B,), in nats."""
     q_t, t = posterior(x, encoder)  # q(t|x), t ~ q(t|x)
-    recon, _ = log_joint(x, t, decoder)  # log p(x|t), (B,)
-    p_t = decoder.prior(len(x), like=x)
-    try:
-        kl = kl_divergence(q_t, p_t)  # KL(q || p), exact, (B,): two diagonal Gaussians
-    except NotImplementedError:  # flows, a learned prior: no closed form
-        kl = q_t.log_prob(t) - p_t.log_prob(t)  # log q(t|x) - log p(t): E_q of it is KL(q || p), (B,)
+    above, log_q_above = latents_above(t, encoder)  # t2 ~ q(t2|t) of a second layer; else none
+    recon, log_p_t = log_joint(x, t, decoder, above=above)  # log p(x|t), log p(t) (with t2: log p(t|t2) p(t2))
+    if above:  # KL(q(t, t2|x) || p(t, t2)), estimated at the same draws
+        kl = q_t.log_prob(t) + log_q_above - log_p_t
+    else:
+        p_t = decoder.prior(len(x), like=x)
+        try:
+            kl = kl_divergence(q_t, p_t)  # KL(q || p), exact, (B,): two diagonal Gaussians
+        except NotImplementedError:  # flows, a learned prior: no closed form
+            kl = q_t.log_prob(t) - log_p_t  # log q(t|x) - log p(t): E_q of it is KL(q || p), (B,)
     parts = {"elbo": recon - kl, "recon": recon, "kl": kl}
     x_scale = None
     if decoder.likelihood.min_scale is not None:  # (B, C, H, W), (B, C, H, W, K) of a mixture; None if fixed

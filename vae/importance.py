@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from guide import posterior
 from model import log_joint
-from vae.elbo import elbo_parts
+from vae.elbo import elbo_parts, latents_above
 
 
 def repeat(x: Tensor, num_particles: int) -> Tensor:
@@ -37,14 +37,18 @@ def log_weights(
 ) -> dict[str, Tensor]:
     """K particles t_k ~ q(t|x) per image and their terms, each (K, B): `log_p_x` = log p(x|t_k),
     `log_p_t` = log p(t_k), `log_q` = log q(t_k|x), `log_w` = their sum log p(x, t_k) - log q(t_k|x),
-    and the particles `t` (K, B, latent_dim)."""
+    and the particles `t` (K, B, latent_dim). With a second stochastic layer (vae/hierarchy.py) each particle
+    is a pair (t_k, t2_k) ~ q(t|x) q(t2|t): `log_p_t` = log p(t_k|t2_k) + log p(t2_k) and `log_q` adds
+    log q(t2_k|t_k), so the bound is the two-layer model's."""
     num_images = x.shape[0]
     q_t, _ = posterior(x, encoder)  # q(t|x), batch (B,)
     t = q_t.sample((num_particles,))  # (K, B, latent_dim)
-    log_q = q_t.log_prob(t)  # log q(t|x), (K, B)
+    above, log_q_above = latents_above(t, encoder)  # a second layer's t2 ~ q(t2|t), (K, B, upper_dim); else none
+    log_q = q_t.log_prob(t) + log_q_above  # log q(t|x) (+ log q(t2|t)), (K, B)
+    flat = {name: value.reshape(num_particles * num_images, *value.shape[2:]) for name, value in above.items()}
     flat_mask = None if mask is None else repeat(mask, num_particles)
     log_p_x, log_p_t = log_joint(repeat(x, num_particles), t.reshape(num_particles * num_images, -1),
-                                 decoder, flat_mask)  # (K * B,) each
+                                 decoder, flat_mask, above=flat)  # (K * B,) each
     log_p_x = log_p_x.reshape(num_particles, num_images)
     log_p_t = log_p_t.reshape(num_particles, num_images)
     return {"log_p_x": log_p_x, "log_p_t": log_p_t, "log_q": log_q, "log_w": log_p_x + log_p_t - log_q, "t": t}

@@ -172,6 +172,7 @@ RULES: dict[str, Rule] = {
     "likelihood.*": Elsewhere("the likelihood's class, when it is built (vae.config.instantiate_checked)"),
     "prior.*": Elsewhere("the prior's class, when it is built (vae.config.instantiate_checked)"),
     "posterior.*": Elsewhere("the posterior's class, when it is built (vae.config.instantiate_checked)"),
+    "posterior.*.*": Elsewhere("the posterior's class, which builds the posterior it holds (vae/hierarchy.py)"),
     # estimator (conf/estimator/)
     "estimator.reparameterized": boolean("must be true (reparameterized samples) or false (the score function)"),
     "estimator.elbo._target_": Elsewhere("vae.config.check_estimator: importable, and fits the estimator"),

@@ -1,5 +1,5 @@
 """The levers of a stronger density model at equal wall time (`bound_and_posterior/`, `depth_latent_warmup/`,
-`lr_schedule/`, `bf16/`) and their combination over an hour (`best_one_hour/`, its IW fork included).
+`lr_schedule/`, `bf16/`, `model_levers/`) and their combination over an hour (`best_one_hour/`, its IW fork included).
 """
 from __future__ import annotations
 
@@ -51,6 +51,12 @@ def lever_rows(jobs: dict[str, list[list[dict[str, Any]]]], evaluations: list[tu
 def bound_and_posterior(out: Outputs) -> str:
     """The lecture's model against the IW bound and the flow posterior at equal wall time."""
     return lever_table(out, "bound_and_posterior", [("estimator", "estimator", "reparam"), ("posterior", "q(t\\|x)", "gaussian")])
+
+
+def model_levers(out: Outputs) -> str:
+    """A learned prior, a second stochastic layer and DReG, each alone against the strongest configuration."""
+    return lever_table(out, "model_levers", [("+experiment/model_levers/arm", "lever (conf/experiment/model_levers/arm/)",
+                                              "best")])
 
 
 def depth_latent_warmup(out: Outputs) -> str:
@@ -118,6 +124,7 @@ def best_one_hour_short(out: Outputs) -> str:
 BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "best_one_hour_short": best_one_hour_short,
     "bound_and_posterior": bound_and_posterior,
+    "model_levers": model_levers,
     "depth_latent_warmup": depth_latent_warmup,
     "lr_schedule": lr_schedule,
     "bf16": bf16,
