@@ -7,7 +7,9 @@ import ast
 from conftest import PROJECT_DIR
 
 ENTRY_POINTS = {"train", "evaluate", "variance", "bench", "report", "faults"}
-SOURCES = sorted(p for p in PROJECT_DIR.rglob("*.py") if not p.relative_to(PROJECT_DIR).parts[0].startswith((".", "tests")))
+SOURCES = sorted(p for p in PROJECT_DIR.rglob("*.py")
+                 if not p.relative_to(PROJECT_DIR).parts[0].startswith((".", "tests", "docs")))
+TUTORIAL = PROJECT_DIR / "docs" / "tutorial.py"  # a reader of the project, as the tests are: it may use variance.py
 
 
 def imported_modules(path) -> set[str]:
@@ -30,6 +32,11 @@ def test_nothing_imports_an_entry_point():
     for path in SOURCES:
         imports = imported_modules(path) & ENTRY_POINTS
         assert not imports, f"{path.relative_to(PROJECT_DIR)} imports {sorted(imports)}"
+
+
+def test_the_tutorial_uses_the_library_and_never_train_py():
+    imports = imported_modules(TUTORIAL)
+    assert {"model", "guide", "vae"} <= imports and not imports & {"train", "evaluate", "report", "faults", "bench"}
 
 
 def test_model_and_guide_hold_the_derivation_only():
