@@ -44,7 +44,7 @@ from torch.distributions import Independent, Normal
 
 from guide import DiagonalNormal
 from vae.iwae import IWAE_ELBO
-from vae.rules import locate
+from vae.rules import targets
 
 
 def detached_log_prob(site: dict) -> Tensor:
@@ -71,8 +71,7 @@ class DReG_ELBO(IWAE_ELBO):
     @classmethod
     def refuses(cls, cfg: DictConfig) -> str | None:
         """Why this objective cannot train `cfg` (vae/config.py asks before any work), else None."""
-        posterior = locate(str(cfg.posterior._target_))
-        if isinstance(posterior, type) and issubclass(posterior, DiagonalNormal):
+        if targets(cfg, "posterior", DiagonalNormal):
             return None
         return (f"posterior._target_={cfg.posterior._target_} with estimator.elbo._target_=vae.dreg.DReG_ELBO: DReG "
                 "re-scores log q(t|x) under the guide's Gaussian with its parameters detached; use posterior=gaussian, "

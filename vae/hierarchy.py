@@ -29,13 +29,13 @@ from collections.abc import Callable, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from guide import MIN_T_SCALE, DiagonalNormal, Posterior
 from model import Prior
-from vae.rules import is_int, locate
+from vae.rules import is_int, targets
 
 
 class ConditionalGaussian(nn.Module):
@@ -73,10 +73,8 @@ def check_layer(key: str, upper_dim: object, hidden_dims: object) -> None:
 def partner_refusal(cfg: DictConfig, key: str, wanted: type, option: str) -> str | None:
     """The one line when the config's `key` (prior or posterior) is not the other half of the hierarchy,
     or the two halves disagree on t2's dimension; None when they fit."""
-    target = str(OmegaConf.select(cfg, f"{key}._target_"))
-    partner = locate(target)
-    if not (isinstance(partner, type) and issubclass(partner, wanted)):
-        return (f"prior=two_layer and posterior=bottom_up go together (got {key}._target_={target}): the model's "
+    if not targets(cfg, key, wanted):
+        return (f"prior=two_layer and posterior=bottom_up go together (got {key}._target_={cfg[key]._target_}): the model's "
                 f"second latent t2 needs q(t2|t) in the guide, and q(t2|t) needs t2 in the model; set {key}={option}")
     dims = cfg.prior.get("upper_dim"), cfg.posterior.get("upper_dim")
     if dims[0] != dims[1]:

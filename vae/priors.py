@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from guide import DiagonalNormal
 from model import Prior
-from vae.rules import locate
+from vae.rules import targets
 
 
 class GaussianMixture(Prior):
@@ -108,9 +108,7 @@ class VampPrior(Prior):
     def refuses(cls, cfg: DictConfig) -> str | None:
         """Why the training config `cfg` cannot use this prior (a posterior other than the encoder's Gaussian), or
         None: the same refusal as building the networks gives, from the config alone."""
-        target = str(OmegaConf.select(cfg, "posterior._target_", default="guide.DiagonalNormal"))
-        posterior = locate(target)
-        return None if isinstance(posterior, type) and issubclass(posterior, DiagonalNormal) else cls.posterior_refusal(target)
+        return None if targets(cfg, "posterior", DiagonalNormal) else cls.posterior_refusal(cfg.posterior._target_)
 
     @property
     def encoder(self) -> nn.Module:

@@ -113,6 +113,13 @@ def locate(name: str) -> Any:
         return None
 
 
+def targets(cfg: DictConfig, key: str, kind: type) -> bool:
+    """Whether `key`._target_ of the config names `kind` or a subclass of it: how an extension's `refuses`
+    asks what another group holds (vae/priors.py, vae/dreg.py, vae/hierarchy.py)."""
+    target = locate(str(OmegaConf.select(cfg, f"{key}._target_")))
+    return isinstance(target, type) and issubclass(target, kind)
+
+
 def importable(says: str = "cannot be imported; give a class as module.Class") -> Check:
     return Check(lambda v: isinstance(v, str) and callable(locate(v)), says, ("vae.nope.Nope", "5"))
 
