@@ -196,7 +196,7 @@ def table(report: dict[str, Any]) -> str:
 def main(cfg: DictConfig) -> None:
     overrides = list(HydraConfig.get().overrides.task)
     variant_configs = {name: compose(config_name="bench", overrides=overrides + list(extra))
-                       for name, extra in cfg.bench.variants.items()}
+                       for name, extra in cfg.bench.variants.items() if extra is not None}  # null: left out
     try:
         report = bench(cfg, variant_configs)
     except (ConfigError, DataNotFoundError) as error:

@@ -14,7 +14,10 @@ from omegaconf import DictConfig
 from PIL import Image
 from torchvision.utils import make_grid
 
+from vae.config import register_resolvers
+
 PROJECT_DIR = Path(__file__).resolve().parents[1]
+register_resolvers()  # as the entry points do before composing: a recipe's trainer.bf16 may follow the processor
 CONF_DIR = PROJECT_DIR / "conf"
 # Small, fast settings shared by the training tests: synthetic data, a tiny network.
 FAST = ["data=synthetic", "data.subset=512", "model.channels=[8,16]", "model.hidden_dim=64",

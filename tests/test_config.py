@@ -17,7 +17,7 @@ from pyro.optim import PyroLRScheduler
 
 from conftest import CONF_DIR, FAST, PROJECT_DIR, compose_config
 from vae.build import build_likelihood, build_optimizer
-from vae.config import ConfigError, check_config
+from vae.config import ConfigError, bfloat16_units, check_config
 from vae.rules import GROUPS, RULES, TOP_LEVEL, Check, Elsewhere, Mirror, leaves, rule_for, unruled
 
 OPTIONS = sorted(
@@ -195,6 +195,19 @@ def test_every_arm_of_a_study_is_a_job_that_composes_and_checks(study, arm):
     assert sorted(swept) == sorted(a for s, a in ARMS if s == study)
     check_config(cfg)
     assert unruled(cfg) == []
+
+
+@pytest.mark.parametrize("flags,expected", [("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16 amx_tile", True),
+                                            ("fpu avx512f avx512_vnni", False)])
+def test_bf16_follows_the_processors_bfloat16_units(flags, expected, tmp_path):
+    """`${bf16_units:${device}}`: bfloat16 layers on a CPU whose flags name AMX or AVX-512 bfloat16 units (faster
+    there, emulated and slower elsewhere: docs/results.md); the strongest recipes set trainer.bf16 by it."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    assert bfloat16_units("cpu", str(cpuinfo)) is expected
+    assert bfloat16_units("cpu", str(tmp_path / "absent")) is False
+    for recipe in ("best_one_hour/train", "model_levers/train"):
+        assert compose_config(f"experiment={recipe}", "device=cpu").trainer.bf16 is bfloat16_units("cpu")
 
 
 def test_estimators_recipe_sweeps_every_estimator_over_three_seeds():

@@ -538,6 +538,21 @@ def test_the_model_levers_table_names_each_arm_best_nll_first(tmp_path):
     assert [row[-1] for row in table_rows(block)] == ["85.40 ± 0.09", "85.90 ± 0.09", "88.40 ± 0.09"]
 
 
+def test_the_throughput_block_sets_each_speed_option_against_float32_fastest_first(tmp_path):
+    out = outputs(tmp_path)
+    out.run("speed_throughput").mkdir(parents=True)
+    (out.run("speed_throughput") / "bench.json").write_text(json.dumps({
+        "batch_size": 64, "rounds": 20, "steps_per_round": 5, "results": {
+            name: {"median_ms": ms, "iqr_ms": 1.0, "ratio_to_raw": ratio, "ratio_iqr": 0.01} for name, (ms, ratio) in {
+                "raw": (40.0, 1.0), "reparam": (48.0, 1.2), "reparam_bf16": (39.0, 0.96), "reparam_compile": (50.0, 1.26),
+                "reparam_channels_last": (49.0, 1.2), "data": (0.3, 0.01)}.items()}}))
+    block = fill("<!-- report:throughput -->\n<!-- /report:throughput -->\n", out)
+    assert [row for row in table_rows(block)] == [["trainer.bf16", "39.0", "0.80"], ["float32 (none)", "48.0", "1.00"],
+                                                  ["trainer.channels_last", "49.0", "1.00"], ["trainer.compile", "50.0", "1.05"]]
+    assert "_Not run yet: `python bench.py experiment=speed/throughput`._" in fill(
+        "<!-- report:throughput -->\n<!-- /report:throughput -->\n", outputs(tmp_path / "none"))
+
+
 def test_the_readmes_strongest_configuration_is_what_its_block_makes_of_the_two_hours(tmp_path):
     """best_one_hour_short from the hour and its IW fork (numbers of the docs' best_one_hour_iwae block):
     their K=5000 NLLs in order, then the two-layer IWAE; the README's block holds the same rows."""

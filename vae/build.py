@@ -13,6 +13,7 @@ parameters are called, so a checkpoint made with one setting loads with any othe
 from __future__ import annotations
 
 import functools
+import logging
 import warnings
 from functools import partial
 
@@ -30,6 +31,8 @@ from vae.baselines import with_baselines
 from vae.beta_nll import beta_nll
 from vae.config import JIT_ELBOS, ConfigError, arguments, instantiate_checked
 from vae.rules import locate
+
+log = logging.getLogger(__name__)
 
 
 def build_likelihood(likelihood_cfg: DictConfig, image_channels: int) -> Likelihood:
@@ -57,6 +60,9 @@ def build_networks(cfg: DictConfig, image_shape: tuple[int, ...], device: torch.
     prior = instantiate_checked(cfg.prior, "prior", latent_dim=cfg.model.latent_dim,
                                 **{key: value for key, value in offered.items() if key in takes})
     decoder = instantiate(cfg.model.decoder, image_shape=image_shape, likelihood=likelihood, prior=prior).to(device)
+    if trainer_cfg is not None:
+        log.info("speed options: " + ", ".join(f"trainer.{key}={bool(trainer_cfg.get(key))}"
+                                                for key in ("bf16", "channels_last", "compile")))
     for network in (encoder, decoder):
         layers = [block for block in network.children() if not isinstance(block, (Likelihood, Prior, Posterior))]
         if trainer_cfg is not None and trainer_cfg.get("bf16"):

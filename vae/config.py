@@ -281,11 +281,24 @@ class RefuseBeforeWriting(Callback):
             sys.exit(f"error: {key}={path}: {problem}; give another directory")
 
 
+def bfloat16_units(device: str, cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether `device` computes in bfloat16 natively: a CUDA device that supports it, or a CPU whose flags
+    (/proc/cpuinfo) name AMX or AVX-512 bfloat16 units. `${bf16_units:${device}}` in a recipe sets
+    trainer.bf16 by it: the step is faster there and 2.4 times slower where bfloat16 is emulated
+    (docs/results.md, "Speed" and "bf16"); a run keeps what it was given when it resumes elsewhere."""
+    resolved = resolve_device(str(device))
+    if resolved.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    flags = set(Path(cpuinfo).read_text().split()) if Path(cpuinfo).is_file() else set()
+    return bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
 def register_resolvers() -> None:
     """Before @hydra.main of an entry point that composes conf/config.yaml: its hydra.run.dir and
-    output_subdir use these."""
+    output_subdir use these, and a recipe's trainer.bf16 may follow the processor (`bf16_units`)."""
     OmegaConf.register_new_resolver("resume_dir", resume_directory, replace=True)
     OmegaConf.register_new_resolver("resume_subdir", resume_subdirectory, replace=True)
+    OmegaConf.register_new_resolver("bf16_units", bfloat16_units, replace=True)
 
 
 def positive_int(value: object) -> bool:

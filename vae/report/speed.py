@@ -1,5 +1,5 @@
-"""Speed: the SVI step against a hand-written one (`experiment=speed/bench`) and data-parallel training
-(`speed/data_parallel`).
+"""Speed: the SVI step against a hand-written one (`experiment=speed/bench`), the speed options on the
+strongest configuration (`speed/throughput`) and data-parallel training (`speed/data_parallel`).
 """
 from __future__ import annotations
 
@@ -49,8 +49,26 @@ def speed_short(out: Outputs) -> str:
             + "\n\n" + provenance_line(out, out.run("speed_bench")))
 
 
+SPEED_OPTIONS = {"reparam": "float32 (none)", "reparam_bf16": "`trainer.bf16`", "reparam_channels_last": "`trainer.channels_last`",
+                 "reparam_compile": "`trainer.compile`"}
+
+
+def throughput(out: Outputs) -> str:
+    """The speed options of vae/build.py on the strongest configuration, each step's time against float32's
+    (the medians of the per-round ratios to `raw`, divided), fastest first."""
+    report = read_json(out.run("speed_throughput") / "bench.json", "python bench.py experiment=speed/throughput")
+    results = {name: r for name, r in report["results"].items() if name in SPEED_OPTIONS}
+    base = results["reparam"]["ratio_to_raw"]
+    rows = [[SPEED_OPTIONS[name], f"{r['median_ms']:.1f}", f"{r['ratio_to_raw'] / base:.2f}"]
+            for name, r in sorted(results.items(), key=lambda item: item[1]["ratio_to_raw"])]
+    return (f"Batch {report['batch_size']}, {report['rounds']} rounds of {report['steps_per_round']} steps per option.\n\n"
+            + table(["speed option", "median ms per step", "time per step / float32's"], rows)
+            + "\n\n" + provenance_line(out, out.run("speed_throughput")))
+
+
 BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "speed": speed,
     "speed_short": speed_short,
+    "throughput": throughput,
     "data_parallel": data_parallel,
 }
