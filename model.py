@@ -18,8 +18,8 @@ import math
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
-from pyro.poutine.util import site_is_subsample
 import torch
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.nn import functional as F
 

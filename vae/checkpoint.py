@@ -60,6 +60,7 @@ class RunState:
     epoch_seconds: float = 0.0  # seconds spent in this epoch's steps before the last stop
     wall_time: float = 0.0  # seconds of training and testing, over every resume
     run_id: str | None = None  # drawn when the run starts, kept by every checkpoint and provenance line
+    switch_epoch: int | None = None  # the first epoch on trainer.switch_elbo, once the run has switched (vae/runner.py)
 
     def start_epoch(self, batches: list[Tensor]) -> None:
         self.batches, self.next_batch, self.loss_sum, self.epoch_seconds = batches, 0, 0.0, 0.0
@@ -88,7 +89,8 @@ class RunState:
 
 
 STATE_KEYS = tuple(field.name for field in fields(RunState))
-REQUIRED_KEYS = ("param_store", "optimizer", "rng", "config", *(key for key in STATE_KEYS if key != "run_id"))
+REQUIRED_KEYS = ("param_store", "optimizer", "rng", "config",
+                 *(key for key in STATE_KEYS if key not in ("run_id", "switch_epoch")))  # older checkpoints lack these
 
 
 def checkpoint_path(run_or_checkpoint: str | Path) -> Path:
@@ -225,7 +227,8 @@ def check_run(path: Path, contents: dict[str, Any]) -> None:
 
 
 def saved_state(contents: dict[str, Any]) -> RunState:
-    """Where the run stood when the checkpoint was written (checkpoints from before run_id have none)."""
+    """Where the run stood when the checkpoint was written (checkpoints from before run_id or switch_epoch
+    have none)."""
     return RunState(**{key: contents[key] for key in STATE_KEYS if key in contents})
 
 

@@ -19,7 +19,7 @@ from hydra.experimental.callback import Callback
 from hydra.errors import InstantiationException
 from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
-from pyro.infer import (JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO,
+from pyro.infer import (ELBO, JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO,
                         TraceGraph_ELBO, TraceMeanField_ELBO)
 
 from vae.beta_nll import weighs
@@ -137,6 +137,28 @@ def use_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.threads)
 
 
+def check_switch(cfg: DictConfig) -> None:
+    """trainer.switch_after_minutes and trainer.switch_elbo come together, and the objective switched to
+    is an ELBO class that the estimator can train (vae/runner.py switches)."""
+    minutes, elbo = cfg.trainer.get("switch_after_minutes"), cfg.trainer.get("switch_elbo")
+    if (minutes is None) != (elbo is None):
+        raise ConfigError(f"trainer.switch_after_minutes={minutes} with trainer.switch_elbo={elbo}: give both (when to "
+                          "switch, and to which objective, e.g. {_target_: vae.iwae.IWAE_ELBO, num_particles: 5}) or neither")
+    if elbo is None:
+        return
+    target = OmegaConf.select(cfg, "trainer.switch_elbo._target_")
+    elbo_class = locate(str(target))
+    if not (isinstance(elbo_class, type) and issubclass(elbo_class, ELBO)):
+        raise ConfigError(f"trainer.switch_elbo._target_={target}: must be an ELBO class, module.Class (e.g. vae.iwae.IWAE_ELBO)")
+    if issubclass(elbo_class, IWAE_ELBO) and not cfg.estimator.reparameterized:
+        raise ConfigError(f"trainer.switch_elbo._target_={target} with estimator.reparameterized=false: the importance-"
+                          "weighted bound is trained through reparameterized samples; use estimator=reparam")
+    for key in ("kl_warmup_epochs", "nll_beta"):
+        if cfg.trainer.get(key, 0) and issubclass(elbo_class, IWAE_ELBO):
+            raise ConfigError(f"trainer.{key}={cfg.trainer[key]} with trainer.switch_elbo._target_={target}: it reweighs "
+                              "the ELBO's terms, not inside the IW bound; leave one of them out")
+
+
 def check_estimator(cfg: DictConfig) -> None:
     """The ELBO, the estimator and the baselines must fit together (else Pyro fails deep inside,
     or silently ignores the baseline)."""
@@ -157,6 +179,7 @@ def check_estimator(cfg: DictConfig) -> None:
             raise ConfigError(f"trainer.{key}={cfg.trainer[key]} with estimator.elbo._target_={target}: {reweighs} "
                               "(not inside the IW bound's log-mean-exp, nor in a JIT ELBO's trace, which is compiled "
                               "once); use it with a Trace ELBO, e.g. estimator=reparam")
+    check_switch(cfg)
     baseline_keys = [f"estimator.{key}" for key in ("baseline", "baseline_net") if cfg.estimator.get(key)]
     if baseline_keys and not (score and issubclass(elbo_class, TraceGraph_ELBO)):
         raise ConfigError(f"{' and '.join(baseline_keys)} with estimator.elbo._target_={target}, estimator."

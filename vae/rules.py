@@ -235,6 +235,10 @@ RULES: dict[str, Rule] = {
     "trainer.channels_last": boolean(),
     "trainer.bf16": boolean(),
     "trainer.compile": boolean(),
+    "trainer.switch_after_minutes": Check(lambda v: v is None or (is_finite(v) and v >= 0),
+                                          "must be null (no switch) or a number of minutes >= 0", ("-1", "inf", "nan", "true")),
+    "trainer.switch_elbo": Elsewhere("vae.config.check_estimator: null, or an ELBO with trainer.switch_after_minutes"),
+    "trainer.switch_elbo.*": Elsewhere("vae.config.check_estimator: the ELBO's class and its arguments"),
 }
 # Keys every training config holds: an absent one is refused as None.
 REQUIRED = ("seed", "data.batch_size", "data.exclude_classes", "model.latent_dim", "model.channels", "model.hidden_dim",

@@ -6,7 +6,9 @@ A `Runner` is entered once per training process. It owns this process's place in
 loss and on a stop), the run's directory and its records (vae/logbook.py), the checkpoint it resumes
 from and the ones it writes (vae/checkpoint.py: `RunState`, where in which epoch the run stands), the
 signals that ask it to stop after a step (vae/preemption.py), the time budget (`trainer.max_minutes`),
-the KL warm-up's weight, and divergence (a NaN loss ends the run, its last good checkpoint kept).
+the KL warm-up's weight, the switch of objective (`trainer.switch_after_minutes`: after the first epoch that
+ends past that minute, the epochs train `trainer.switch_elbo`, e.g. the IW bound, the epoch of the switch
+saved in the checkpoint) and divergence (a NaN loss ends the run, its last good checkpoint kept).
 
     with Runner(cfg, out_dir, ranks) as run:
         ... load the data, build the networks and SVI ...
@@ -32,6 +34,7 @@ from typing import Any
 
 import pyro
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from pyro.infer import SVI
 from tqdm import tqdm
@@ -98,6 +101,11 @@ class Runner:
             svi.optim = distributed.GradientAveraging(svi.optim)
         distributed.seed_noise(cfg.seed, ranks)  # the same weights on every rank, each its own noise
         self.svi, self.num_data = svi, num_data
+        switch_elbo = cfg.trainer.get("switch_elbo")  # the objective after trainer.switch_after_minutes, if any
+        self.objectives = [(svi.loss, svi.loss_and_grads)]
+        if switch_elbo is not None:
+            elbo = instantiate(switch_elbo)
+            self.objectives.append((elbo.loss, elbo.loss_and_grads))
         saved = self.saved
         self.state = checkpoint.restore(saved, svi.optim, cfg, self.device, ranks, **networks) if saved else RunState()
         self.state.run_id = self.state.run_id or distributed.rank0_value(uuid.uuid4().hex, ranks)  # from its start
@@ -126,6 +134,8 @@ class Runner:
         while state.epoch <= self.cfg.trainer.epochs and not self.out_of_time:
             if state.batches is None:  # a new epoch: a fresh order of the images
                 state.start_epoch(distributed.epoch_batches(self.num_data, self.cfg.data, self.ranks))
+            switched = state.switch_epoch is not None and state.epoch >= state.switch_epoch
+            self.svi.loss, self.svi.loss_and_grads = self.objectives[switched]  # trainer.switch_elbo from then on
             self.started = time.perf_counter()
             yield state.epoch
 
@@ -199,6 +209,12 @@ class Runner:
         self.out_of_time = distributed.rank0_value(state.wall_time + seconds >= self.budget_seconds, ranks)  # rank 0's clock
         if self.out_of_time:
             log.info(f"trainer.max_minutes={cfg.trainer.max_minutes}: the time budget is spent; epoch {epoch} is the last")
+        minutes = cfg.trainer.get("switch_after_minutes")
+        if minutes is not None and state.switch_epoch is None and distributed.rank0_value(
+                state.wall_time + seconds >= 60 * minutes, ranks):  # rank 0's clock, as the budget's
+            state.switch_epoch = epoch + 1  # saved with this epoch's checkpoint
+            log.info(f"trainer.switch_after_minutes={minutes}: epochs from {epoch + 1} on train "
+                     f"{cfg.trainer.switch_elbo._target_}")
         if ranks.writer and (epoch % cfg.trainer.test_every == 0 or epoch == cfg.trainer.epochs or self.out_of_time):
             metrics.update(test(epoch))  # rank 0 tests and writes
         else:
