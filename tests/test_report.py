@@ -553,6 +553,25 @@ def test_the_throughput_block_sets_each_speed_option_against_float32_fastest_fir
         "<!-- report:throughput -->\n<!-- /report:throughput -->\n", outputs(tmp_path / "none"))
 
 
+def test_the_best_hour_seeds_block_gives_each_seed_then_their_mean_and_sd(tmp_path):
+    """Three seeds of one command: each seed's NLL in seed order, the mean and the sample sd over the seeds,
+    how many are below the two-layer IWAE's 82.90; a seed not evaluated yet says so and is left out of the mean."""
+    out = outputs(tmp_path)
+    sweep, evaluations = tmp_path / "multirun" / "best_hour_seeds", tmp_path / "multirun" / "best_hour_seeds_likelihood"
+    for seed, nll in enumerate((82.7, 83.1, None)):
+        run = fake_job(sweep / str(seed), ["experiment=best_hour_seeds/train", f"seed={seed}"], [-540.0, -88.0 - seed])
+        if nll is not None:
+            (evaluations / str(seed)).mkdir(parents=True)
+            (evaluations / str(seed) / "metrics.json").write_text(json.dumps(
+                {"run": str(run), "whole_split_nll": nll, "whole_split_nll_standard_error": 0.1}))
+    rows = table_rows(fill("<!-- report:best_hour_seeds -->\n<!-- /report:best_hour_seeds -->\n", out))
+    assert [row[0] for row in rows[:3]] == ["seed 0", "seed 1", "seed 2"]
+    assert [row[-1] for row in rows[:2]] == ["82.70 ± 0.10", "83.10 ± 0.10"]
+    assert "not evaluated yet" in rows[2][-1]
+    assert rows[3][0] == "mean ± sd over 2 seeds (1 of them below 82.90)" and rows[3][-1] == "82.90 ± 0.28"
+    assert rows[-1] == ["IWAE, two stochastic layers, k=50 (Burda et al. 2016)", "", "", "", "82.90"]
+
+
 def test_the_readmes_strongest_configuration_is_what_its_block_makes_of_the_two_hours(tmp_path):
     """best_one_hour_short from the hour and its IW fork (numbers of the docs' best_one_hour_iwae block):
     their K=5000 NLLs in order, then the two-layer IWAE; the README's block holds the same rows."""

@@ -121,6 +121,36 @@ def best_one_hour_short(out: Outputs) -> str:
             + provenance_line(out, out.run("best_one_hour"), out.run("best_one_hour_iwae"),
                               out.run("best_one_hour_likelihood"), out.run("best_one_hour_iwae_likelihood")))
 
+def best_hour_seeds(out: Outputs) -> str:
+    """The strongest configuration's hour, three seeds in one command (the IW bound from minute 40): each seed's
+    epochs and K=5000 NLL, their mean and standard deviation over seeds, beside the two-layer IWAE."""
+    name = "best_hour_seeds"
+    sweep, jobs = trained_jobs(out, name)
+    (seeds,) = jobs.values()  # one configuration, its seeds in order
+    evaluated = {seed: metrics for _, seed, metrics, _ in run_evaluations(out.sweep(f"{name}_likelihood"))}
+    rows, nlls = [], []
+    for seed, metrics in enumerate(seeds):
+        last = [m for m in metrics if m.get("test_elbo") is not None][-1]
+        nll = evaluated.get(seed)
+        cell = (f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**" if nll else
+                f"_not evaluated yet: `python evaluate.py -m experiment={name}/likelihood`_")
+        rows.append([f"seed {seed}", last["epoch"], minutes(last["wall_time"]), nats(last["test_elbo"]), cell])
+        if nll:
+            nlls.append(nll["whole_split_nll"])
+    if len(nlls) > 1:
+        mean = sum(nlls) / len(nlls)
+        sd = math.sqrt(sum((v - mean) ** 2 for v in nlls) / (len(nlls) - 1))
+        anchor = dict(ANCHORS)["IWAE, two stochastic layers, k=50 (Burda et al. 2016)"]
+        below = sum(v < anchor for v in nlls)
+        rows.append([f"mean ± sd over {len(nlls)} seeds ({below} of them below {anchor:.2f})", "", "", "",
+                     f"**{nats(mean)} ± {sd:.2f}**"])
+    rows += [[anchor, "", "", "", f"{value:.2f}"] for anchor, value in ANCHORS]
+    head = ["run", "epochs", "training time", "test ELBO after the last epoch (nats)",
+            "test NLL (nats), K=5000: every image's ELBO + the IW gap on 1,000 random images"]
+    return (table(head, rows) + sweep_progress(sweep) + "\n\n"
+            + provenance_line(out, sweep, out.sweep(f"{name}_likelihood")))
+
+
 BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "best_one_hour_short": best_one_hour_short,
     "bound_and_posterior": bound_and_posterior,
@@ -130,4 +160,5 @@ BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "bf16": bf16,
     "best_one_hour": best_one_hour,
     "best_one_hour_iwae": best_one_hour_iwae,
+    "best_hour_seeds": best_hour_seeds,
 }

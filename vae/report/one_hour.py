@@ -60,9 +60,6 @@ def likelihood_short(out: Outputs) -> str:
 
 
 # Published test bits/dim on 8-bit MNIST of models that are not factorized over pixels.
-
-
-# Published test bits/dim on 8-bit MNIST of models that are not factorized over pixels.
 GRAY_ANCHORS = [("RealNVP (Dinh et al. 2017)", 1.06), ("Glow (Kingma & Dhariwal 2018)", 1.05)]
 
 
