@@ -1,6 +1,7 @@
 """Shared fixtures: configs composed the way Hydra composes them, and a clean Pyro state."""
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -63,12 +64,59 @@ def trained_run(out_dir: Path, *overrides: str) -> Path:
     return out_dir
 
 
+def resumed_run(out_dir: Path, *overrides: str, stop_after: int, epochs: int) -> Path:
+    """`out_dir`, holding a run trained to epoch `stop_after`, then resumed from its checkpoint to `epochs`."""
+    from train import train
+
+    trained_run(out_dir, *overrides, f"trainer.epochs={stop_after}")
+    pyro.clear_param_store()
+    train(compose_config(*FAST, *overrides, f"trainer.epochs={epochs}", f"resume={out_dir}"), out_dir)
+    return out_dir
+
+
+def run_numbers(run: Path) -> list[dict]:
+    """Every line of a run's metrics.jsonl without its times (seconds, wall time): equal for two runs that
+    computed the same, e.g. an uninterrupted run and a resumed one."""
+    return [{k: v for k, v in json.loads(line).items() if "second" not in k and "time" not in k}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
 @pytest.fixture(autouse=True)
 def fresh_pyro_state():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     yield
     pyro.clear_param_store()
+
+
+# torch's own thread count here (one per core), read before the fixtures below set it: what `python train.py` runs on.
+MACHINE_THREADS = torch.get_num_threads()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread_in_this_process():
+    """The tests and their fixtures compute on one torch thread (subprocesses, given `threads=1` where they
+    train, too): their networks are tiny, so a second thread gains little, and on a machine whose cores are
+    busy the threads of each operation wait for one another, a step taking ten to forty times longer. Every
+    test compares runs made under the same setting. `machine_threads` gives a test torch's own count."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(MACHINE_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def back_to_one_thread():
+    """One thread again after a test that set another count (e.g. a run with `threads=2`), for the next
+    test and the module fixtures set up with it."""
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture
+def machine_threads():
+    """This test on torch's own thread count, as `python train.py` has it (a README number measured so)."""
+    torch.set_num_threads(MACHINE_THREADS)
+    yield MACHINE_THREADS
 
 
 def mnist_root() -> Path | None:

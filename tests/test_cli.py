@@ -160,10 +160,11 @@ def test_a_refused_command_leaves_the_runs_saved_config_as_it_was(tmp_path):
     that run's .hydra/config.yaml and overrides.yaml, which report.py labels the run by and the
     resume command is built from: the refused invocation's own go to .hydra/resume-<time>/."""
     run_dir = tmp_path / "run"
-    first = run_train(*FAST, "trainer.epochs=1", "data.subset=128", f"hydra.run.dir={run_dir}")
+    first = run_train(*FAST, "threads=1", "trainer.epochs=1", "data.subset=128", f"hydra.run.dir={run_dir}")
     assert first.returncode == 0, first.stderr
     saved = {name: (run_dir / ".hydra" / name).read_bytes() for name in ("config.yaml", "overrides.yaml", "hydra.yaml")}
-    refused = run_train(*FAST, "trainer.epochs=1", "data.subset=128", "model.latent_dim=5", f"hydra.run.dir={run_dir}")
+    refused = run_train(*FAST, "threads=1", "trainer.epochs=1", "data.subset=128", "model.latent_dim=5",
+                        f"hydra.run.dir={run_dir}")
     assert refused.returncode == 1 and "model.latent_dim: 4 -> 5" in refused.stderr.strip().splitlines()[-1]
     assert {name: (run_dir / ".hydra" / name).read_bytes() for name in saved} == saved
     (invocation,) = (run_dir / ".hydra").glob("resume-*/overrides.yaml")

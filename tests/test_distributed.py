@@ -109,15 +109,21 @@ def steps(overrides: list[str], ranks: Ranks, plain_average: bool = False) -> tu
     return losses, {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
 
 
-def rank_worker(rank: int, port: int, overrides: list[str], out: str, plain_average: bool) -> None:
+def rank_worker(rank: int, port: int, cases: dict[str, tuple[list[str], bool]], out: str) -> None:
+    """Rank `rank` of two: the steps of each case (its overrides, plain_average) in turn, each from its
+    own seed and a cleared param store (as in a process of its own); rank 0 saves {case: losses and
+    parameters} to `out`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo on the loopback, whatever the host's name resolves to
     torch_dist.init_process_group("gloo", rank=rank, world_size=2)
     torch.set_num_threads(1)
     try:
-        losses, params = steps(overrides, Ranks(rank, 2, rank), plain_average)
+        results = {}
+        for name, (overrides, plain_average) in cases.items():
+            losses, params = steps(overrides, Ranks(rank, 2, rank), plain_average)
+            results[name] = {"losses": losses, "params": params}
         if rank == 0:
-            torch.save({"losses": losses, "params": params}, out)
+            torch.save(results, out)
     finally:
         torch_dist.destroy_process_group()
     # Ends here, without the interpreter's teardown: in this suite's process (not on its own, nor in
@@ -129,28 +135,37 @@ def rank_worker(rank: int, port: int, overrides: list[str], out: str, plain_aver
     os._exit(0)
 
 
-def two_ranks(overrides: list[str], tmp_path: Path, plain_average: bool = False) -> dict:
-    out = tmp_path / "two_ranks.pt"
-    mp.spawn(rank_worker, args=(free_port(), overrides, str(out), plain_average), nprocs=2, join=True)
+PLAIN_AVERAGE = ["reparam", "nvil"]  # the estimators whose two ranks also take plain averages (a mutation)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> dict:
+    """{case: the losses and parameters of rank 0 after the steps on two ranks}: each estimator's steps
+    ("reparam", ...), and with a plain average of the ranks' gradients ("reparam/plain", ...), all taken by
+    one pair of spawned ranks (two processes for all cases, not two for each)."""
+    cases = {name: (overrides, False) for name, overrides in ESTIMATORS.items()}
+    cases.update({f"{name}/plain": (ESTIMATORS[name], True) for name in PLAIN_AVERAGE})
+    out = tmp_path_factory.mktemp("two_ranks") / "two_ranks.pt"
+    mp.spawn(rank_worker, args=(free_port(), cases, str(out)), nprocs=2, join=True)
     return torch.load(out, weights_only=False)
 
 
 @pytest.mark.parametrize("estimator", ESTIMATORS, ids=list(ESTIMATORS))
-def test_two_ranks_take_the_steps_of_one_process_on_the_whole_batch(estimator, tmp_path):
+def test_two_ranks_take_the_steps_of_one_process_on_the_whole_batch(estimator, two_ranks):
     losses, params = steps(ESTIMATORS[estimator], distributed.ALONE)
-    parallel = two_ranks(ESTIMATORS[estimator], tmp_path)
+    parallel = two_ranks[estimator]
     assert parallel["losses"] == pytest.approx(losses, rel=1e-4)
     assert set(parallel["params"]) == set(params)
     for name, value in params.items():
         torch.testing.assert_close(parallel["params"][name], value, rtol=1e-4, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("estimator", ["reparam", "nvil"])
-def test_the_share_weights_matter(estimator, tmp_path):
+@pytest.mark.parametrize("estimator", PLAIN_AVERAGE)
+def test_the_share_weights_matter(estimator, two_ranks):
     """The check above can fail: a plain average of the ranks' gradients (weight 1/2 whatever the
     share; for NVIL's baseline net, 1/4) differs from the one-process step once a batch splits unequally."""
     _, params = steps(ESTIMATORS[estimator], distributed.ALONE)
-    parallel = two_ranks(ESTIMATORS[estimator], tmp_path, plain_average=True)
+    parallel = two_ranks[f"{estimator}/plain"]
     assert not all(torch.allclose(parallel["params"][n], v, rtol=1e-4, atol=1e-6) for n, v in params.items())
 
 

@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -320,7 +321,7 @@ def test_evaluate_command_line_writes_the_in_process_numbers(run_dir, tmp_path):
     """`python evaluate.py run=... task=...` exits 0 and writes metrics.json, likelihood.npz and its
     provenance into its Hydra directory, with the numbers that evaluate() gives in process."""
     options = ["task=likelihood", "task.num_particles=10", "task.max_images=16", "device=cpu"]
-    result = subprocess.run([sys.executable, "evaluate.py", f"run={run_dir}", *options,
+    result = subprocess.run([sys.executable, "evaluate.py", f"run={run_dir}", *options, "threads=1",
                              f"hydra.run.dir={tmp_path / 'cli'}"], cwd=PROJECT_DIR, capture_output=True, text=True,
                             timeout=300, check=False)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -644,13 +645,13 @@ def test_an_evaluation_recipe_evaluates_every_job_of_its_training_sweep(tmp_path
     of the sweep (in job order, 10 after 2), nothing listed by hand; a sweep not trained yet is one line,
     and nothing is created."""
     sweep = tmp_path / "multirun" / "experiments" / "bound_and_posterior"
-    for job in ("0", "1", "2", "10"):
-        if job != "2":  # job 2 never trained: no checkpoint, not evaluated
-            trained_run(sweep / job, "trainer.epochs=1", "data.subset=128")
-    (sweep / "2").mkdir()
+    trained_run(sweep / "0", "trainer.epochs=1", "data.subset=128")
+    for job in ("1", "10"):  # the same training as job 0's: copies of it
+        shutil.copytree(sweep / "0", sweep / job)
+    (sweep / "2").mkdir()  # job 2 never trained: no checkpoint, not evaluated
     command = [sys.executable, str(PROJECT_DIR / "evaluate.py"), "-m", "experiment=bound_and_posterior/likelihood",
                "hydra/launcher=basic", "task.num_particles=4", "task.max_images=8", "task.whole_split_particles=2",
-               "device=cpu"]
+               "device=cpu", "threads=1"]
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     evaluated = [json.loads((tmp_path / "multirun" / "experiments" / "bound_and_posterior_likelihood" / job / "metrics.json").read_text())["run"]

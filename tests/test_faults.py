@@ -15,7 +15,7 @@ import torch
 from conftest import FAST, PROJECT_DIR, process_starts
 from vae.checkpoint import saved_state
 
-SETTINGS = [*FAST, "data.subset=512", "data.batch_size=16", "trainer.epochs=3"]  # 32 steps an epoch
+SETTINGS = [*FAST, "data.subset=512", "data.batch_size=16", "trainer.epochs=3", "threads=1"]  # 32 steps an epoch
 
 
 def command(run_dir) -> list[str]:
@@ -84,7 +84,7 @@ def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path):
 
 def test_the_fault_script_counts_what_was_lost(tmp_path):
     """faults.py end to end, on one run with one SIGKILL and one SIGTERM: both resumed, nothing lost."""
-    settings = "[" + ",".join(f"'{s}'" for s in [*FAST, "data.subset=128", "trainer.epochs=1"]) + "]"
+    settings = "[" + ",".join(f"'{s}'" for s in [*FAST, "data.subset=128", "trainer.epochs=1", "threads=1"]) + "]"
     result = subprocess.run([sys.executable, "faults.py", "faults.runs=1", "faults.kills=1", "faults.terms=1",
                              f"faults.settings={settings}", f"hydra.run.dir={tmp_path}"], cwd=PROJECT_DIR,
                             capture_output=True, text=True, timeout=600)

@@ -56,7 +56,8 @@ def test_the_fork_recipe_is_one_command_that_continues_itself(tmp_path):
     """The recipes as a user runs them (from a folder of their own, on tiny settings): the hour, then its
     fork, which trains the IW bound from the hour's last epoch within 40 minutes; run again with more
     epochs, the fork continues from its own checkpoint."""
-    small = [*FAST, "trainer.check_every_step=false", "trainer.test_every=1", "posterior.hidden_dims=[16]"]
+    small = [*FAST, "trainer.check_every_step=false", "trainer.test_every=1", "posterior.hidden_dims=[16]",
+             "threads=1"]  # on a busy machine two threads wait for each other: the flows' steps take 40 times longer
 
     def run(recipe: str, epochs: int) -> None:
         subprocess.run([sys.executable, str(PROJECT_DIR / "train.py"), f"experiment={recipe}", *small,

@@ -8,7 +8,6 @@ one line.
 """
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 import sys
@@ -17,7 +16,7 @@ from functools import partial
 import pyro
 import pytest
 import torch
-from conftest import FAST, PROJECT_DIR, compose_config, trained_run
+from conftest import FAST, PROJECT_DIR, compose_config, resumed_run, run_numbers, trained_run
 from pyro.infer import Trace_ELBO
 from test_evaluate import LinearEncoder, LinearGaussianDecoder
 from test_mixture_prior import evaluate_likelihood_and_samples
@@ -154,17 +153,9 @@ def test_a_two_layer_run_trains_resumes_exactly_and_is_evaluated(tmp_path):
     """Trained on the ELBO, both MLPs move from their start; a run resumed after epoch 1 ends as an
     uninterrupted one; task=likelihood and task=generate read it, and task=impute refuses it in one line."""
     whole = trained_run(tmp_path / "whole", *TWO_LAYER, "trainer.epochs=2")
-    trained_run(tmp_path / "parts", *TWO_LAYER, "trainer.epochs=1")
-    pyro.clear_param_store()
-    from train import train
-    train(compose_config(*FAST, *TWO_LAYER, "trainer.epochs=2", f"resume={tmp_path / 'parts'}"), tmp_path / "parts")
-
-    def numbers(run):
-        return [{k: v for k, v in json.loads(line).items() if "second" not in k and "time" not in k}
-                for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    assert numbers(tmp_path / "parts") == numbers(whole)
-    assert all(math.isfinite(m["test_elbo"]) for m in numbers(whole))
+    parts = resumed_run(tmp_path / "parts", *TWO_LAYER, stop_after=1, epochs=2)
+    assert run_numbers(parts) == run_numbers(whole)
+    assert all(math.isfinite(m["test_elbo"]) for m in run_numbers(whole))
     run = load_run(whole, device="cpu")
     assert isinstance(run.decoder.prior, TwoLayerPrior) and isinstance(run.encoder.posterior, BottomUp)
     for layer in (run.decoder.prior.down.net[-1], run.encoder.posterior.up.net[-1]):

@@ -344,7 +344,7 @@ def folder_run(request, tmp_path_factory):
     overrides, likelihood = FOLDERS[request.param]
     command = [sys.executable, str(PROJECT_DIR / "train.py"), "data=image_folder", f"data.root={tmp / 'pictures'}",
                "trainer=smoke", "data.dataset.image_size=16", f"data.dataset.cache_dir={tmp / 'cache'}", likelihood,
-               *overrides, *SMALL, f"hydra.run.dir={tmp / 'run'}"]
+               *overrides, *SMALL, "threads=1", f"hydra.run.dir={tmp / 'run'}"]
     result = subprocess.run(command, cwd=tmp, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert listing(tmp / "pictures") == before
@@ -372,7 +372,8 @@ def test_python_evaluate_runs_on_a_folder_run(folder_run, tmp_path):
     folder is still its data)."""
     run_dir, _ = folder_run
     result = subprocess.run([sys.executable, str(PROJECT_DIR / "evaluate.py"), f"run={run_dir}", "task=likelihood",
-                             *TASK_OPTIONS["likelihood"], "device=cpu", f"hydra.run.dir={tmp_path / 'eval'}"],
+                             *TASK_OPTIONS["likelihood"], "device=cpu", "threads=1",
+                             f"hydra.run.dir={tmp_path / 'eval'}"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "VAE_DATA_ROOT": str(tmp_path)})
     assert result.returncode == 0, result.stderr[-3000:]

@@ -11,7 +11,7 @@ import sys
 import pyro
 import pytest
 import torch
-from conftest import FAST, PROJECT_DIR, assert_png_shows, compose_config, trained_run
+from conftest import FAST, PROJECT_DIR, assert_png_shows, compose_config, resumed_run, run_numbers, trained_run
 
 from guide import guide
 from model import StandardNormal, model
@@ -105,17 +105,9 @@ def test_a_mixture_prior_trains_resumes_exactly_and_is_evaluated(tmp_path):
     1 ends as an uninterrupted one; the evaluation tasks read it (IW likelihood, prior samples)."""
     options = ("prior=mixture", "prior.components=4")
     whole = trained_run(tmp_path / "whole", *options, "trainer.epochs=2")
-    trained_run(tmp_path / "parts", *options, "trainer.epochs=1")
-    pyro.clear_param_store()
-    from train import train
-    train(compose_config(*FAST, *options, "trainer.epochs=2", f"resume={tmp_path / 'parts'}"), tmp_path / "parts")
-
-    def numbers(run):
-        return [{k: v for k, v in json.loads(line).items() if "second" not in k and "time" not in k}
-                for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-    assert numbers(tmp_path / "parts") == numbers(whole)
-    assert all(math.isfinite(m["test_elbo"]) for m in numbers(whole))
+    parts = resumed_run(tmp_path / "parts", *options, stop_after=1, epochs=2)
+    assert run_numbers(parts) == run_numbers(whole)
+    assert all(math.isfinite(m["test_elbo"]) for m in run_numbers(whole))
     run = load_run(whole, device="cpu")
     torch.manual_seed(0)
     start = GaussianMixture(run.cfg.model.latent_dim, components=4)  # the prior's initial values, redrawn
@@ -131,7 +123,7 @@ def evaluate_likelihood_and_samples(run_dir, run, out_dir) -> dict:
     task's metrics (tests/test_vamp_prior.py uses it too)."""
     for task, options in (("likelihood", ["task.max_images=64", "task.num_particles=10"]),
                           ("generate", ["task.classifier_epochs=0"])):
-        result = subprocess.run([sys.executable, "evaluate.py", f"run={run_dir}", f"task={task}", *options,
+        result = subprocess.run([sys.executable, "evaluate.py", f"run={run_dir}", f"task={task}", *options, "threads=1",
                                  f"hydra.run.dir={out_dir / task}"], cwd=PROJECT_DIR, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
     with torch.no_grad():

@@ -5,23 +5,17 @@ then resumed from its epoch-1 checkpoint with estimator=iwae); the epoch of the 
 switched run resumes exactly; a half-given or unfit switch is refused in one line."""
 from __future__ import annotations
 
-import json
 import shutil
 
 import pyro
 import pytest
 import torch
-from conftest import FAST, compose_config, trained_run
+from conftest import FAST, compose_config, resumed_run, run_numbers, trained_run
 
 from vae.checkpoint import CHECKPOINT_NAME
 from vae.config import ConfigError, check_config
 
 SWITCH = ("trainer.switch_after_minutes=0", "trainer.switch_elbo={_target_:vae.iwae.IWAE_ELBO,num_particles:3}")
-
-
-def numbers(run) -> list[dict]:
-    return [{k: v for k, v in json.loads(line).items() if "second" not in k and "time" not in k}
-            for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_one_run_that_switches_is_the_fork_it_replaces_and_resumes_exactly(tmp_path):
@@ -35,13 +29,10 @@ def test_one_run_that_switches_is_the_fork_it_replaces_and_resumes_exactly(tmp_p
     pyro.clear_param_store()
     train(compose_config(*FAST, "estimator=iwae", "estimator.elbo.num_particles=3", "trainer.epochs=3",
                          f"resume={tmp_path / 'fork'}"), tmp_path / "fork")
-    assert numbers(switched) == numbers(tmp_path / "fork")
-    assert numbers(switched)[2]["train_elbo"] != numbers(trained_run(tmp_path / "elbo", "trainer.epochs=3"))[2]["train_elbo"]
+    assert run_numbers(switched) == run_numbers(tmp_path / "fork")
+    assert run_numbers(switched)[2]["train_elbo"] != run_numbers(trained_run(tmp_path / "elbo", "trainer.epochs=3"))[2]["train_elbo"]
     # stopped after epoch 2 (switched at its start) and resumed: the same run
-    trained_run(tmp_path / "parts", *SWITCH, "trainer.epochs=2")
-    pyro.clear_param_store()
-    train(compose_config(*FAST, *SWITCH, "trainer.epochs=3", f"resume={tmp_path / 'parts'}"), tmp_path / "parts")
-    assert numbers(tmp_path / "parts") == numbers(switched)
+    assert run_numbers(resumed_run(tmp_path / "parts", *SWITCH, stop_after=2, epochs=3)) == run_numbers(switched)
 
 
 @pytest.mark.parametrize("overrides,message", [

@@ -39,7 +39,7 @@ def test_report_and_variance_configs_compose():
 
 def test_submitit_job_continues_the_checkpoint_in_its_run_directory(tmp_path):
     """A requeued job reruns in the same directory: it must continue, not restart."""
-    overrides = [*FAST, "data.subset=64", "estimator=score_avg_baseline"]
+    overrides = [*FAST, "data.subset=64", "estimator=score_avg_baseline", "threads=1"]
     train(compose_config(*overrides, "trainer.epochs=1"), tmp_path / "0")  # the job's first life
     result = subprocess.run(
         [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", *overrides, "trainer.epochs=2",
@@ -55,7 +55,8 @@ def test_a_diverging_job_is_recorded_and_the_sweep_goes_on(tmp_path):
     multirun still runs the next job to the end, exits 0, and report.py lists the failure."""
     result = subprocess.run(
         [sys.executable, "train.py", "-m", *FAST, "data.subset=128", "trainer.epochs=1", "optim.optim_args.lr=1e6,1e-3",
-         f"hydra.sweep.dir={tmp_path}"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300, check=False)
+         "threads=1", f"hydra.sweep.dir={tmp_path}"],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     failure = json.loads((tmp_path / "0" / "failed.json").read_text())
     assert failure["error"] == "TrainingDiverged" and failure["message"].startswith("loss is nan at epoch 1")
@@ -75,8 +76,8 @@ def test_a_job_failing_with_any_error_is_recorded_and_listed_and_the_sweep_goes_
     is built) still writes the job's failed.json; the next job trains and report.py lists the failure."""
     result = subprocess.run(
         [sys.executable, "train.py", "-m", *FAST, "data.subset=64", "trainer.epochs=1", "estimator=score_loo",
-         "estimator.elbo.num_particles=1,2", f"hydra.sweep.dir={tmp_path}"], cwd=PROJECT_DIR, capture_output=True,
-        text=True, timeout=300, check=False)
+         "estimator.elbo.num_particles=1,2", "threads=1", f"hydra.sweep.dir={tmp_path}"], cwd=PROJECT_DIR,
+        capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     failure = json.loads((tmp_path / "0" / "failed.json").read_text())
     assert "num_particles=1: a leave-one-out baseline needs at least 2" in failure["message"], failure
@@ -93,7 +94,8 @@ def test_a_diverging_trial_does_not_end_the_optuna_study(tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", "-m", "hydra/sweeper=lr_latent", "hydra.sweeper.n_trials=3",
          "optim.optim_args.lr=choice(1e6,1e-3)", *FAST, "model.latent_dim=4", "data.subset=128", "trainer.epochs=1",
-         f"hydra.sweep.dir={tmp_path}"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300, check=False)
+         "threads=1", f"hydra.sweep.dir={tmp_path}"],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0, result.stderr
     failed = sorted(path.parent.name for path in tmp_path.glob("*/failed.json"))
     finished = sorted(path.parent.name for path in tmp_path.glob("*/metrics.jsonl")

@@ -21,7 +21,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import train as train_module
 import vae.runner as runner_module
-from conftest import FAST, PROJECT_DIR, assert_png_shows, compose_config, mnist_root, process_starts
+from conftest import FAST, PROJECT_DIR, assert_png_shows, compose_config, mnist_root, process_starts, trained_run
 from train import TrainingDiverged, train
 from vae import build
 from vae import checkpoint as checkpoint_module
@@ -42,6 +42,14 @@ def read_metrics(run_dir):
 
 def param_snapshot():
     return {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """(its directory, its final parameters): the FAST run of 2 epochs from seed 0, trained without a stop,
+    where every stopped and resumed run below must end; trained once for them all, read only."""
+    run_dir = trained_run(tmp_path_factory.mktemp("straight"))
+    return run_dir, param_snapshot()
 
 
 @pytest.mark.parametrize("estimator,min_gain", [("reparam", 30), ("score", 10)])
@@ -81,7 +89,7 @@ def test_gaussian_likelihood_trains_and_reports_bits_per_dim(fast_config, tmp_pa
 
 
 @pytest.mark.skipif(mnist_root() is None, reason="MNIST not found under VAE_DATA_ROOT (see ../shared/data/README.md)")
-def test_short_mnist_run(config, tmp_path):
+def test_short_mnist_run(config, tmp_path, machine_threads):  # the default network on MNIST: two threads pay here
     cfg = config("data.subset=2048", "trainer.epochs=1", "device=cpu", f"data.root={mnist_root()}")
     result = train(cfg, tmp_path)
     metrics = read_metrics(tmp_path)
@@ -90,12 +98,13 @@ def test_short_mnist_run(config, tmp_path):
 
 
 @pytest.mark.skipif(mnist_root() is None, reason="MNIST not found under VAE_DATA_ROOT (see ../shared/data/README.md)")
-def test_the_default_run_gives_the_readmes_first_epoch(config, tmp_path):
+def test_the_default_run_gives_the_readmes_first_epoch(config, tmp_path, machine_threads):
     """`python train.py` (seed 0) gives the README quickstart's untrained and first-epoch test ELBOs, as
     the README prints them: the untrained one to its two decimals (the initialisation and the test
     set's binarization), the first epoch's within 0.3 nats, the slack for another processor's float
     arithmetic over 938 steps (on the processor that measured it, this one, it is equal to the
-    digit; a change of the data order or of the RNG's use moves it by more)."""
+    digit; a change of the data order or of the RNG's use moves it by more). On torch's own thread count,
+    as `python train.py` runs (`machine_threads`)."""
     quickstart = (PROJECT_DIR / "README.md").read_text().split("<!-- report:quickstart -->")[1]
     first, untrained = (float(v) for v in re.search(r"\((-[\d.]+) after the first epoch, (-[\d.]+) untrained\)", quickstart).groups())
     train(config("trainer.epochs=1", "device=cpu", f"data.root={mnist_root()}"), tmp_path)
@@ -104,12 +113,8 @@ def test_the_default_run_gives_the_readmes_first_epoch(config, tmp_path):
     assert abs(metrics[1]["test_elbo"] - first) < 0.3, (metrics[1]["test_elbo"], first)
 
 
-def test_resume_gives_identical_parameters_and_metrics(fast_config, tmp_path):
-    straight, split = tmp_path / "straight", tmp_path / "split"
-    train(fast_config("trainer.epochs=2"), straight)
-    straight_params = param_snapshot()
-
-    pyro.clear_param_store()
+def test_resume_gives_identical_parameters_and_metrics(fast_config, tmp_path, straight):
+    (straight, straight_params), split = straight, tmp_path / "split"
     train(fast_config("trainer.epochs=1"), split)
     pyro.clear_param_store()
     train(fast_config("trainer.epochs=2", f"resume={split}"), tmp_path / "ignored")
@@ -148,12 +153,8 @@ def step_then_signal(svi_step, signum, step=5):
     return step_that_signals
 
 
-def test_interrupt_mid_epoch_saves_and_resumes_exactly(fast_config, tmp_path, monkeypatch, caplog):
-    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
-    train(fast_config(), straight)
-    straight_params = param_snapshot()
-
-    pyro.clear_param_store()
+def test_interrupt_mid_epoch_saves_and_resumes_exactly(fast_config, tmp_path, monkeypatch, caplog, straight):
+    (_, straight_params), interrupted = straight, tmp_path / "interrupted"
     svi_step = runner_module.svi_step
     monkeypatch.setattr(runner_module, "svi_step", step_then_signal(svi_step, signal.SIGTERM))
     result = train(fast_config(), interrupted)
@@ -171,13 +172,9 @@ def test_interrupt_mid_epoch_saves_and_resumes_exactly(fast_config, tmp_path, mo
     assert process_starts(interrupted) == [(1, 0), (1, 5)]  # the second process began at the saved step
 
 
-def test_preemption_signal_saves_then_hands_on_to_submitit(fast_config, tmp_path, monkeypatch):
+def test_preemption_signal_saves_then_hands_on_to_submitit(fast_config, tmp_path, monkeypatch, straight):
     """submitit's SIGUSR2 handler requeues and exits; train.py first finishes the step and saves."""
-    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
-    train(fast_config(), straight)
-    straight_params = param_snapshot()
-
-    pyro.clear_param_store()
+    (_, straight_params), preempted = straight, tmp_path / "preempted"
     handed_on = []
 
     def submitit_requeue(signum, frame):  # stands in for submitit's checkpoint_and_try_requeue
@@ -421,7 +418,7 @@ def test_checkpoint_from_before_a_config_key_existed_still_matches(fast_config):
         "prior.components: None -> 10", "prior.init_spread: None -> 1.0"]
 
 
-def test_resume_takes_a_new_learning_rate_and_a_new_optimizer(fast_config, tmp_path):
+def test_resume_takes_a_new_learning_rate_and_a_new_optimizer(fast_config, tmp_path, straight):
     """The hint after a divergence (lower the lr, or optim=clipped_adam) works on resume: the new
     lr is used (the weights differ from resuming with the old one), and ClippedAdam takes over."""
     train(fast_config("trainer.epochs=1"), tmp_path / "run")
@@ -434,9 +431,7 @@ def test_resume_takes_a_new_learning_rate_and_a_new_optimizer(fast_config, tmp_p
         weights[name] = param_snapshot()
         assert [m["epoch"] for m in read_metrics(run)] == [0, 1, 2]
         assert process_starts(run) == [(1, 0), (2, 0)], name
-    pyro.clear_param_store()
-    train(fast_config("trainer.epochs=2"), tmp_path / "straight")
-    assert all(torch.equal(v, param_snapshot()[k]) for k, v in weights["same"].items())  # nothing changed: exact
+    assert all(torch.equal(v, straight[1][k]) for k, v in weights["same"].items())  # nothing changed: exact
     for name in ("lr", "clipped"):
         assert any(not torch.equal(v, weights["same"][k]) for k, v in weights[name].items()), name
 
@@ -494,13 +489,10 @@ def test_a_score_function_run_keeps_its_elbo_on_resume(fast_config, tmp_path):
     assert (tmp_path / "checkpoint.pt").read_bytes() == before and len(read_metrics(tmp_path)) == 2
 
 
-def test_metrics_agree_with_the_checkpoint_after_a_crash(fast_config, tmp_path):
+def test_metrics_agree_with_the_checkpoint_after_a_crash(fast_config, tmp_path, straight):
     """A crash after an epoch's line was written but before its checkpoint (and a last line cut
     short): the resumed run keeps each epoch once, and ends where an uninterrupted run ends."""
-    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    train(fast_config(), straight)
-    straight_params = param_snapshot()
-    pyro.clear_param_store()
+    (straight, straight_params), crashed = straight, tmp_path / "crashed"
     train(fast_config("trainer.epochs=1"), crashed)
     lines = (crashed / "metrics.jsonl").read_text()
     (crashed / "metrics.jsonl").write_text(lines + (straight / "metrics.jsonl").read_text().splitlines()[2] + "\n" + '{"epoch": 3, "tr')
@@ -531,7 +523,7 @@ def test_a_second_training_in_the_same_directory_stops_at_once(fast_config, tmp_
     """While one process trains in a directory (it holds train.lock), another is refused before
     it writes anything, with the first one's process id."""
     command = [sys.executable, "train.py", *FAST, "data.subset=1024", "data.batch_size=4", "trainer.epochs=100",
-               f"hydra.run.dir={tmp_path}"]
+               "threads=1", f"hydra.run.dir={tmp_path}"]
     first = subprocess.Popen(command, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
