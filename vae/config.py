@@ -24,7 +24,7 @@ from pyro.infer import (ELBO, JitTrace_ELBO, JitTraceEnum_ELBO, JitTraceGraph_EL
 
 from vae.beta_nll import weighs
 from vae.iwae import IWAE_ELBO
-from vae.rules import is_int, is_number, locate, refusal  # is_int, is_number: for the entry points' own checks too
+from vae.rules import is_int, is_number, is_positive_int, locate, refusal  # is_int, is_number: for the entry points' own checks too
 
 JIT_ELBOS = (JitTrace_ELBO, JitTraceGraph_ELBO, JitTraceMeanField_ELBO, JitTraceEnum_ELBO)
 
@@ -137,6 +137,27 @@ def use_threads(cfg: DictConfig) -> None:
         torch.set_num_threads(cfg.threads)
 
 
+def objective_refusal(cfg: DictConfig, key: str, elbo_class: type, remedy: str) -> str | None:
+    """Why the objective `key` (estimator.elbo, or trainer.switch_elbo that the run switches to) cannot train
+    with the estimator and the trainer's reweighings, else None; `remedy`: what to do with a score-function
+    guide under the IW bound."""
+    target = f"{key}._target_={OmegaConf.select(cfg, f'{key}._target_')}"
+    score = not cfg.estimator.reparameterized
+    if score and issubclass(elbo_class, TraceMeanField_ELBO):
+        return (f"{target} with estimator.reparameterized=false: an analytic-KL ELBO needs a reparameterized guide; "
+                "use estimator=reparam or a Trace ELBO")
+    if score and issubclass(elbo_class, IWAE_ELBO):
+        return (f"{target} with estimator.reparameterized=false: the importance-weighted bound is trained through "
+                f"reparameterized samples; {remedy}")
+    for trainer_key, reweighs in (("kl_warmup_epochs", "the warm-up weighs the ELBO's KL, a new weight at every step"),
+                                  ("nll_beta", "the beta-NLL weighs the ELBO's log p(x|t), pixel by pixel")):
+        if cfg.trainer.get(trainer_key, 0) and issubclass(elbo_class, (IWAE_ELBO, *JIT_ELBOS)):
+            return (f"trainer.{trainer_key}={cfg.trainer[trainer_key]} with {target}: {reweighs} (not inside the IW "
+                    "bound's log-mean-exp, nor in a JIT ELBO's trace, which is compiled once); use it with a Trace "
+                    "ELBO, e.g. estimator=reparam")
+    return None
+
+
 def check_switch(cfg: DictConfig) -> None:
     """trainer.switch_after_minutes and trainer.switch_elbo come together, and the objective switched to
     is an ELBO class that the estimator can train (vae/runner.py switches)."""
@@ -150,13 +171,9 @@ def check_switch(cfg: DictConfig) -> None:
     elbo_class = locate(str(target))
     if not (isinstance(elbo_class, type) and issubclass(elbo_class, ELBO)):
         raise ConfigError(f"trainer.switch_elbo._target_={target}: must be an ELBO class, module.Class (e.g. vae.iwae.IWAE_ELBO)")
-    if issubclass(elbo_class, IWAE_ELBO) and not cfg.estimator.reparameterized:
-        raise ConfigError(f"trainer.switch_elbo._target_={target} with estimator.reparameterized=false: the importance-"
-                          "weighted bound is trained through reparameterized samples; use estimator=reparam")
-    for key in ("kl_warmup_epochs", "nll_beta"):
-        if cfg.trainer.get(key, 0) and issubclass(elbo_class, IWAE_ELBO):
-            raise ConfigError(f"trainer.{key}={cfg.trainer[key]} with trainer.switch_elbo._target_={target}: it reweighs "
-                              "the ELBO's terms, not inside the IW bound; leave one of them out")
+    problem = objective_refusal(cfg, "trainer.switch_elbo", elbo_class, "use estimator=reparam")
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def check_estimator(cfg: DictConfig) -> None:
@@ -166,20 +183,11 @@ def check_estimator(cfg: DictConfig) -> None:
     elbo_class = locate(str(target))
     if not isinstance(elbo_class, type):
         raise ConfigError(f"estimator.elbo._target_={target}: cannot be imported; give an ELBO class as module.Class")
-    score = not cfg.estimator.reparameterized
-    if score and issubclass(elbo_class, TraceMeanField_ELBO):
-        raise ConfigError(f"estimator.elbo._target_={target} with estimator.reparameterized=false: an "
-                          "analytic-KL ELBO needs a reparameterized guide; use estimator=reparam or a Trace ELBO")
-    if score and issubclass(elbo_class, IWAE_ELBO):
-        raise ConfigError(f"estimator.elbo._target_={target} with estimator.reparameterized=false: the importance-"
-                          "weighted bound is trained through reparameterized samples; use estimator=iwae as it is")
-    for key, reweighs in (("kl_warmup_epochs", "the warm-up weighs the ELBO's KL, a new weight at every step"),
-                          ("nll_beta", "the beta-NLL weighs the ELBO's log p(x|t), pixel by pixel")):
-        if cfg.trainer.get(key, 0) and issubclass(elbo_class, (IWAE_ELBO, *JIT_ELBOS)):
-            raise ConfigError(f"trainer.{key}={cfg.trainer[key]} with estimator.elbo._target_={target}: {reweighs} "
-                              "(not inside the IW bound's log-mean-exp, nor in a JIT ELBO's trace, which is compiled "
-                              "once); use it with a Trace ELBO, e.g. estimator=reparam")
+    problem = objective_refusal(cfg, "estimator.elbo", elbo_class, "use estimator=iwae as it is")
+    if problem is not None:
+        raise ConfigError(problem)
     check_switch(cfg)
+    score = not cfg.estimator.reparameterized
     baseline_keys = [f"estimator.{key}" for key in ("baseline", "baseline_net") if cfg.estimator.get(key)]
     if baseline_keys and not (score and issubclass(elbo_class, TraceGraph_ELBO)):
         raise ConfigError(f"{' and '.join(baseline_keys)} with estimator.elbo._target_={target}, estimator."
@@ -324,16 +332,12 @@ def register_resolvers() -> None:
     OmegaConf.register_new_resolver("bf16_units", bfloat16_units, replace=True)
 
 
-def positive_int(value: object) -> bool:
-    return is_int(value) and value > 0
-
-
 # Every option of an evaluation task (tasks/conf/task/*.yaml), by name: what it must be.
 TASK_RULES = {
-    **{key: (positive_int, "a positive integer") for key in (
+    **{key: (is_positive_int, "a positive integer") for key in (
         "num_particles", "batch_size", "particles_per_chunk", "steps", "fit_steps", "num_samples", "num_images",
         "num_pairs", "manifold_steps", "max_iter", "num_shown", "scored_samples")},
-    **{key: (lambda v: v is None or positive_int(v), "null or a positive integer")
+    **{key: (lambda v: v is None or is_positive_int(v), "null or a positive integer")
        for key in ("max_images", "whole_split_particles")},
     **{key: (lambda v: v is None or (is_int(v) and v >= 0), "null or an integer >= 0") for key in ("sample_seed",)},
     **{key: (lambda v: is_int(v) and 0 <= v < 2**32, "an integer from 0 to 2**32 - 1") for key in ("seed",)},

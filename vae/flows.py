@@ -15,8 +15,6 @@ Measured against the Gaussian at equal wall time in docs/results.md ("levers").
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import ConditionalAffineAutoregressive
@@ -24,7 +22,7 @@ from pyro.nn import ConditionalAutoRegressiveNN
 from torch import Tensor, nn
 
 from guide import Posterior
-from vae.rules import is_int
+from vae.rules import is_positive_int, is_positive_ints
 
 
 class InverseAutoregressive(Posterior):
@@ -38,10 +36,9 @@ class InverseAutoregressive(Posterior):
 
     def __init__(self, latent_dim: int, context_dim: int, flows: int = 2, hidden_dims: list[int] | None = None) -> None:
         super().__init__(latent_dim, context_dim)
-        if not (is_int(flows) and flows > 0):
+        if not is_positive_int(flows):
             raise ValueError(f"posterior.flows={flows!r}: must be a positive number of flows (posterior=gaussian for none)")
-        if hidden_dims is not None and not (isinstance(hidden_dims, Sequence) and not isinstance(hidden_dims, str)
-                                            and len(hidden_dims) and all(is_int(d) and d > 0 for d in hidden_dims)):
+        if hidden_dims is not None and not is_positive_ints(hidden_dims):
             raise ValueError(f"posterior.hidden_dims={hidden_dims!r}: must be null or a list of positive integers")
         hidden = list(hidden_dims) if hidden_dims is not None else [context_dim, context_dim]
         order = torch.arange(latent_dim)

@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from guide import MIN_T_SCALE, DiagonalNormal, Posterior
 from model import Prior
-from vae.rules import is_int, targets
+from vae.rules import is_positive_int, is_positive_ints, targets
 
 
 class ConditionalGaussian(nn.Module):
@@ -63,10 +63,9 @@ class ConditionalGaussian(nn.Module):
 
 def check_layer(key: str, upper_dim: object, hidden_dims: object) -> None:
     """The two keys each piece takes, one line naming the key."""
-    if not (is_int(upper_dim) and upper_dim > 0):
+    if not is_positive_int(upper_dim):
         raise ValueError(f"{key}.upper_dim={upper_dim!r}: must be a positive integer, the dimension of t2")
-    if not (isinstance(hidden_dims, Sequence) and not isinstance(hidden_dims, str) and len(hidden_dims)
-            and all(is_int(d) and d > 0 for d in hidden_dims)):
+    if not is_positive_ints(hidden_dims):
         raise ValueError(f"{key}.hidden_dims={hidden_dims!r}: must be a non-empty list of positive integers")
 
 

@@ -24,6 +24,7 @@ import model
 from model import Likelihood, dequantize
 from vae.distributions import LEVELS, DiscretizedLogistic as DiscretizedLogisticDistribution
 from vae.distributions import DiscretizedLogisticMixture as MixtureDistribution
+from vae.rules import is_positive_int
 from vae.distributions import LogitNormal
 
 SCALES = ("pixel", "shared", "fixed")
@@ -142,7 +143,7 @@ class DiscretizedLogisticMixture(DiscretizedLogistic):
 
     def __init__(self, image_channels: int = 1, components: int = 5, min_scale: float = 1e-3) -> None:
         super().__init__(image_channels, "pixel", min_scale)
-        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+        if not is_positive_int(components):
             raise ValueError(f"likelihood.components={components!r}: must be a positive integer")
         self.components = components
         self.params_per_pixel = 3 * components  # (weight logits, loc, scale) of each component

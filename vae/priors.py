@@ -25,7 +25,7 @@ from torch.nn import functional as F
 
 from guide import DiagonalNormal
 from model import Prior
-from vae.rules import targets
+from vae.rules import is_positive_int, targets
 
 
 class GaussianMixture(Prior):
@@ -35,7 +35,7 @@ class GaussianMixture(Prior):
 
     def __init__(self, latent_dim: int, components: int = 10, init_spread: float = 1.0) -> None:
         super().__init__(latent_dim)
-        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+        if not is_positive_int(components):
             raise ValueError(f"prior.components={components!r}: must be a positive integer")
         if isinstance(init_spread, bool) or not isinstance(init_spread, (int, float)) or not 0 <= init_spread < float("inf"):
             raise ValueError(f"prior.init_spread={init_spread!r}: must be a finite number >= 0")
@@ -81,7 +81,7 @@ class VampPrior(Prior):
     def __init__(self, latent_dim: int, components: int = 50, init_mean: float = 0.05, init_std: float = 0.01,
                  encoder: nn.Module | None = None, image_shape: tuple[int, int, int] | None = None) -> None:
         super().__init__(latent_dim)
-        if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+        if not is_positive_int(components):
             raise ValueError(f"prior.components={components!r}: must be a positive integer")
         if isinstance(init_mean, bool) or not isinstance(init_mean, (int, float)) or not 0 < init_mean < 1:
             raise ValueError(f"prior.init_mean={init_mean!r}: must be a number between 0 and 1 (exclusive), an "

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from guide import Encoder
 from model import Decoder
-from vae.rules import is_int
+from vae.rules import is_positive_int
 
 
 class ResidualBlock(nn.Module):
@@ -32,7 +32,7 @@ class ResidualBlock(nn.Module):
 
 
 def check_blocks(residual_blocks: object) -> int:
-    if not (is_int(residual_blocks) and residual_blocks > 0):
+    if not is_positive_int(residual_blocks):
         raise ValueError(f"model.residual_blocks={residual_blocks!r}: must be a positive number of blocks per "
                          "resolution (model=conv for none)")
     return residual_blocks

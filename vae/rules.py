@@ -45,6 +45,15 @@ def is_list(value: object) -> bool:
     return OmegaConf.is_list(value) or isinstance(value, (list, tuple))
 
 
+def is_positive_int(value: object) -> bool:
+    return is_int(value) and value > 0
+
+
+def is_positive_ints(value: object) -> bool:
+    """A non-empty list of positive integers (layer widths, hidden units)."""
+    return is_list(value) and len(value) > 0 and all(is_positive_int(v) for v in value)
+
+
 @dataclass(frozen=True)
 class Check:
     """`test(value)`: the value can work; `says`: the refusal's end, after "<key>=<value>: "; `bad`:
@@ -76,7 +85,7 @@ Rule = Check | Mirror | Elsewhere
 
 
 def positive_int(says: str = "must be a positive integer") -> Check:
-    return Check(lambda v: is_int(v) and v > 0, says, ("0", "-1", "1.5", "true", "x"))
+    return Check(is_positive_int, says, ("0", "-1", "1.5", "true", "x"))
 
 
 def whole(says: str) -> Check:

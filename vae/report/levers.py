@@ -11,7 +11,7 @@ from typing import Any
 from vae.report.common import (Outputs, label_options, minutes, option_cell, provenance_line, run_evaluations,
                                sweep_progress, table, trained_jobs)
 from vae.report.one_hour import ANCHORS, likelihood, likelihood_numbers
-from vae.sweeps import nats
+from vae.sweeps import mean_and_spread, nats
 
 
 def lever_table(out: Outputs, name: str, columns: list[tuple[str, str, str]],
@@ -138,8 +138,7 @@ def best_hour_seeds(out: Outputs) -> str:
         if nll:
             nlls.append(nll["whole_split_nll"])
     if len(nlls) > 1:
-        mean = sum(nlls) / len(nlls)
-        sd = math.sqrt(sum((v - mean) ** 2 for v in nlls) / (len(nlls) - 1))
+        mean, sd = mean_and_spread(nlls)
         anchor = dict(ANCHORS)["IWAE, two stochastic layers, k=50 (Burda et al. 2016)"]
         below = sum(v < anchor for v in nlls)
         rows.append([f"mean ± sd over {len(nlls)} seeds ({below} of them below {anchor:.2f})", "", "", "",
