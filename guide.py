@@ -57,12 +57,11 @@ class Posterior(nn.Module):
         forward(q_0, h)        q(t|x), batch (B,), event (latent_dim,), from q_0 (batch (B,)) and h (B, context_dim)
         point(t_0, h)          the point of q(t|x) that the point t_0 of q_0 maps to (B, latent_dim)
         above(t)               samples the latents above t from q(.|t) in `guide`: none in the lecture's model;
-                               a second stochastic layer's t2 ~ q(t2|t) (vae/hierarchy.py), named in `sites_above`
+                               a second stochastic layer's t2 ~ q(t2|t) (vae/hierarchy.py)
         reparameterized_only   None, or why the score function cannot train it (vae/config.py refuses that)
     """
 
     reparameterized_only: str | None = None
-    sites_above: tuple[str, ...] = ()
 
     def __init__(self, latent_dim: int, context_dim: int) -> None:
         super().__init__()

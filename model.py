@@ -7,8 +7,8 @@
 
 `Decoder` maps t to p(x|t): its layers give the likelihood's parameters per pixel, its `likelihood`
 turns them into the distribution, and it holds the `prior` it decodes from. `model` is the Pyro program
-that samples t from the prior and scores the observed image; `log_joint` reads log p(x|t) and log p(t)
-off it for a given t. Likelihoods and priors beyond the lecture's are extensions, picked by the config
+that samples t from the prior and scores the observed image (vae/elbo.py reads log p(x|t) and log p(t)
+off it for a given t). Likelihoods and priors beyond the lecture's are extensions, picked by the config
 groups `likelihood=` and `prior=` (vae/likelihoods.py, vae/priors.py).
 """
 from __future__ import annotations
@@ -19,7 +19,6 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from pyro.poutine.util import site_is_subsample
 from torch import Tensor, nn
 from torch.nn import functional as F
 
@@ -102,8 +101,7 @@ class Gaussian(Likelihood):
 
     def __init__(self, image_channels: int = 1, min_scale: float = 1e-3) -> None:
         super().__init__()
-        if isinstance(min_scale, bool) or not isinstance(min_scale, (int, float)) or not 0 < min_scale < math.inf:
-            raise ValueError(f"likelihood.min_scale={min_scale!r}: must be a finite number > 0")
+        check_positive("min_scale", min_scale)
         self.min_scale = min_scale
 
     def forward(self, out: Tensor) -> dist.Normal:
@@ -115,6 +113,12 @@ class Gaussian(Likelihood):
 
     def learned_scale(self, p_x: dist.Normal) -> Tensor:
         return p_x.scale
+
+
+def check_positive(key: str, value: object) -> None:
+    """A likelihood's scale option `key` must be a finite number > 0 (vae/likelihoods.py checks its own with it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+        raise ValueError(f"likelihood.{key}={value!r}: must be a finite number > 0")
 
 
 def dequantize(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -184,22 +188,6 @@ def model(x: Tensor, index: Tensor, decoder: Decoder, num_data: int, mask: Tenso
         if mask is not None:  # mask the pixels, inside the image event
             p_x = p_x.base_dist.mask(mask).to_event(p_x.reinterpreted_batch_ndims)
         pyro.sample("x", p_x, obs=x)  # log p(x|t), or log p(x_obs|t) under the mask
-
-
-def log_joint(x: Tensor, t: Tensor, decoder: Decoder, mask: Tensor | None = None,
-              above: dict[str, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """(log p(x|t), log p(t)), each (B,), read off `model` with the latent site fixed to t (B, latent_dim);
-    the plate spans just these B images (scale 1). Under `mask` (True = observed): log p(x_obs|t).
-    `above`: the latents above t, if the prior has any (a second layer's t2: vae.elbo.latents_above)."""
-    index = torch.arange(x.shape[0], device=x.device)
-    latents = {"t": t, **(above or {})}
-    trace = poutine.trace(poutine.condition(model, data=latents)).get_trace(x, index, decoder, x.shape[0], mask=mask)
-    drawn = [name for name, site in trace.nodes.items()  # a latent not given was drawn from its prior
-             if site["type"] == "sample" and not site["is_observed"] and not site_is_subsample(site)]
-    if drawn:
-        raise ValueError(f"log_joint: the model has latents {drawn} above t; give their values (`above`)")
-    log_p_t = sum(trace.nodes[name]["fn"].log_prob(value) for name, value in latents.items())  # (with t2: p(t|t2) p(t2))
-    return trace.nodes["x"]["fn"].log_prob(x), log_p_t  # log p(x|t), log p(t)
 
 
 def check_image_shape(image_shape: tuple[int, int, int], channels: list[int]) -> None:

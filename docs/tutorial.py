@@ -61,11 +61,11 @@ from torch.distributions import kl_divergence
 from torchvision.utils import make_grid
 
 from guide import DiagonalNormal, guide, latent_point, posterior
-from model import Likelihood, StandardNormal, log_joint, model
+from model import Likelihood, StandardNormal, model
 from vae.build import build_networks, build_svi, svi_step
 from vae.config import use_threads
 from vae.data import DataNotFoundError, epoch_batches, load_split, observe_test_set
-from vae.elbo import dataset_elbo, elbo_parts
+from vae.elbo import dataset_elbo, elbo_parts, log_joint
 from vae.importance import iw_estimates, log_weights, mean_and_standard_error
 
 plt.rcParams.update({"figure.dpi": 70, "font.size": 9})

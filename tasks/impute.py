@@ -36,9 +36,10 @@ from torch.nn import functional as F
 from torchvision.utils import save_image
 
 from guide import latent_point, posterior
-from model import log_joint, model
+from model import model
 from vae.config import ConfigError
 from vae.data import load_split
+from vae.elbo import latents_above, log_joint
 from vae.importance import repeat
 from vae.runs import TrainedRun
 
@@ -204,8 +205,9 @@ def impute(
     `max_images` test images (and the importance samplers' mean effective sample size), and a
     figure impute_<mask>.png with one row per method: masked input (missing pixels grey), the
     methods, the baselines, the truth."""
-    if run.encoder.posterior.sites_above:  # one line before any work
-        raise ConfigError(f"task=impute with latents above t ({', '.join(run.encoder.posterior.sites_above)}: "
+    above, _ = latents_above(torch.zeros(1, run.decoder.latent_dim, device=run.device), run.encoder)
+    if above:  # the posterior samples latents above t: one line before any work
+        raise ConfigError(f"task=impute with latents above t ({', '.join(above)}: "
                           f"posterior._target_={run.cfg.posterior._target_}): its samplers and chains draw t alone; "
                           "evaluate a one-layer run, or use task=likelihood, generate, represent, anomaly or pixels")
     x, _ = run.split(train=False)

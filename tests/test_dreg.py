@@ -18,11 +18,12 @@ from torch import nn
 
 from conftest import FAST, compose_config, trained_run
 from guide import Encoder, guide
-from model import Bernoulli, Decoder, log_joint, model
+from model import Bernoulli, Decoder, model
 from test_evaluate import LinearEncoder, LinearGaussianDecoder
 from vae import checkpoint
 from vae.config import ConfigError, check_config
 from vae.dreg import DReG_ELBO
+from vae.elbo import log_joint
 from vae.flows import InverseAutoregressive
 from vae.iwae import IWAE_ELBO
 from vae.logbook import read_metrics

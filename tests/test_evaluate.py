@@ -23,7 +23,7 @@ from torch import nn
 
 import evaluate as evaluate_module
 from guide import DiagonalNormal
-from model import Likelihood, StandardNormal, log_joint
+from model import Likelihood, StandardNormal
 from tasks.anomaly import SCORES, auroc, average_precision
 from tasks.generate import CLASSIFIER_SEED, normal_quantile_grid, prior_samples
 from tasks.impute import (BCE_CLIP, fit_posterior, impute_fitted_importance, impute_gibbs, impute_importance,
@@ -33,7 +33,7 @@ from tasks.represent import latent_means, linear_probe
 from vae.classifier import accuracy, class_probabilities, confident_share, train_classifier
 from vae.config import ConfigError, available_cores
 from vae.data import load_split
-from vae.elbo import dataset_elbo
+from vae.elbo import dataset_elbo, log_joint
 from vae.importance import dataset_iw
 from vae.provenance import read_provenance
 from vae.runs import RunError, load_run

@@ -17,10 +17,11 @@ from pyro.infer import RenyiELBO, Trace_ELBO
 
 from conftest import FAST, compose_config
 from guide import Encoder, guide
-from model import Bernoulli, Decoder, log_joint, model
+from model import Bernoulli, Decoder, model
 from test_evaluate import LinearEncoder, LinearGaussianDecoder
 from train import train
 from vae.config import ConfigError, check_config
+from vae.elbo import log_joint
 from vae.iwae import IWAE_ELBO
 from vae.logbook import read_metrics
 

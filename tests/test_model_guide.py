@@ -10,7 +10,8 @@ import torch
 from torch.nn import functional as F
 
 from guide import Encoder, ScoreFunctionNormal, guide, posterior
-from model import Bernoulli, Decoder, Gaussian, log_joint, model
+from model import Bernoulli, Decoder, Gaussian, model
+from vae.elbo import log_joint
 
 IMAGE_SHAPE = (1, 8, 8)
 LATENT_DIM = 3

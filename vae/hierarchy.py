@@ -13,7 +13,7 @@ In Pyro a hierarchy is two sample sites under the plate "data": the prior sample
 p(t|t2) for its site "t"; `guide` samples "t" and then asks its posterior for the latents above it
 (`guide.Posterior.above`), here "t2" ~ q(t2|t). Trace_ELBO, the IW bound (vae/iwae.py) and the KL warm-up
 see all four log-densities, each scaled by the plate's N/B; the evaluation reads the same sites
-(`model.log_joint(..., above=)`, `vae.elbo.latents_above`). The marginal p(t) = int p(t|t2) p(t2) dt2 has no
+(`vae.elbo.log_joint(..., above=)`, `vae.elbo.latents_above`). The marginal p(t) = int p(t|t2) p(t2) dt2 has no
 closed form: the KL is estimated by sampling, as for the learned priors of vae/priors.py.
 
 The score-function estimators are refused (t2 is drawn by reparameterization, and q(t2|t) would need its
@@ -117,8 +117,6 @@ class BottomUp(Posterior):
     """q(t, t2|x) = q(t|x) q(t2|t): q(t|x) is the posterior `beneath` builds (the lecture's DiagonalNormal, or
     flows on the encoder's Gaussian: vae/flows.py), then in `guide`, `above(t)` samples site "t2" from q(t2|t),
     a diagonal Gaussian whose mean and scale an MLP (`hidden_dims`) gives."""
-
-    sites_above = ("t2",)
 
     def __init__(self, latent_dim: int, context_dim: int, upper_dim: int = 8, hidden_dims: Sequence[int] = (128, 128),
                  beneath: Callable[..., Posterior] = DiagonalNormal) -> None:

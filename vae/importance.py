@@ -7,7 +7,7 @@ For each image x, with K particles t_k ~ q(t|x) from the guide,
     ELBO(x)   = E_q[log w]          ~  (1/K) sum_k log w_k
 
 The IW bound is never below the ELBO, grows with K, and tends to log p(x) as K -> infinity.
-log p(x, t) comes from the project's `model` with t given (`model.log_joint`), and q(t|x) from
+log p(x, t) comes from the project's `model` with t given (`vae.elbo.log_joint`), and q(t|x) from
 its `guide` (`guide.posterior`). Pyro's `RenyiELBO(alpha=0)` computes the same bound for training,
 but from the plate's N/B-scaled log-densities and as one number per minibatch; evaluation needs it
 per image and unscaled, hence this code. The particles are vectorized: the decoder takes a batch of latents (B, latent_dim),
@@ -22,8 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from guide import posterior
-from model import log_joint
-from vae.elbo import elbo_parts, latents_above
+from vae.elbo import elbo_parts, latents_above, log_joint
 
 
 def repeat(x: Tensor, num_particles: int) -> Tensor:

@@ -21,18 +21,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import model
-from model import Likelihood, dequantize
+from model import Likelihood, check_positive, dequantize
 from vae.distributions import LEVELS, DiscretizedLogistic as DiscretizedLogisticDistribution
 from vae.distributions import DiscretizedLogisticMixture as MixtureDistribution
 from vae.rules import is_positive_int
 from vae.distributions import LogitNormal
 
 SCALES = ("pixel", "shared", "fixed")
-
-
-def check_positive(key: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
-        raise ValueError(f"likelihood.{key}={value!r}: must be a finite number > 0")
 
 
 class Scale(nn.Module):
