@@ -820,3 +820,41 @@ def test_report_py_fills_the_readmes_four_tables_from_the_recipes_outputs(tmp_pa
     assert "commit 0123456; 2026-12-01." in block_of(docs, "training")
     assert "_Not run yet: `python faults.py experiment=reliability/faults`._" in block_of(docs, "faults")
     assert (tmp_path / "figures" / "estimators.png").stat().st_size > 0
+
+
+# The decimals the prose of README.md and docs/ may hold outside the generated blocks: literature anchors,
+# mathematical constants, settings and goals, none of them a measurement of this project's runs (a measured
+# number typed by hand goes stale when its recipe is re-run; it belongs in a block that report.py writes).
+PROSE_DECIMALS = {
+    "1.06": "RealNVP's bits/dim (Dinh et al. 2017)", "1.05": "Glow's bits/dim (Kingma & Dhariwal 2018)",
+    "82.90": "the two-layer IWAE's NLL (Burda et al. 2016)",
+    "0.25": "(1/2) log2(pi e / 6) bits, and the beta-NLL's beta", "0.0011": "1/(256 sqrt 12)",
+    "0.33": "a chance AUPRC, the anomalies' share", "1.3": "the gray-level goal in bits/dim",
+    "0.9": "the classifier's confidence threshold", "0.1": "likelihood.fixed_scale", "0.001": "likelihood.min_scale",
+    "0.5": "a beta", "58.5": "trainer.max_minutes of a recipe", "1e-3": "the learning rate",
+}
+
+
+def prose_decimals(text: str) -> list[tuple[int, str]]:
+    """(line, number) of every decimal in `text` outside the generated blocks and the 4-space command lines."""
+    found, inside = [], False
+    for number, line in enumerate(text.splitlines(), 1):
+        if re.match(r"<!-- /?report:", line):
+            inside = not line.startswith("<!-- /")
+        elif not inside and not line.startswith("    "):
+            found += [(number, value) for value in re.findall(r"(?<![\w.])\d+\.\d+(?![\w.])|\b\d+e-\d+\b", line)]
+    return found
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/results.md", "docs/data.md"])
+def test_no_measured_number_is_typed_into_the_prose(document):
+    """Every decimal outside the generated blocks is a constant named in PROSE_DECIMALS."""
+    typed = [f"{document}:{line}: {value}" for line, value in prose_decimals((PROJECT_DIR / document).read_text())
+             if value not in PROSE_DECIMALS]
+    assert not typed, f"numbers typed into the prose, outside the blocks report.py writes: {typed}"
+
+
+def test_the_prose_check_sees_a_typed_number_and_skips_blocks_and_commands():
+    text = ("The run reaches 83.31 nats.\n<!-- report:x -->\n| 84.12 |\n<!-- /report:x -->\n"
+            "    python train.py trainer.max_minutes=12.5\nRealNVP 1.06, lr 1e-3.\n")
+    assert prose_decimals(text) == [(1, "83.31"), (6, "1.06"), (6, "1e-3")]
