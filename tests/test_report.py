@@ -572,6 +572,29 @@ def test_the_best_hour_seeds_block_gives_each_seed_then_their_mean_and_sd(tmp_pa
     assert rows[-1] == ["IWAE, two stochastic layers, k=50 (Burda et al. 2016)", "", "", "", "82.90"]
 
 
+def test_the_readmes_best_hour_lines_lead_with_the_mean_over_seeds(tmp_path):
+    """best_hour_seeds_short: the mean ± sd over the evaluated seeds first, then each seed with its epochs in
+    seed order (one not evaluated says so), then the two-layer IWAE; with one seed evaluated, no mean."""
+    out = outputs(tmp_path)
+    sweep, evaluations = tmp_path / "multirun" / "best_hour_seeds", tmp_path / "multirun" / "best_hour_seeds_likelihood"
+    empty = "<!-- report:best_hour_seeds_short -->\n<!-- /report:best_hour_seeds_short -->\n"
+    for seed, nll in enumerate((82.4, 82.2, 83.0)):
+        run = fake_job(sweep / str(seed), ["experiment=best_hour_seeds/train", f"seed={seed}"],
+                       [-540.0] + [None] * (95 + seed) + [-88.0])
+        if seed < 2:
+            (evaluations / str(seed)).mkdir(parents=True, exist_ok=True)
+            (evaluations / str(seed) / "metrics.json").write_text(json.dumps(
+                {"run": str(run), "whole_split_nll": nll, "whole_split_nll_standard_error": 0.1}))
+        if seed == 0:  # one seed evaluated: its row, no mean
+            assert [row[0] for row in table_rows(fill(empty, out))] == [
+                "seed 0 (96 epochs)", "IWAE, two stochastic layers, k=50 (Burda et al. 2016)"]
+    rows = table_rows(fill(empty, out))
+    assert rows[0] == ["mean ± sd over 2 seeds (2 of them below 82.90)", "82.30 ± 0.14"]
+    assert [row[0] for row in rows[1:4]] == ["seed 0 (96 epochs)", "seed 1 (97 epochs)", "seed 2 (98 epochs)"]
+    assert [row[1] for row in rows[1:3]] == ["82.40 ± 0.10", "82.20 ± 0.10"] and "not evaluated yet" in rows[3][1]
+    assert rows[4] == ["IWAE, two stochastic layers, k=50 (Burda et al. 2016)", "82.90"]
+
+
 def test_the_readmes_strongest_configuration_is_what_its_block_makes_of_the_two_hours(tmp_path):
     """best_one_hour_short from the hour and its IW fork (numbers of the docs' best_one_hour_iwae block):
     their K=5000 NLLs in order, then the two-layer IWAE; the README's block holds the same rows."""

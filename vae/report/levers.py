@@ -121,33 +121,62 @@ def best_one_hour_short(out: Outputs) -> str:
             + provenance_line(out, out.run("best_one_hour"), out.run("best_one_hour_iwae"),
                               out.run("best_one_hour_likelihood"), out.run("best_one_hour_iwae_likelihood")))
 
+SEEDS_NAME = "best_hour_seeds"
+TWO_LAYER_IWAE = "IWAE, two stochastic layers, k=50 (Burda et al. 2016)"
+
+
+def seed_rows(out: Outputs) -> tuple[Path, list[tuple[int, dict[str, Any], dict[str, Any] | None]]]:
+    """The sweep of `experiment=best_hour_seeds/train` and, per seed in order, (seed, its last tested
+    epoch's metrics, the metrics of its evaluation by best_hour_seeds/likelihood or None)."""
+    sweep, jobs = trained_jobs(out, SEEDS_NAME)
+    (seeds,) = jobs.values()  # one configuration, its seeds in order
+    evaluated = {seed: metrics for _, seed, metrics, _ in run_evaluations(out.sweep(f"{SEEDS_NAME}_likelihood"))}
+    return sweep, [(seed, [m for m in metrics if m.get("test_elbo") is not None][-1], evaluated.get(seed))
+                   for seed, metrics in enumerate(seeds)]
+
+
+def over_seeds(rows: list[tuple[int, dict[str, Any], dict[str, Any] | None]]) -> tuple[str, str] | None:
+    """(the label "mean ± sd over N seeds (k of them below 82.90)", "**mean ± sd**") of the evaluated seeds'
+    NLLs; None with fewer than two evaluated."""
+    nlls = [nll["whole_split_nll"] for _, _, nll in rows if nll]
+    if len(nlls) < 2:
+        return None
+    mean, sd = mean_and_spread(nlls)
+    anchor = dict(ANCHORS)[TWO_LAYER_IWAE]
+    return (f"mean ± sd over {len(nlls)} seeds ({sum(v < anchor for v in nlls)} of them below {anchor:.2f})",
+            f"**{nats(mean)} ± {sd:.2f}**")
+
+
+def nll_cell(nll: dict[str, Any] | None) -> str:
+    return (f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**" if nll else
+            f"_not evaluated yet: `python evaluate.py -m experiment={SEEDS_NAME}/likelihood`_")
+
+
 def best_hour_seeds(out: Outputs) -> str:
     """The strongest configuration's hour, three seeds in one command (the IW bound from minute 40): each seed's
-    epochs and K=5000 NLL, their mean and standard deviation over seeds, beside the two-layer IWAE."""
-    name = "best_hour_seeds"
-    sweep, jobs = trained_jobs(out, name)
-    (seeds,) = jobs.values()  # one configuration, its seeds in order
-    evaluated = {seed: metrics for _, seed, metrics, _ in run_evaluations(out.sweep(f"{name}_likelihood"))}
-    rows, nlls = [], []
-    for seed, metrics in enumerate(seeds):
-        last = [m for m in metrics if m.get("test_elbo") is not None][-1]
-        nll = evaluated.get(seed)
-        cell = (f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**" if nll else
-                f"_not evaluated yet: `python evaluate.py -m experiment={name}/likelihood`_")
-        rows.append([f"seed {seed}", last["epoch"], minutes(last["wall_time"]), nats(last["test_elbo"]), cell])
-        if nll:
-            nlls.append(nll["whole_split_nll"])
-    if len(nlls) > 1:
-        mean, sd = mean_and_spread(nlls)
-        anchor = dict(ANCHORS)["IWAE, two stochastic layers, k=50 (Burda et al. 2016)"]
-        below = sum(v < anchor for v in nlls)
-        rows.append([f"mean ± sd over {len(nlls)} seeds ({below} of them below {anchor:.2f})", "", "", "",
-                     f"**{nats(mean)} ± {sd:.2f}**"])
+    epochs and K=5000 NLL, their mean and standard deviation over seeds, beside the published anchors."""
+    sweep, seeds = seed_rows(out)
+    rows = [[f"seed {seed}", last["epoch"], minutes(last["wall_time"]), nats(last["test_elbo"]), nll_cell(nll)]
+            for seed, last, nll in seeds]
+    if summary := over_seeds(seeds):
+        rows.append([summary[0], "", "", "", summary[1]])
     rows += [[anchor, "", "", "", f"{value:.2f}"] for anchor, value in ANCHORS]
     head = ["run", "epochs", "training time", "test ELBO after the last epoch (nats)",
             "test NLL (nats), K=5000: every image's ELBO + the IW gap on 1,000 random images"]
     return (table(head, rows) + sweep_progress(sweep) + "\n\n"
-            + provenance_line(out, sweep, out.sweep(f"{name}_likelihood")))
+            + provenance_line(out, sweep, out.sweep(f"{SEEDS_NAME}_likelihood")))
+
+
+def best_hour_seeds_short(out: Outputs) -> str:
+    """The README's lines for the best hour: the mean ± sd over seeds, each seed's NLL and epochs, beside the
+    two-layer IWAE."""
+    sweep, seeds = seed_rows(out)
+    rows = [[f"seed {seed} ({last['epoch']} epochs)", nll_cell(nll)] for seed, last, nll in seeds]
+    if summary := over_seeds(seeds):
+        rows.insert(0, list(summary))
+    rows.append([TWO_LAYER_IWAE, f"{dict(ANCHORS)[TWO_LAYER_IWAE]:.2f}"])
+    return (table(["test NLL, nats per image (K=5000, whole test set), an hour of training", "NLL"], rows)
+            + sweep_progress(sweep) + "\n\n" + provenance_line(out, sweep, out.sweep(f"{SEEDS_NAME}_likelihood")))
 
 
 BLOCKS: dict[str, Callable[[Outputs], str]] = {
@@ -160,4 +189,5 @@ BLOCKS: dict[str, Callable[[Outputs], str]] = {
     "best_one_hour": best_one_hour,
     "best_one_hour_iwae": best_one_hour_iwae,
     "best_hour_seeds": best_hour_seeds,
+    "best_hour_seeds_short": best_hour_seeds_short,
 }
