@@ -6,10 +6,10 @@
 The reconstruction is estimated with one t sampled from the guide (not its mean, which would
 overstate the bound); the KL between the two diagonal Gaussians is exact, and for a guide with
 flows (no closed form) it is the one-sample estimate log q(t|x) - log p(t) at that same t. Both come from the
-same Pyro `model` and `guide` that training uses (`guide.posterior`, and `log_joint` here, which runs `model`
-with t given); a
-learned prior without a closed-form KL gets the same one-sample estimate, and so does a second stochastic
-layer (vae/hierarchy.py): log q(t|x) + log q(t2|t) - log p(t|t2) - log p(t2), its t2 drawn by the guide's q(t2|t).
+same Pyro `model` and `guide` that training uses: `guide.posterior`, and `model_trace` here, which runs `model`
+with t given (`log_joint` reads log p(x|t) and log p(t) off it). A learned prior without a closed-form KL gets
+the same one-sample estimate, and so does a second stochastic layer (vae/hierarchy.py):
+log q(t|x) + log q(t2|t) - log p(t|t2) - log p(t2), its t2 drawn by the guide's q(t2|t).
 For the likelihoods of 8-bit data the mean ELBO is also given in bits per dimension, and for a
 learned scale the share of pixels whose scale sits at its floor `likelihood.min_scale` (a likelihood
 that rewards precision the data does not have shows up there first).
