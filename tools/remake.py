@@ -26,6 +26,7 @@ from pathlib import Path
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 RECIPES_DIR = PROJECT_DIR / "conf" / "experiment"
 HEADER = re.compile(r"# `python (\w+)\.py (-m )?experiment=([\w/]+)`")
+PROGRESS = Path("outputs", "remake", "progress.json")
 PREPARE = {"image_folder/mnist_png": ["-m", "tools.mnist_as_png", "outputs/mnist_png"]}  # writes the folder it reads
 
 
@@ -60,12 +61,18 @@ def chosen(names: str | None, every: list[str]) -> set[str]:
     return picked
 
 
+def read_progress(root: Path) -> dict[str, dict[str, str]]:
+    """{recipe: {"state": "started" or "done", "at": its time}} of the remake under `root`; {} before the first."""
+    progress_file = root / PROGRESS
+    return json.loads(progress_file.read_text()) if progress_file.is_file() else {}
+
+
 def remake(root: Path, only: set[str] | None = None, done: set[str] = frozenset(), run=subprocess.run) -> int:
     """Run every recipe under `root` (or those in `only`) that progress.json does not hold as done, then report.py;
     0, or the exit code of the first command that failed (the recipes after it wait for the next call)."""
-    progress_file = root / "outputs" / "remake" / "progress.json"
+    progress_file = root / PROGRESS
     progress_file.parent.mkdir(parents=True, exist_ok=True)
-    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
+    progress = read_progress(root)
 
     def mark(recipe: str, state: str) -> None:
         progress[recipe] = {"state": state, "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
@@ -99,8 +106,7 @@ def remake(root: Path, only: set[str] | None = None, done: set[str] = frozenset(
 
 
 def listing(root: Path, only: set[str] | None = None) -> str:
-    progress_file = root / "outputs" / "remake" / "progress.json"
-    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {}
+    progress = read_progress(root)
     return "\n".join(f"{progress.get(recipe, {}).get('state', 'to run'):8} python {' '.join(command)}"
                      for recipe, command, _ in recipes() if not only or recipe in only)
 

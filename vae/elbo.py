@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import pyro.poutine as poutine
 import torch
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 from torch.distributions import kl_divergence
-
-from pyro.poutine.util import site_is_subsample
 
 from guide import Encoder, posterior
 from model import Decoder, model

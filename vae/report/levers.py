@@ -121,6 +121,7 @@ def best_one_hour_short(out: Outputs) -> str:
             + provenance_line(out, out.run("best_one_hour"), out.run("best_one_hour_iwae"),
                               out.run("best_one_hour_likelihood"), out.run("best_one_hour_iwae_likelihood")))
 
+
 SEEDS_NAME = "best_hour_seeds"
 TWO_LAYER_IWAE = "IWAE, two stochastic layers, k=50 (Burda et al. 2016)"
 
