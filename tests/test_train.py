@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyro
 import pytest
@@ -137,6 +138,33 @@ def test_time_budget_ends_training_with_the_epoch_that_spends_it(fast_config, tm
     train(fast_config("trainer.epochs=2", "trainer.test_every=5"), tmp_path)  # without a budget it goes on
     assert [m["epoch"] for m in read_metrics(tmp_path)] == [0, 1, 2]
     assert process_starts(tmp_path) == [(1, 0), (2, 0), (2, 0)]  # each later process began after epoch 1
+
+
+def test_time_budget_starts_no_epoch_that_would_end_past_it(fast_config, tmp_path, monkeypatch):
+    """On a clock where each step takes one second: a budget of two and a half epochs trains two (a
+    third, as long as the second, would end past it); resumed under it, the run trains nothing more;
+    under three epochs' budget the third starts, and ends on the budget."""
+    clock, svi_step = {"now": 0.0}, runner_module.svi_step
+
+    def step_of_a_second(*args, **kwargs):
+        clock["now"] += 1.0
+        return svi_step(*args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "svi_step", step_of_a_second)
+    monkeypatch.setattr(runner_module, "time", SimpleNamespace(perf_counter=lambda: clock["now"]))
+    cfg = fast_config()
+    steps = math.ceil(cfg.data.subset / cfg.data.batch_size)  # one epoch's seconds on this clock
+    budget = lambda epochs: ("trainer.epochs=5", "trainer.test_every=5", f"trainer.max_minutes={epochs * steps / 60}")
+    result = train(fast_config(*budget(2.5)), tmp_path)
+    metrics = read_metrics(tmp_path)
+    assert [m["epoch"] for m in metrics] == [0, 1, 2] and metrics[1]["seconds"] == steps
+    assert result["epoch"] == 2 and result["test_elbo"] is not None  # the last epoch is tested
+    assert metrics[-1]["wall_time"] == 2 * steps
+    train(fast_config(*budget(2.5)), tmp_path)  # resumed: the saved decision stands
+    assert len(read_metrics(tmp_path)) == 3
+    train(fast_config(*budget(3)), tmp_path)  # a larger budget: the third epoch fits exactly
+    assert [m["epoch"] for m in read_metrics(tmp_path)] == [0, 1, 2, 3]
+    assert read_metrics(tmp_path)[-1]["wall_time"] == 3 * steps
 
 
 def step_then_signal(svi_step, signum, step=5):

@@ -61,6 +61,7 @@ class RunState:
     wall_time: float = 0.0  # seconds of training and testing, over every resume
     run_id: str | None = None  # drawn when the run starts, kept by every checkpoint and provenance line
     switch_epoch: int | None = None  # the first epoch on trainer.switch_elbo, once the run has switched (vae/runner.py)
+    last_epoch_seconds: float = 0.0  # the last whole epoch's training seconds: how long the next is taken to last
 
     def start_epoch(self, batches: list[Tensor]) -> None:
         self.batches, self.next_batch, self.loss_sum, self.epoch_seconds = batches, 0, 0.0, 0.0
@@ -89,8 +90,9 @@ class RunState:
 
 
 STATE_KEYS = tuple(field.name for field in fields(RunState))
+OPTIONAL_STATE_KEYS = ("run_id", "switch_epoch", "last_epoch_seconds")  # older checkpoints lack these
 REQUIRED_KEYS = ("param_store", "optimizer", "rng", "config",
-                 *(key for key in STATE_KEYS if key not in ("run_id", "switch_epoch")))  # older checkpoints lack these
+                 *(key for key in STATE_KEYS if key not in OPTIONAL_STATE_KEYS))
 
 
 def checkpoint_path(run_or_checkpoint: str | Path) -> Path:
@@ -227,8 +229,8 @@ def check_run(path: Path, contents: dict[str, Any]) -> None:
 
 
 def saved_state(contents: dict[str, Any]) -> RunState:
-    """Where the run stood when the checkpoint was written (checkpoints from before run_id or switch_epoch
-    have none)."""
+    """Where the run stood when the checkpoint was written (older checkpoints lack OPTIONAL_STATE_KEYS:
+    their defaults; without last_epoch_seconds the budget is read as spent once the wall time reaches it)."""
     return RunState(**{key: contents[key] for key in STATE_KEYS if key in contents})
 
 

@@ -5,7 +5,8 @@ A `Runner` is entered once per training process. It owns this process's place in
 (vae/distributed.py: its share of each minibatch, the gradient averaging, the agreement on each step's
 loss and on a stop), the run's directory and its records (vae/logbook.py), the checkpoint it resumes
 from and the ones it writes (vae/checkpoint.py: `RunState`, where in which epoch the run stands), the
-signals that ask it to stop after a step (vae/preemption.py), the time budget (`trainer.max_minutes`),
+signals that ask it to stop after a step (vae/preemption.py), the time budget (`trainer.max_minutes`: an
+epoch starts only if, as long as the last, it ends within it),
 the KL warm-up's weight, the switch of objective (`trainer.switch_after_minutes`: after the first epoch that
 ends past that minute, the epochs train `trainer.switch_elbo`, e.g. the IW bound, the epoch of the switch
 saved in the checkpoint) and divergence (a NaN loss ends the run, its last good checkpoint kept).
@@ -117,7 +118,12 @@ class Runner:
                                           batch=self.state.batch_in_epoch)  # where it begins
         max_minutes = cfg.trainer.max_minutes
         self.budget_seconds = 60.0 * max_minutes if max_minutes is not None else math.inf
-        self.out_of_time = self.state.wall_time >= self.budget_seconds  # a resumed run whose budget is spent
+        self.out_of_time = self.no_time_for_another_epoch(self.state.wall_time)  # a resumed run whose budget is spent
+
+    def no_time_for_another_epoch(self, wall_time: float) -> bool:
+        """True when an epoch as long as the last would end past trainer.max_minutes (rank 0's clock): the
+        run ends within its budget, unless its first epoch alone is longer."""
+        return distributed.rank0_value(wall_time + self.state.last_epoch_seconds > self.budget_seconds, self.ranks)
 
     def save(self) -> None:
         checkpoint.save(self.checkpoint_file, self.state, self.svi.optim, self.cfg,
@@ -206,9 +212,11 @@ class Runner:
         seconds = state.epoch_seconds + time.perf_counter() - self.started
         metrics = {"epoch": epoch, "train_elbo": -state.loss_sum / (len(state.batches) * self.num_data),
                    "seconds": seconds, "lr": learning_rate(self.svi.optim)}
-        self.out_of_time = distributed.rank0_value(state.wall_time + seconds >= self.budget_seconds, ranks)  # rank 0's clock
+        state.last_epoch_seconds = seconds
+        self.out_of_time = self.no_time_for_another_epoch(state.wall_time + seconds)
         if self.out_of_time:
-            log.info(f"trainer.max_minutes={cfg.trainer.max_minutes}: the time budget is spent; epoch {epoch} is the last")
+            log.info(f"trainer.max_minutes={cfg.trainer.max_minutes}: another epoch of {seconds:.0f} s would end past "
+                     f"the time budget; epoch {epoch} is the last")
         minutes = cfg.trainer.get("switch_after_minutes")
         if minutes is not None and state.switch_epoch is None and distributed.rank0_value(
                 state.wall_time + seconds >= 60 * minutes, ranks):  # rank 0's clock, as the budget's
