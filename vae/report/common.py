@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 from vae.logbook import read_metrics
 from vae.provenance import read_provenance
-from vae.sweeps import configuration, read_failures, read_jobs
+from vae.sweeps import configuration, nats, read_failures, read_jobs
 
 
 @dataclass
@@ -74,6 +74,16 @@ def table(head: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def last_tested(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """The line of metrics.jsonl of the run's last tested epoch."""
+    return [m for m in metrics if m.get("test_elbo") is not None][-1]
+
+
+def bold_nll(nll: dict[str, Any]) -> str:
+    """The whole test set's NLL of an evaluation, with its standard error: "**82.86 ± 0.10**"."""
+    return f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**"
 
 
 def minutes(seconds: float) -> str:

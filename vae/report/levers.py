@@ -8,8 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vae.report.common import (Outputs, label_options, minutes, option_cell, provenance_line, run_evaluations,
-                               sweep_progress, table, trained_jobs)
+from vae.report.common import (Outputs, bold_nll, label_options, last_tested, minutes, option_cell, provenance_line,
+                               run_evaluations, sweep_progress, table, trained_jobs)
 from vae.report.one_hour import ANCHORS, likelihood, likelihood_numbers
 from vae.sweeps import mean_and_spread, nats
 
@@ -39,7 +39,7 @@ def lever_rows(jobs: dict[str, list[list[dict[str, Any]]]], evaluations: list[tu
     evaluated = {label: metrics for label, _, metrics, _ in evaluations}
     rows = []
     for label, seeds in jobs.items():
-        last = [m for m in seeds[0] if m.get("test_elbo") is not None][-1]  # seed 0
+        last = last_tested(seeds[0])  # seed 0
         nll = evaluated.get(label)
         rows.append({"configuration": label, "options": label_options(label), "epoch": last["epoch"],
                      "wall_time": last["wall_time"], "test_elbo": last["test_elbo"], "test_kl": last["test_kl"],
@@ -91,10 +91,10 @@ def best_one_hour_iwae(out: Outputs) -> str:
             "on the IW bound, K=5": likelihood_numbers(out, "best_one_hour_iwae", FORK_COMMAND)}
     columns = {}
     for label, (training_metrics, nll) in runs.items():
-        last = [m for m in training_metrics if m.get("test_elbo") is not None][-1]
+        last = last_tested(training_metrics)
         columns[label] = [last["epoch"], minutes(last["wall_time"]), nats(last["test_elbo"]),
                           f"**{nats(nll['whole_split_nll_with_whole_split_particles'])}**",
-                          f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**"]
+                          bold_nll(nll)]
     _, nll = runs["on the ELBO"]
     names = ["epochs", "training time", "test ELBO after the last epoch (nats)",
              f"NLL, IW bound with K={nll['whole_split_particles']} on every image",
@@ -115,7 +115,7 @@ def seed_rows(out: Outputs) -> tuple[Path, list[tuple[int, dict[str, Any], dict[
     sweep, jobs = trained_jobs(out, SEEDS_NAME)
     (seeds,) = jobs.values()  # one configuration, its seeds in order
     evaluated = {seed: metrics for _, seed, metrics, _ in run_evaluations(out.sweep(f"{SEEDS_NAME}_likelihood"))}
-    return sweep, [(seed, [m for m in metrics if m.get("test_elbo") is not None][-1], evaluated.get(seed))
+    return sweep, [(seed, last_tested(metrics), evaluated.get(seed))
                    for seed, metrics in enumerate(seeds)]
 
 
@@ -132,7 +132,7 @@ def over_seeds(rows: list[tuple[int, dict[str, Any], dict[str, Any] | None]]) ->
 
 
 def nll_cell(nll: dict[str, Any] | None) -> str:
-    return (f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**" if nll else
+    return (bold_nll(nll) if nll else
             f"_not evaluated yet: `python evaluate.py -m experiment={SEEDS_NAME}/likelihood`_")
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from vae.report.common import (Outputs, copy_figure, minutes, provenance_line, read_json, read_jsonl, sweep_progress, table,
-                               trained_jobs)
+from vae.report.common import (Outputs, bold_nll, copy_figure, last_tested, minutes, provenance_line, read_json,
+                               read_jsonl, sweep_progress, table, trained_jobs)
 from vae.sweeps import nats, read_failures
 
 
@@ -34,14 +34,14 @@ def likelihood(out: Outputs, name: str = "one_hour") -> str:
     """The test set's NLL of the run of `experiment=NAME`: the ELBO it ended with, the direct IW bound on
     every image and the whole-split estimator (every image's ELBO + the IW gap on a random sample)."""
     training_metrics, nll = likelihood_numbers(out, name)
-    last = [m for m in training_metrics if m.get("test_elbo") is not None][-1]
+    last = last_tested(training_metrics)
     k, images = nll["whole_split_particles"], nll["whole_split_images"]
     rows = [[f"ELBO after epoch {last['epoch']} ({minutes(last['wall_time'])} of training), one t per image",
              nats(last["test_elbo"])],
             [f"ELBO, K={k} particles per image", nats(nll["whole_split_elbo"])],
             [f"**NLL, IW bound with K={k} on every image**", f"**{nats(nll['whole_split_nll_with_whole_split_particles'])}**"],
             [f"**NLL, IW bound with K={nll['num_particles']}**: every image's ELBO + the IW gap on "
-             f"{nll['num_images']:,} random images", f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**"],
+             f"{nll['num_images']:,} random images", bold_nll(nll)],
             [f"NLL, K={nll['num_particles']}, on the {nll['num_images']:,} random images alone",
              f"{nats(nll['nll'])} ± {nll['nll_standard_error']:.2f}"]]
     rows += [[anchor, f"{value:.2f}"] for anchor, value in ANCHORS]
@@ -53,7 +53,7 @@ def likelihood_short(out: Outputs) -> str:
     training_metrics, nll = likelihood_numbers(out)
     last = training_metrics[-1]
     rows = [[f"this model, {minutes(last['wall_time'])} of training ({last['epoch']} epochs)",
-             f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**"]]
+             bold_nll(nll)]]
     rows += [[name, f"{value:.2f}"] for name, value in ANCHORS]
     return (table(["test NLL, nats per image (K=5000, whole test set)", "NLL"], rows) + "\n\n"
             + provenance_line(out, out.run("one_hour"), out.run("one_hour_likelihood")))
