@@ -657,7 +657,7 @@ PROVENANCE = {"commit": "0123456789abcdef", "uncommitted_changes": False, "date"
 
 def test_documents_are_filled_from_the_recipes_outputs(tmp_path):
     """`python report.py`: each report block is rewritten from its recipe's outputs, with the
-    machine from provenance.jsonl (the commit only outside the README); a block whose recipe has not
+    machine from provenance.jsonl (the commit only outside the README); an empty block whose recipe has not
     run names the command; a block that does not exist is refused."""
     run = tmp_path / "outputs" / "default"
     run.mkdir(parents=True)
@@ -683,6 +683,18 @@ def test_documents_are_filled_from_the_recipes_outputs(tmp_path):
     assert "old text" in partly and "_Not run yet: `python bench.py experiment=speed/bench`._" in partly
     with pytest.raises(KeyError, match=r"blocks=\['nope'\]"):
         fill(document, out, only=["speed", "nope"])
+
+
+def test_a_table_whose_outputs_are_not_here_is_kept_and_an_empty_block_names_its_command(tmp_path):
+    """A clone without the outputs (or a remake half done) runs report.py: the tables it brings stay,
+    word for word; only an empty block, or one that already says so, says the recipe has not run."""
+    out, command = outputs(tmp_path), "_Not run yet: `python bench.py experiment=speed/bench`._"
+    table = "| variant | s |\n| --- | --- |\n| float32 | 1.0 |\n\nMeasured on Some CPU.\n"
+    kept = f"a\n<!-- report:speed -->\n{table}<!-- /report:speed -->\nb\n"
+    assert fill(kept, out) == kept
+    for body in ("", "\n", f"{command}\n"):
+        assert fill(f"<!-- report:speed -->\n{body}<!-- /report:speed -->", out) == \
+            f"<!-- report:speed -->\n{command}\n<!-- /report:speed -->"
 
 
 def test_report_of_an_unknown_block_is_one_line_and_leaves_the_document_as_it_was(tmp_path):
@@ -774,7 +786,7 @@ def test_report_py_fills_the_readmes_four_tables_from_the_recipes_outputs(tmp_pa
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [f"wrote {readme}", f"wrote {results}"]
     for document, text in originals.items():  # only the blocks' contents changed
-        assert BLOCK.sub(r"\1\3", document.read_text()) == BLOCK.sub(r"\1\3", text)
+        assert BLOCK.sub(r"\g<start>\g<end>", document.read_text()) == BLOCK.sub(r"\g<start>\g<end>", text)
     text = readme.read_text()
 
     quickstart = block_of(text, "quickstart")
@@ -829,7 +841,7 @@ def test_report_py_fills_the_readmes_four_tables_from_the_recipes_outputs(tmp_pa
             "| 24.00 / 25.00 / 21.00 | 30 |") in block_of(docs, "estimators")
     assert "Failed: `estimator=score` seed 1: loss is nan at epoch 3" in block_of(docs, "estimators")
     assert "commit 0123456; 2026-12-01." in block_of(docs, "training")
-    assert "_Not run yet: `python faults.py experiment=reliability/faults`._" in block_of(docs, "faults")
+    assert block_of(docs, "faults") == block_of(originals[results], "faults")  # no outputs here: its table stays
     assert (tmp_path / "figures" / "estimators.png").stat().st_size > 0
 
 

@@ -4,7 +4,9 @@ README.md and docs/results.md hold blocks `<!-- report:NAME -->` ... `<!-- /repo
 `python report.py` replaces each block's contents by what BLOCKS[NAME] makes of the recipe's
 outputs, with the machine, versions (and, in docs/, the commit and date) that its
 provenance.jsonl files record, and copies the figures the documents show into docs/. A block whose
-recipe has not been run says so and names the command. Nothing in a block is typed by hand.
+recipe's outputs are not here keeps what it holds (the tables a clone brings, a remake's tables not yet
+remade); an empty one says the recipe has not been run and names its command. Nothing in a block is
+typed by hand.
 Each study of conf/experiment/<study>/ has its blocks in a module of vae/report/.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from vae.report import default, estimators, levers, likelihoods, one_hour, relia
 from vae.report.common import NotRun, Outputs
 
 
-BLOCK = re.compile(r"(<!-- report:(\w+) -->\n).*?(<!-- /report:\2 -->)", re.DOTALL)
+BLOCK = re.compile(r"(?P<start><!-- report:(?P<name>\w+) -->\n)(?P<body>.*?)(?P<end><!-- /report:(?P=name) -->)", re.DOTALL)
 
 
 BLOCKS: dict[str, Callable[[Outputs], str]] = {
@@ -42,7 +44,7 @@ def fill(text: str, out: Outputs, only: Collection[str] | None = None) -> str:
     check_blocks(only)
 
     def block(match: re.Match) -> str:
-        name = match.group(2)
+        name = match["name"]
         if name not in BLOCKS:
             raise UnknownBlock(f"<!-- report:{name} -->: no such block; known: {', '.join(BLOCKS)}")
         if only is not None and name not in only:
@@ -50,8 +52,10 @@ def fill(text: str, out: Outputs, only: Collection[str] | None = None) -> str:
         try:
             contents = BLOCKS[name](out)
         except NotRun as missing:
+            if match["body"].strip() and not match["body"].startswith("_Not run yet"):
+                return match.group(0)  # its table, made where the outputs are, stays
             contents = f"_Not run yet: `{missing}`._"
-        return f"{match.group(1)}{contents}\n{match.group(3)}"
+        return f"{match['start']}{contents}\n{match['end']}"
 
     return BLOCK.sub(block, text)
 
