@@ -204,13 +204,16 @@ def test_a_sweep_in_progress_says_how_many_jobs_are_done(tmp_path):
     assert sweep_progress(sweep) == ""  # every job that exists is done
 
 
-def test_a_job_with_a_time_budget_is_done_when_it_has_spent_it(tmp_path):
+def test_a_job_with_a_time_budget_is_done_when_another_epoch_would_not_fit(tmp_path):
+    """Epochs of 10 s under a budget of 25 s: after two (20 s) a third would end past it, the job is done;
+    after one, a second fits: in progress. A run from before that rule is done once it has reached its budget."""
     sweep = tmp_path / "bound_and_posterior"
-    fake_job(sweep / "0", ["estimator=reparam"], [-500, -110, -100])  # wall_time 20 s after epoch 2
-    fake_job(sweep / "1", ["estimator=iwae"], [-500, -120])  # 10 s
-    for job in ("0", "1"):
-        OmegaConf.save(OmegaConf.create({"trainer": {"epochs": 1000, "max_minutes": 0.25}}), sweep / job / ".hydra" / "config.yaml")
-    assert sweep_progress(sweep).strip().startswith("**In progress:** 1 of 2 jobs")  # 20 s of 15 spent; 10 s not
+    fake_job(sweep / "0", ["estimator=reparam"], [-500, -110, -100], seconds=10.0)  # wall_time 20 s after epoch 2
+    fake_job(sweep / "1", ["estimator=iwae"], [-500, -120], seconds=10.0)  # 10 s
+    fake_job(sweep / "2", ["estimator=dreg"], [-500, -120, -110, -105])  # 30 s, no seconds recorded
+    for job in ("0", "1", "2"):
+        OmegaConf.save(OmegaConf.create({"trainer": {"epochs": 1000, "max_minutes": 25 / 60}}), sweep / job / ".hydra" / "config.yaml")
+    assert sweep_progress(sweep).strip().startswith("**In progress:** 2 of 3 jobs")
 
 
 # --- likelihoods of gray levels -------------------------------------------------------------------

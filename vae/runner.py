@@ -60,6 +60,11 @@ class Interrupted(Exception):
     """A stop was requested: the step is saved and the run leaves its `with` block."""
 
 
+def another_epoch_fits(wall_time: float, last_epoch_seconds: float, budget_seconds: float) -> bool:
+    """The time budget's rule: after `wall_time` seconds, an epoch as long as the last ends within the budget."""
+    return wall_time + last_epoch_seconds <= budget_seconds
+
+
 class Runner:
     """The run around the loop: see the module's docstring."""
 
@@ -123,7 +128,8 @@ class Runner:
     def no_time_for_another_epoch(self, wall_time: float) -> bool:
         """True when an epoch as long as the last would end past trainer.max_minutes (rank 0's clock): the
         run ends within its budget, unless its first epoch alone is longer."""
-        return distributed.rank0_value(wall_time + self.state.last_epoch_seconds > self.budget_seconds, self.ranks)
+        return distributed.rank0_value(not another_epoch_fits(wall_time, self.state.last_epoch_seconds, self.budget_seconds),
+                                       self.ranks)
 
     def save(self) -> None:
         checkpoint.save(self.checkpoint_file, self.state, self.svi.optim, self.cfg,

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from vae.logbook import read_metrics
 from vae.provenance import read_provenance
+from vae.runner import another_epoch_fits
 from vae.sweeps import configuration, nats, read_failures, read_jobs
 
 
@@ -136,8 +137,7 @@ def sweep_progress(sweep: Path) -> str:
 
     def finished(job: Path) -> bool:
         metrics, budget = read_metrics(job), trainers[job].get("max_minutes")
-        return bool(metrics) and (metrics[-1]["epoch"] >= planned[job]
-                                  or (budget is not None and metrics[-1].get("wall_time", 0) >= 60 * budget))
+        return bool(metrics) and (metrics[-1]["epoch"] >= planned[job] or (budget is not None and budget_spent(metrics, budget)))
 
     done = [d for d in jobs if finished(d)]
     multirun = sweep / "multirun.yaml"  # the sweep's own config: how many jobs it launches
@@ -147,6 +147,15 @@ def sweep_progress(sweep: Path) -> str:
         return ""
     return (f"\n\n**In progress:** {len(done)} of {total} jobs have trained their {max(planned.values())} epochs; "
             "each row is shown at the last epoch that all its seeds have reached.")
+
+
+def budget_spent(metrics: list[dict[str, Any]], max_minutes: float) -> bool:
+    """Whether a run ended by its time budget (vae/runner.py's rule, on the wall time before its last epoch's
+    test): another epoch as long as its last would not fit; runs from before that rule stopped on reaching it."""
+    before = metrics[-2]["wall_time"] if len(metrics) > 1 else 0.0
+    seconds = metrics[-1].get("seconds") or 0.0
+    return (not another_epoch_fits(before + seconds, seconds, 60 * max_minutes)
+            or metrics[-1].get("wall_time", 0.0) >= 60 * max_minutes)
 
 
 def run_evaluations(sweep: Path) -> list[tuple[str, int, dict[str, Any], Path]]:
