@@ -105,23 +105,6 @@ def best_one_hour_iwae(out: Outputs) -> str:
                               out.run("best_one_hour_likelihood"), out.run("best_one_hour_iwae_likelihood")))
 
 
-
-def best_one_hour_short(out: Outputs) -> str:
-    """The README's lines for the strongest configuration: its hour on the ELBO and the IW fork of that
-    hour, their K=5000 NLLs, beside the two-layer IWAE of Burda et al."""
-    rows = []
-    for label, name, command in (("the strongest configuration, an hour on the ELBO", "best_one_hour", None),
-                                 ("the same hour, its last 20 minutes on the IW bound, K=5", "best_one_hour_iwae", FORK_COMMAND)):
-        training_metrics, nll = likelihood_numbers(out, name, command)
-        last = [m for m in training_metrics if m.get("test_elbo") is not None][-1]
-        rows.append([f"{label} ({last['epoch']} epochs)",
-                     f"**{nats(nll['whole_split_nll'])} ± {nll['whole_split_nll_standard_error']:.2f}**"])
-    rows += [[anchor, f"{value:.2f}"] for anchor, value in ANCHORS if "two stochastic layers" in anchor]
-    return (table([f"test NLL, nats per image (K={nll['num_particles']}, whole test set)", "NLL"], rows) + "\n\n"
-            + provenance_line(out, out.run("best_one_hour"), out.run("best_one_hour_iwae"),
-                              out.run("best_one_hour_likelihood"), out.run("best_one_hour_iwae_likelihood")))
-
-
 SEEDS_NAME = "best_hour_seeds"
 TWO_LAYER_IWAE = "IWAE, two stochastic layers, k=50 (Burda et al. 2016)"
 
@@ -181,7 +164,6 @@ def best_hour_seeds_short(out: Outputs) -> str:
 
 
 BLOCKS: dict[str, Callable[[Outputs], str]] = {
-    "best_one_hour_short": best_one_hour_short,
     "bound_and_posterior": bound_and_posterior,
     "model_levers": model_levers,
     "depth_latent_warmup": depth_latent_warmup,
