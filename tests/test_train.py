@@ -167,6 +167,19 @@ def test_time_budget_starts_no_epoch_that_would_end_past_it(fast_config, tmp_pat
     assert read_metrics(tmp_path)[-1]["wall_time"] == 3 * steps
 
 
+def test_a_checkpoint_from_before_the_optional_state_keys_resumes(fast_config, tmp_path):
+    """A checkpoint written before run_id, switch_epoch or last_epoch_seconds were saved resumes with their
+    defaults (the budget then read as spent once the wall time reaches it)."""
+    train(fast_config("trainer.epochs=1"), tmp_path)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert set(checkpoint_module.OPTIONAL_STATE_KEYS) <= set(saved)
+    torch.save({key: value for key, value in saved.items() if key not in checkpoint_module.OPTIONAL_STATE_KEYS},
+               tmp_path / "checkpoint.pt")
+    train(fast_config("trainer.epochs=2", "trainer.max_minutes=60"), tmp_path)
+    assert [m["epoch"] for m in read_metrics(tmp_path)] == [0, 1, 2]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["last_epoch_seconds"] > 0
+
+
 def step_then_signal(svi_step, signum, step=5):
     """The runner's `svi_step` that sends this process `signum` during the `step`-th training step
     (of epoch 1)."""
