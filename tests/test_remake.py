@@ -94,3 +94,17 @@ def test_the_listing_names_each_command_and_its_progress(tmp_path):
                                                            "to run   python evaluate.py -m experiment=default/applications"]
     remake.remake(tmp_path, {"default/train"}, run=FakeRun(tmp_path))
     assert remake.listing(tmp_path, only).splitlines()[0] == "done     python train.py experiment=default/train"
+
+
+def test_the_listing_says_how_long_a_timed_study_takes():
+    """From the composed recipe: its budget, its sweep's runs (a product of the swept keys) and the launcher's jobs
+    at a time; nothing for a recipe without a budget or for an evaluation."""
+    assert remake.time_budget("best_hour_seeds/train", multirun=True) == \
+        "at most 60 min a run, 3 runs 2 at a time: up to 120 min"
+    assert remake.time_budget("depth_latent_warmup/train", multirun=True) == \
+        "at most 20 min a run, 8 runs 2 at a time: up to 80 min"  # 2 x 2 x 2 configurations
+    assert remake.time_budget("one_hour/train", multirun=False) == "at most 60 min"
+    assert remake.time_budget("default/train", multirun=False) == ""
+    lines = remake.listing(Path("/nonexistent"), only={"bf16/train", "bf16/likelihood"}).splitlines()
+    assert lines == ["to run   python train.py -m experiment=bf16/train   # at most 20 min a run, 2 runs 2 at a time: up to 20 min",
+                     "to run   python evaluate.py -m experiment=bf16/likelihood"]

@@ -1,7 +1,8 @@
 """Remake every table of README.md and docs/results.md: each recipe of conf/experiment/ in turn, then report.py.
 
     python -m tools.remake                        # every recipe, study by study; run again to continue
-    python -m tools.remake --list                 # the commands in order, each marked done, started or to run
+    python -m tools.remake --list                 # the commands in order, each marked done, started or to run,
+                                                  # and how long a timed study's runs take
     python -m tools.remake --only one_hour,bf16   # the recipes of these studies alone
     python -m tools.remake --done model_levers    # count these studies (or study/step recipes) as remade already
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import subprocess
 import sys
@@ -46,6 +48,27 @@ def recipes() -> list[tuple[str, list[str], str]]:
         command = [f"{entry}.py", *(["-m"] if multirun else []), f"experiment={recipe}"]
         found.append((recipe, command, f"{'multirun' if multirun else 'outputs'}/experiments/{name}"))
     return sorted(found, key=lambda item: (item[0].split("/")[0], item[0].split("/")[1] != "train", item[0]))
+
+
+def time_budget(recipe: str, multirun: bool) -> str:
+    """How long a training recipe's runs take at most, from its composed config (trainer.max_minutes, the sweep's
+    runs, how many the launcher runs at a time), to fit a timed study into one session on one processor; '' for a
+    recipe without a time budget."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with initialize_config_dir(config_dir=str(PROJECT_DIR / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={recipe}"], return_hydra_config=True)
+    minutes = cfg.trainer.get("max_minutes")
+    if minutes is None:
+        return ""
+    params = (cfg.hydra.sweeper.get("params") or {}) if multirun else {}
+    sweeps = OverridesParser.create().parse_overrides([f"{key}={value}" for key, value in params.items()])
+    runs = math.prod(len(list(sweep.sweep_string_iterator())) for sweep in sweeps if sweep.is_sweep_override())
+    if runs == 1:
+        return f"at most {minutes:g} min"
+    at_once = min(runs, cfg.hydra.launcher.get("n_jobs") or 1)
+    return f"at most {minutes:g} min a run, {runs} runs {at_once} at a time: up to {math.ceil(runs / at_once) * minutes:g} min"
 
 
 def chosen(names: str | None, every: list[str]) -> set[str]:
@@ -106,9 +129,15 @@ def remake(root: Path, only: set[str] | None = None, done: set[str] = frozenset(
 
 
 def listing(root: Path, only: set[str] | None = None) -> str:
-    progress = read_progress(root)
-    return "\n".join(f"{progress.get(recipe, {}).get('state', 'to run'):8} python {' '.join(command)}"
-                     for recipe, command, _ in recipes() if not only or recipe in only)
+    """Each recipe's state and command, a training recipe with a time budget followed by how long it takes."""
+    progress, lines = read_progress(root), []
+    for recipe, command, _ in recipes():
+        if only and recipe not in only:
+            continue
+        budget = time_budget(recipe, "-m" in command) if command[0] == "train.py" else ""
+        lines.append(f"{progress.get(recipe, {}).get('state', 'to run'):8} python {' '.join(command)}"
+                     + (f"   # {budget}" if budget else ""))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
