@@ -16,7 +16,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from conftest import FAST, PROJECT_DIR, assert_png_shows, compose_config, trained_run
+from conftest import CONF_DIR, FAST, PROJECT_DIR, assert_png_shows, compose_config, trained_run
+from hydra import compose, initialize_config_dir
 from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 from torch import nn
@@ -29,6 +30,7 @@ from tasks.generate import CLASSIFIER_SEED, normal_quantile_grid, prior_samples
 from tasks.impute import (BCE_CLIP, fit_posterior, impute_fitted_importance, impute_gibbs, impute_importance,
                           impute_one_pass, importance_mean, make_mask)
 from tasks.likelihood import images_to_evaluate
+from tools import remake
 from tasks.represent import latent_means, linear_probe
 from vae.classifier import accuracy, class_probabilities, confident_share, train_classifier
 from vae.config import ConfigError, available_cores
@@ -284,6 +286,25 @@ def test_fitted_importance_imputes_closest_to_the_models_own_conditional(run_dir
     assert errors["fitted_importance"] < errors["decoded_mean"] / 5, errors
     assert errors["decoded_mean"] < errors["importance"] < errors["one_pass"], errors
     assert fitted_ess.mean() > 2 * ess.mean(), (fitted_ess.mean(), ess.mean())  # measured 1490-1630 against 440-545
+
+
+EVALUATION_SWEEPS = [recipe for recipe, command, _ in remake.recipes() if command[:2] == ["evaluate.py", "-m"]]
+
+
+@pytest.mark.parametrize("recipe", EVALUATION_SWEEPS)
+def test_an_evaluation_recipe_needs_no_other_recipes_training_sweep(recipe):
+    """OmegaConf resolves an inherited `${sweep_jobs:...}` while it merges a recipe over another, so a recipe built
+    on another evaluation recipe could not run without that recipe's training sweep: each resolves its own alone."""
+    asked = []
+    OmegaConf.register_new_resolver("sweep_jobs", lambda sweep: asked.append(sweep) or "somewhere", replace=True)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("evaluate", overrides=[f"experiment={recipe}"], return_hydra_config=True)
+        OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True)  # as the sweeper reads it
+        own = str(OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=False).get("run", ""))
+        assert bool(asked) == ("sweep_jobs" in own) and all(f"sweep_jobs:{sweep}" in own for sweep in asked), (own, asked)
+    finally:
+        OmegaConf.clear_resolver("sweep_jobs")
 
 
 @pytest.mark.parametrize("task", TASKS)
