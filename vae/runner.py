@@ -123,13 +123,8 @@ class Runner:
                                           batch=self.state.batch_in_epoch)  # where it begins
         max_minutes = cfg.trainer.max_minutes
         self.budget_seconds = 60.0 * max_minutes if max_minutes is not None else math.inf
-        self.out_of_time = self.no_time_for_another_epoch(self.state.wall_time)  # a resumed run whose budget is spent
-
-    def no_time_for_another_epoch(self, wall_time: float) -> bool:
-        """True when an epoch as long as the last would end past trainer.max_minutes (rank 0's clock): the
-        run ends within its budget, unless its first epoch alone is longer."""
-        return distributed.rank0_value(not another_epoch_fits(wall_time, self.state.last_epoch_seconds, self.budget_seconds),
-                                       self.ranks)
+        self.out_of_time = not another_epoch_fits(  # a resumed run whose budget is spent (the same state on every rank)
+            self.state.wall_time, self.state.last_epoch_seconds, self.budget_seconds)
 
     def save(self) -> None:
         checkpoint.save(self.checkpoint_file, self.state, self.svi.optim, self.cfg,
@@ -219,7 +214,8 @@ class Runner:
         metrics = {"epoch": epoch, "train_elbo": -state.loss_sum / (len(state.batches) * self.num_data),
                    "seconds": seconds, "lr": learning_rate(self.svi.optim)}
         state.last_epoch_seconds = seconds
-        self.out_of_time = self.no_time_for_another_epoch(state.wall_time + seconds)
+        self.out_of_time = distributed.rank0_value(  # rank 0's clock
+            not another_epoch_fits(state.wall_time + seconds, seconds, self.budget_seconds), ranks)
         if self.out_of_time:
             log.info(f"trainer.max_minutes={cfg.trainer.max_minutes}: another epoch of {seconds:.0f} s would end past "
                      f"the time budget; epoch {epoch} is the last")
