@@ -30,8 +30,8 @@ from tasks.generate import CLASSIFIER_SEED, normal_quantile_grid, prior_samples
 from tasks.impute import (BCE_CLIP, fit_posterior, impute_fitted_importance, impute_gibbs, impute_importance,
                           impute_one_pass, importance_mean, make_mask)
 from tasks.likelihood import images_to_evaluate
-from tools import remake
 from tasks.represent import latent_means, linear_probe
+from tools import remake
 from vae.classifier import accuracy, class_probabilities, confident_share, train_classifier
 from vae.config import ConfigError, available_cores
 from vae.data import load_split
